@@ -1,0 +1,1 @@
+"""inference_glue: see README.md."""

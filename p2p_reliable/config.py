@@ -1,0 +1,66 @@
+"""Tunables of the protocol, with defaults chosen for a LAN cluster over py-libp2p."""
+
+from __future__ import annotations
+
+import attrs
+
+from .health import HealthConfig
+from .recovery import RetryPolicy
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@attrs.frozen
+class ProtocolConfig:
+    """Every knob of an `Endpoint`; validated so that the parts cannot deadlock each other."""
+
+    retry: RetryPolicy = RetryPolicy()
+    health: HealthConfig = HealthConfig()
+    # Admission: a new message waits while any receiver of its stream has this many messages
+    # (or bytes) unacked. An empty window always admits one message, however large.
+    window_messages: int = 256
+    window_bytes: int = 64 * MiB
+    # Messages acked by everyone are kept this long (count/bytes) to repair late joiners.
+    retain_messages: int = 64
+    retain_bytes: int = 16 * MiB
+    # py-libp2p drops RPCs over 1 MiB on the receiving side: stay well under it.
+    max_fragment_payload: int = 512 * KiB
+    max_message_size: int = 128 * MiB
+    compress_threshold: int = 16 * KiB
+    compress_level: int = 3
+    # Receiver side.
+    reorder_max_ahead: int = 8192
+    reorder_max_bytes: int = 256 * MiB
+    ack_delay: float = 0.005
+    ack_every: int = 8
+    nack_delay: float = 0.06  # Aeron's NAK delay: lets reordered messages arrive first
+    nack_backoff_cap: float = 1.0
+    # A hole the publisher neither fills nor declares lost is given up after this long. It must
+    # exceed the publisher's whole retry span so that the publisher always gives up first.
+    gap_timeout: float | None = None
+    heartbeat_interval: float = 0.1
+    max_frame_bytes: int = 900 * KiB
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+        if self.max_fragment_payload < 64 or self.max_fragment_payload > self.max_frame_bytes:
+            problems.append("max_fragment_payload must be in [64, max_frame_bytes]")
+        fragments = -(-(self.max_message_size + 8) // self.max_fragment_payload)
+        if fragments > self.reorder_max_ahead:
+            problems.append("reorder_max_ahead cannot hold one largest message")
+        if self.max_message_size + 8 > self.reorder_max_bytes:
+            problems.append("reorder_max_bytes cannot hold one largest message")
+        if self.window_messages < 1 or self.ack_every < 1 or self.heartbeat_interval <= 0:
+            problems.append("window_messages, ack_every and heartbeat_interval must be positive")
+        if self.gap_timeout is not None and self.gap_timeout <= self.retry.max_span():
+            problems.append("gap_timeout must exceed retry.max_span()")
+        if problems:
+            raise ValueError("invalid ProtocolConfig: " + "; ".join(problems))
+
+    @property
+    def effective_gap_timeout(self) -> float:
+        """`gap_timeout`, or just over the publisher's retry span when unset."""
+        if self.gap_timeout is not None:
+            return self.gap_timeout
+        return self.retry.max_span() + 1.0

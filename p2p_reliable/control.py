@@ -1,0 +1,128 @@
+"""Payloads of the control envelopes (ACK, NACK, GAP, HEARTBEAT) and their strict parsers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import msgpack
+
+from .envelope import MAX_STREAM_LEN, DecodeError, Flags
+from .rangeset import RangeSet
+
+MAX_RANGES = 64
+MAX_HEARTBEAT_STREAMS = 256
+_U64 = 1 << 64
+
+
+@attrs.frozen
+class AckInfo:
+    """Everything below `floor` is settled (delivered or given up); `ranges` arrived above it."""
+
+    floor: int
+    ranges: RangeSet
+    ack_delay: float  # seconds the receiver held the ack back; subtracted from RTT samples
+
+
+@attrs.frozen
+class StreamMark:
+    """A publisher's high-water mark for one stream, carried in heartbeats."""
+
+    stream: str
+    flags: Flags
+    epoch: int
+    next_seq: int
+
+
+def _unpack(data: bytes, what: str) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, max_map_len=0, max_ext_len=0)
+    except Exception as exc:
+        raise DecodeError(f"malformed {what}: {type(exc).__name__}") from None
+
+
+def _u64(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < _U64:
+        raise DecodeError(f"{what} is not a 64-bit unsigned integer")
+    return value
+
+
+def _ranges_to_wire(ranges: RangeSet) -> list[list[int]]:
+    # Keep the lowest ranges: they are the oldest holes, the ones that block delivery.
+    return [[r.start, r.stop] for r in list(ranges)[:MAX_RANGES]]
+
+
+def _ranges_from_wire(items: Any, what: str) -> RangeSet:
+    if type(items) is not list or len(items) > MAX_RANGES:
+        raise DecodeError(f"{what}: bad range list")
+    out = RangeSet()
+    for item in items:
+        if type(item) is not list or len(item) != 2:
+            raise DecodeError(f"{what}: bad range")
+        start, stop = _u64(item[0], what), _u64(item[1], what)
+        if stop <= start:
+            raise DecodeError(f"{what}: empty range")
+        out.add(start, stop)
+    return out
+
+
+def encode_ack(info: AckInfo) -> bytes:
+    """Serialise an ACK payload."""
+    delay_us = max(0, min(int(info.ack_delay * 1e6), _U64 - 1))
+    return msgpack.packb([info.floor, _ranges_to_wire(info.ranges), delay_us])
+
+
+def decode_ack(data: bytes) -> AckInfo:
+    """Parse an ACK payload or raise `DecodeError`."""
+    fields = _unpack(data, "ack")
+    if type(fields) is not list or len(fields) != 3:
+        raise DecodeError("ack: expected 3 fields")
+    floor = _u64(fields[0], "ack floor")
+    ranges = _ranges_from_wire(fields[1], "ack")
+    delay = _u64(fields[2], "ack delay") / 1e6
+    return AckInfo(floor=floor, ranges=ranges, ack_delay=delay)
+
+
+def encode_ranges(ranges: RangeSet) -> bytes:
+    """Serialise the payload of a NACK or GAP: a list of ranges."""
+    return msgpack.packb(_ranges_to_wire(ranges))
+
+
+def decode_ranges(data: bytes) -> RangeSet:
+    """Parse a NACK or GAP payload or raise `DecodeError`."""
+    ranges = _ranges_from_wire(_unpack(data, "ranges"), "ranges")
+    if not ranges:
+        raise DecodeError("ranges: empty")
+    return ranges
+
+
+def encode_heartbeat(marks: list[StreamMark]) -> bytes:
+    """Serialise a HEARTBEAT payload."""
+    return msgpack.packb(
+        [[m.stream, int(m.flags), m.epoch, m.next_seq] for m in marks[:MAX_HEARTBEAT_STREAMS]]
+    )
+
+
+def decode_heartbeat(data: bytes) -> list[StreamMark]:
+    """Parse a HEARTBEAT payload or raise `DecodeError`."""
+    items = _unpack(data, "heartbeat")
+    if type(items) is not list or len(items) > MAX_HEARTBEAT_STREAMS:
+        raise DecodeError("heartbeat: bad mark list")
+    marks = []
+    for item in items:
+        if type(item) is not list or len(item) != 4:
+            raise DecodeError("heartbeat: bad mark")
+        stream, flags = item[0], item[1]
+        if type(stream) is not str or len(stream) > MAX_STREAM_LEN:
+            raise DecodeError("heartbeat: bad stream name")
+        if type(flags) is not int or flags not in (0, int(Flags.DIRECT)):
+            raise DecodeError("heartbeat: bad flags")
+        marks.append(
+            StreamMark(
+                stream=stream,
+                flags=Flags(flags),
+                epoch=_u64(item[2], "heartbeat epoch"),
+                next_seq=_u64(item[3], "heartbeat seq"),
+            )
+        )
+    return marks

@@ -1,0 +1,353 @@
+"""One node's protocol state machine: bytes and time in, bytes out, timers and events.
+
+The shape is aioquic's QuicConnection: `receive(data, from_peer, now)`,
+`datagrams_to_send(now)`, `get_timer()`, `handle_timer(now)`, `next_event()`, plus the
+application calls `publish`/`send`. There is no socket, task or clock in here, so any schedule
+of faults can be replayed exactly in tests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterable
+
+import attrs
+
+from .config import ProtocolConfig
+from .control import decode_ack, decode_heartbeat, decode_ranges, encode_heartbeat
+from .envelope import (
+    ChecksumError,
+    DecodeError,
+    Envelope,
+    Kind,
+    decode,
+    decode_batch,
+    encode,
+    encode_batch,
+)
+from .events import Event, Gap, Rejected, Unrecoverable
+from .fragment import MessageCodec
+from .health import HealthTable, PeerHealth
+from .receiver import StreamReceiver
+from .recovery import RttEstimator
+from .sender import StreamSender, WindowFull
+from .stats import EndpointStats
+
+_InboundKey = tuple[str, str, bool]  # (origin, stream, direct)
+
+
+@attrs.frozen
+class Transmit:
+    """Bytes to hand to the transport: to one peer directly, or published on a topic."""
+
+    data: bytes
+    peer: str | None = None
+    topic: str | None = None
+
+
+class Endpoint:
+    """The reliability protocol for one node, sans I/O.
+
+    `epoch` identifies this run of the node (a restart must use a larger one, e.g. the start
+    time in milliseconds): receivers reset their state when a publisher's epoch grows.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        epoch: int,
+        config: ProtocolConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.epoch = epoch
+        self.config = config or ProtocolConfig()
+        self.codec = MessageCodec(
+            max_fragment_payload=self.config.max_fragment_payload,
+            max_message_size=self.config.max_message_size,
+            compress_threshold=self.config.compress_threshold,
+            compress_level=self.config.compress_level,
+        )
+        self.stats = EndpointStats()
+        self.rng = random.Random(seed)
+        self.healths = HealthTable(self.config.health)
+        self._rtt: dict[str, RttEstimator] = {}
+        self._peers: set[str] = set()
+        self._subscriptions: set[str] = set()
+        self._subscribers: dict[str, set[str]] = {}
+        self._topics: dict[str, StreamSender] = {}
+        self._directs: dict[tuple[str, str], StreamSender] = {}
+        self._inbound: dict[_InboundKey, StreamReceiver] = {}
+        self._outbox: list[Transmit] = []
+        self._events: deque[Event] = deque()
+        self._next_heartbeat: float | None = None
+
+    # -- membership ------------------------------------------------------------------------
+
+    def add_peer(self, peer: str, now: float) -> None:
+        """A transport connection to `peer` exists: heartbeat it and track its health."""
+        self._peers.add(peer)
+        self.healths.get(peer)
+        if self._next_heartbeat is None:
+            self._next_heartbeat = now
+
+    def remove_peer(self, peer: str, now: float) -> None:
+        """`peer` is gone: everything still owed to it becomes Unrecoverable at once."""
+        self._peers.discard(peer)
+        self.health(peer).on_stream_reset(now)
+        for subscribers in self._subscribers.values():
+            subscribers.discard(peer)
+        for sender in self._topics.values():
+            sender.remove_receiver(peer, now, "peer removed")
+        for (dest, _), sender in self._directs.items():
+            if dest == peer:
+                sender.remove_receiver(peer, now, "peer removed")
+
+    def peers(self) -> list[str]:
+        """Known peers."""
+        return sorted(self._peers)
+
+    def subscribe(self, topic: str) -> None:
+        """Accept messages published on `topic`."""
+        self._subscriptions.add(topic)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop accepting `topic`; its receive state is dropped."""
+        self._subscriptions.discard(topic)
+        for key in [k for k in self._inbound if k[1] == topic and not k[2]]:
+            del self._inbound[key]
+
+    def add_subscriber(self, topic: str, peer: str, now: float) -> None:
+        """`peer` receives our messages on `topic`: wait for its acks from the next message."""
+        self._subscribers.setdefault(topic, set()).add(peer)
+        if topic in self._topics:
+            self._topics[topic].add_receiver(peer, now)
+
+    def remove_subscriber(self, topic: str, peer: str, now: float) -> None:
+        """`peer` left `topic`: stop waiting for it."""
+        self._subscribers.get(topic, set()).discard(peer)
+        if topic in self._topics:
+            self._topics[topic].remove_receiver(peer, now, "unsubscribed")
+
+    # -- application sends -----------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, now: float) -> int:
+        """Broadcast `payload` on `topic`; return its sequence number or raise WindowFull."""
+        sender = self._topics.get(topic)
+        if sender is None:
+            sender = StreamSender(self, name=topic, origin=self.node_id, epoch=self.epoch, dest=None)
+            self._topics[topic] = sender
+            for peer in sorted(self._subscribers.get(topic, ())):
+                sender.add_receiver(peer, now)
+        return self._send(sender, payload, now)
+
+    def send(self, peer: str, stream: str, payload: bytes, now: float) -> int:
+        """Send `payload` to `peer` alone on a direct stream; return its sequence number."""
+        sender = self._directs.get((peer, stream))
+        if sender is None:
+            sender = StreamSender(self, name=stream, origin=self.node_id, epoch=self.epoch, dest=peer)
+            self._directs[(peer, stream)] = sender
+        return self._send(sender, payload, now)
+
+    def can_publish(self, topic: str, size: int = 0) -> bool:
+        """Whether `publish` would accept a message of `size` bytes now."""
+        sender = self._topics.get(topic)
+        return sender is None or not sender.blocking_receivers(size)
+
+    def can_send(self, peer: str, stream: str, size: int = 0) -> bool:
+        """Whether `send` would accept a message of `size` bytes now."""
+        sender = self._directs.get((peer, stream))
+        return sender is None or not sender.blocking_receivers(size)
+
+    def _send(self, sender: StreamSender, payload: bytes, now: float) -> int:
+        try:
+            seq = sender.send(payload, now)
+        except WindowFull:
+            self.stats.window_full += 1
+            raise
+        self.stats.messages_sent += 1
+        return seq
+
+    # -- input -----------------------------------------------------------------------------
+
+    def receive(self, data: bytes, from_peer: str, now: float) -> None:
+        """Feed a frame received from `from_peer` (the transport-authenticated sender)."""
+        try:
+            items = decode_batch(data)
+        except DecodeError as exc:
+            self._reject(from_peer, exc, now)
+            return
+        for raw in items:
+            try:
+                env = decode(raw)
+            except DecodeError as exc:
+                self._reject(from_peer, exc, now)
+                continue
+            if env.origin != from_peer:
+                self.stats.spoofed += 1
+                self.health(from_peer).on_rejected(now, "origin mismatch")
+                self._events.append(Rejected(from_peer, "origin mismatch"))
+                continue
+            self.health(from_peer).on_received(now)
+            self._dispatch(env, now)
+
+    def _reject(self, peer: str, exc: DecodeError, now: float) -> None:
+        if isinstance(exc, ChecksumError):
+            self.stats.corrupted += 1
+            self.health(peer).on_checksum_failure(now)
+        else:
+            self.stats.malformed += 1
+            self.health(peer).on_decode_error(now)
+        self._events.append(Rejected(peer, exc.reason))
+
+    def _dispatch(self, env: Envelope, now: float) -> None:
+        try:
+            if env.kind in (Kind.DATA, Kind.FRAGMENT):
+                if (rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now)):
+                    rcv.on_data(env, now)
+            elif env.kind in (Kind.ACK, Kind.NACK):
+                self._feedback(env, now)
+            elif env.kind in (Kind.SYNC, Kind.GAP):
+                if (rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now)):
+                    if env.kind == Kind.SYNC:
+                        rcv.on_sync(env.seq, now)
+                    else:
+                        rcv.on_gap(decode_ranges(env.payload), now)
+            elif env.kind == Kind.HEARTBEAT:
+                self.health(env.origin).on_heartbeat(now)
+                for mark in decode_heartbeat(env.payload):
+                    direct = mark.flags != 0
+                    if rcv := self._receiver(env.origin, mark.stream, direct, mark.epoch, now):
+                        rcv.on_mark(mark.next_seq, now)
+        except DecodeError as exc:
+            self._reject(env.origin, exc, now)
+
+    def _feedback(self, env: Envelope, now: float) -> None:
+        if env.direct:
+            sender = self._directs.get((env.origin, env.stream))
+        else:
+            sender = self._topics.get(env.stream)
+        if sender is None or env.epoch != self.epoch:
+            self.stats.stale_epoch += sender is not None
+            self.stats.unknown_stream += sender is None
+            return
+        if env.kind == Kind.ACK:
+            self.stats.acks_received += 1
+            sender.on_ack(env.origin, decode_ack(env.payload), now)
+        else:
+            self.stats.nacks_received += 1
+            sender.on_nack(env.origin, decode_ranges(env.payload), now)
+
+    def _receiver(
+        self, origin: str, stream: str, direct: bool, epoch: int, now: float
+    ) -> StreamReceiver | None:
+        if not direct and stream not in self._subscriptions:
+            self.stats.unknown_stream += 1
+            return None
+        key = (origin, stream, direct)
+        rcv = self._inbound.get(key)
+        if rcv is not None and rcv.epoch == epoch:
+            return rcv
+        if rcv is not None and epoch < rcv.epoch:
+            self.stats.stale_epoch += 1
+            return None
+        if rcv is not None and rcv.synced and rcv.high_water > rcv.next:
+            # The publisher restarted: what its previous run still owed us is lost.
+            self.stats.gaps += 1
+            self.stats.gap_seqs += rcv.high_water - rcv.next
+            self._events.append(
+                Gap(origin, stream, rcv.next, rcv.high_water, "publisher restarted", direct)
+            )
+        rcv = StreamReceiver(self, origin=origin, stream=stream, epoch=epoch, direct=direct, now=now)
+        self._inbound[key] = rcv
+        return rcv
+
+    # -- output, timers, events ------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[Transmit]:
+        """Everything to transmit now, coalesced per destination into frames."""
+        batches: dict[tuple[str | None, str | None], list[bytes]] = {}
+        sizes: dict[tuple[str | None, str | None], int] = {}
+        out: list[Transmit] = []
+        for item in self._outbox:
+            dest = (item.peer, item.topic)
+            batch = batches.get(dest)
+            if batch is not None and sizes[dest] + len(item.data) > self.config.max_frame_bytes:
+                out.append(Transmit(encode_batch(batch), *dest))
+                batch = None
+            if batch is None:
+                batch = batches[dest] = []
+                sizes[dest] = 0
+            batch.append(item.data)
+            sizes[dest] += len(item.data)
+        out.extend(Transmit(encode_batch(items), *dest) for dest, items in batches.items())
+        self._outbox.clear()
+        return out
+
+    def get_timer(self) -> float | None:
+        """The earliest time at which handle_timer must be called."""
+        times = [t for t in self._timers() if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run every timer that is due."""
+        if self._next_heartbeat is not None and self._next_heartbeat <= now:
+            self._heartbeat(now)
+        for machine in self._machines():
+            timer = machine.next_timer()
+            if timer is not None and timer <= now:
+                machine.handle_timer(now)
+
+    def next_event(self) -> Event | None:
+        """The next event for the application, or None."""
+        return self._events.popleft() if self._events else None
+
+    def _timers(self) -> Iterable[float | None]:
+        yield self._next_heartbeat
+        for machine in self._machines():
+            yield machine.next_timer()
+
+    def _machines(self) -> list[StreamSender | StreamReceiver]:
+        return [*self._topics.values(), *self._directs.values(), *self._inbound.values()]
+
+    def _heartbeat(self, now: float) -> None:
+        for peer in sorted(self._peers):
+            marks = [s.mark() for s in self._topics.values() if peer in s.receivers()]
+            marks += [s.mark() for (dest, _), s in self._directs.items() if dest == peer]
+            env = Envelope(
+                kind=Kind.HEARTBEAT,
+                origin=self.node_id,
+                stream="",
+                epoch=self.epoch,
+                seq=0,
+                payload=encode_heartbeat(marks),
+            )
+            self.transmit(peer, None, encode(env))
+        self._next_heartbeat = now + self.config.heartbeat_interval
+
+    # -- the host interface used by StreamSender / StreamReceiver --------------------------
+
+    def emit(self, event: Event) -> None:
+        """Queue an event for the application."""
+        if isinstance(event, Unrecoverable):
+            self.stats.unrecoverable += 1
+        self._events.append(event)
+
+    def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None:
+        """Queue encoded envelope bytes for datagrams_to_send."""
+        self.stats.envelopes_sent += 1
+        self.stats.bytes_sent += len(data)
+        self._outbox.append(Transmit(data, peer, topic))
+
+    def rtt(self, peer: str) -> RttEstimator:
+        """The RTT estimator for `peer`."""
+        est = self._rtt.get(peer)
+        if est is None:
+            est = self._rtt[peer] = RttEstimator(self.config.retry)
+        return est
+
+    def health(self, peer: str) -> PeerHealth:
+        """The health record for `peer`."""
+        return self.healths.get(peer)

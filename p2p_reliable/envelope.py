@@ -1,0 +1,212 @@
+"""The wire format: a versioned, checksummed envelope around every protocol message.
+
+Layout of one encoded envelope::
+
+    b"PR" | version (1 byte) | msgpack header+payload array | xxh3-64 of everything before (8 bytes)
+
+The checksum covers the exact bytes that travel, so any flipped bit anywhere is caught before a
+single field is trusted. Several envelopes for one destination may travel together in a batch
+frame (`b"PB"` + a msgpack array of encoded envelopes) because py-libp2p's cost is per message,
+not per byte.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import msgpack
+import xxhash
+
+MAGIC = b"PR"
+BATCH_MAGIC = b"PB"
+VERSION = 1
+
+MAX_ORIGIN_LEN = 128
+MAX_STREAM_LEN = 256
+MAX_FRAGMENTS = 1 << 20
+MAX_BATCH = 4096
+_U64 = 1 << 64
+_HEAD = MAGIC + bytes([VERSION])
+_TRAILER = 8
+_FIELDS = 9
+
+
+class Kind(enum.IntEnum):
+    """What an envelope carries."""
+
+    DATA = 1  # a whole application message
+    FRAGMENT = 2  # one piece of a message spread over consecutive sequence numbers
+    ACK = 3  # receiver -> publisher: what arrived (cumulative floor + selective ranges)
+    NACK = 4  # receiver -> publisher: these sequence numbers are missing
+    HEARTBEAT = 5  # liveness, plus the publisher's high-water marks for tail-loss detection
+    SYNC = 6  # publisher -> receiver: "for you this stream starts at seq N"
+    GAP = 7  # publisher -> receiver: "I can no longer repair these sequence numbers"
+
+
+class Flags(enum.IntFlag):
+    """Per-envelope bits."""
+
+    NONE = 0
+    COMPRESSED = 1  # the message body is zstd (set on every fragment of that message)
+    DIRECT = 2  # a point-to-point stream rather than a topic
+
+
+_KNOWN_FLAGS = int(Flags.COMPRESSED | Flags.DIRECT)
+_KINDS = {int(k): k for k in Kind}
+
+
+class DecodeError(ValueError):
+    """Raised by `decode` for any input that is not a valid envelope; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChecksumError(DecodeError):
+    """The bytes were damaged in transit (or forged without the checksum)."""
+
+
+@attrs.frozen
+class Envelope:
+    """One protocol message, as it travels."""
+
+    kind: Kind
+    origin: str
+    stream: str
+    epoch: int
+    seq: int
+    payload: bytes = b""
+    frag_index: int = 0
+    frag_count: int = 1
+    flags: Flags = Flags.NONE
+
+    @property
+    def direct(self) -> bool:
+        """True for point-to-point streams."""
+        return bool(self.flags & Flags.DIRECT)
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """xxh3-64 of `data` (xxHash's C implementation)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def encode(env: Envelope) -> bytes:
+    """Serialise an envelope and append its checksum."""
+    body = msgpack.packb(
+        [
+            int(env.kind),
+            int(env.flags),
+            env.origin,
+            env.stream,
+            env.epoch,
+            env.seq,
+            env.frag_index,
+            env.frag_count,
+            env.payload,
+        ],
+        use_bin_type=True,
+    )
+    data = _HEAD + body
+    return data + xxhash.xxh3_64_digest(data)
+
+
+def decode(data: object) -> Envelope:
+    """Parse and verify one envelope; raise `DecodeError` (only) for any bad input."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    raw = bytes(data)
+    if len(raw) < len(_HEAD) + 1 + _TRAILER:
+        raise DecodeError(f"truncated: {len(raw)} bytes")
+    if raw[:2] != MAGIC:
+        raise DecodeError("bad magic")
+    if raw[2] != VERSION:
+        raise DecodeError(f"unsupported version {raw[2]}")
+    if xxhash.xxh3_64_digest(memoryview(raw)[:-_TRAILER]) != raw[-_TRAILER:]:
+        raise ChecksumError("checksum mismatch")
+    try:
+        fields = msgpack.unpackb(
+            memoryview(raw)[len(_HEAD) : -_TRAILER],
+            raw=False,
+            use_list=True,
+            max_array_len=_FIELDS,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types; all mean "malformed"
+        raise DecodeError(f"malformed body: {type(exc).__name__}") from None
+    return _build(fields)
+
+
+def _build(fields: Any) -> Envelope:
+    if type(fields) is not list or len(fields) != _FIELDS:
+        raise DecodeError("body is not a 9-field array")
+    kind, flags, origin, stream, epoch, seq, frag_index, frag_count, payload = fields
+    for name, value in (
+        ("kind", kind),
+        ("flags", flags),
+        ("epoch", epoch),
+        ("seq", seq),
+        ("frag_index", frag_index),
+        ("frag_count", frag_count),
+    ):
+        if type(value) is not int or not 0 <= value < _U64:
+            raise DecodeError(f"{name} is not a 64-bit unsigned integer")
+    if kind not in _KINDS:
+        raise DecodeError(f"unknown kind {kind}")
+    if flags & ~_KNOWN_FLAGS:
+        raise DecodeError(f"unknown flags {flags:#x}")
+    if type(origin) is not str or not 0 < len(origin) <= MAX_ORIGIN_LEN:
+        raise DecodeError("bad origin")
+    if type(stream) is not str or len(stream) > MAX_STREAM_LEN:
+        raise DecodeError("bad stream name")
+    if type(payload) is not bytes:
+        raise DecodeError("payload is not bytes")
+    if not 1 <= frag_count <= MAX_FRAGMENTS or frag_index >= frag_count:
+        raise DecodeError(f"bad fragment {frag_index}/{frag_count}")
+    if kind != Kind.FRAGMENT and frag_count != 1:
+        raise DecodeError("only FRAGMENT envelopes may have several fragments")
+    return Envelope(
+        kind=_KINDS[kind],
+        origin=origin,
+        stream=stream,
+        epoch=epoch,
+        seq=seq,
+        payload=payload,
+        frag_index=frag_index,
+        frag_count=frag_count,
+        flags=Flags(flags),
+    )
+
+
+def encode_batch(envelopes: Sequence[bytes]) -> bytes:
+    """Join already-encoded envelopes into one frame (one is sent as it is)."""
+    if len(envelopes) == 1:
+        return envelopes[0]
+    return BATCH_MAGIC + msgpack.packb(list(envelopes), use_bin_type=True)
+
+
+def decode_batch(data: object) -> list[bytes]:
+    """Split a frame into encoded envelopes; a plain envelope is a batch of one.
+
+    Each returned item still has to pass `decode`: a batch frame has no checksum of its own
+    because every envelope inside carries one.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    raw = bytes(data)
+    if raw[:2] != BATCH_MAGIC:
+        return [raw]
+    try:
+        items = msgpack.unpackb(
+            memoryview(raw)[2:], raw=False, max_array_len=MAX_BATCH, max_map_len=0, max_ext_len=0
+        )
+    except Exception as exc:
+        raise DecodeError(f"malformed batch: {type(exc).__name__}") from None
+    if type(items) is not list or not all(type(i) is bytes for i in items):
+        raise DecodeError("batch is not an array of byte strings")
+    return items

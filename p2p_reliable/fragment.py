@@ -1,0 +1,105 @@
+"""Turning one application message into envelope payloads and back.
+
+A message body is `content + xxh3-64(original payload)`, where content is the payload itself
+or its zstd compression. The trailing digest makes the check end-to-end over the exact bytes
+the application gave, after reassembly and decompression. Bodies larger than one fragment are
+cut into consecutive pieces, each of which travels (and is checksummed) as its own envelope.
+"""
+
+from __future__ import annotations
+
+import attrs
+import xxhash
+import zstandard
+
+from .envelope import Flags
+
+DIGEST_LEN = 8
+
+
+class MessageTooLarge(ValueError):
+    """The application tried to send more than `max_message_size` bytes."""
+
+
+class ReassemblyError(ValueError):
+    """Fragments joined into something that is not the message that was sent."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attrs.frozen
+class Split:
+    """A message ready to send: its flags and the payload of each fragment in order."""
+
+    flags: Flags
+    pieces: list[bytes]
+
+
+class MessageCodec:
+    """Compression, fragmentation and the end-to-end digest, with their size limits."""
+
+    def __init__(
+        self,
+        *,
+        max_fragment_payload: int,
+        max_message_size: int,
+        compress_threshold: int,
+        compress_level: int = 3,
+    ) -> None:
+        self.max_fragment_payload = max_fragment_payload
+        self.max_message_size = max_message_size
+        self.compress_threshold = compress_threshold
+        self._compressor = zstandard.ZstdCompressor(level=compress_level, write_content_size=True)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def split(self, payload: bytes) -> Split:
+        """Compress if worthwhile, append the digest, and cut into fragment payloads."""
+        if len(payload) > self.max_message_size:
+            raise MessageTooLarge(
+                f"message of {len(payload)} bytes exceeds max_message_size "
+                f"{self.max_message_size}"
+            )
+        flags = Flags.NONE
+        content: bytes = payload
+        if len(payload) >= self.compress_threshold:
+            packed = self._compressor.compress(payload)
+            # Only keep compression that pays for the receiver's decompression time.
+            if len(packed) < len(payload) * 0.9:
+                content, flags = packed, Flags.COMPRESSED
+        body = content + xxhash.xxh3_64_digest(payload)
+        size = self.max_fragment_payload
+        return Split(flags, [body[i : i + size] for i in range(0, len(body), size)])
+
+    def max_fragments(self) -> int:
+        """The most fragments a message within the size limit can need."""
+        return -(-(self.max_message_size + DIGEST_LEN) // self.max_fragment_payload)
+
+    def join(self, pieces: list[bytes], flags: Flags) -> bytes:
+        """Reassemble, decompress and verify a message; raise `ReassemblyError` if it is bad."""
+        body = b"".join(pieces)
+        if len(body) < DIGEST_LEN:
+            raise ReassemblyError("message body shorter than its digest")
+        content, digest = body[:-DIGEST_LEN], body[-DIGEST_LEN:]
+        if flags & Flags.COMPRESSED:
+            content = self._decompress(content)
+        if len(content) > self.max_message_size:
+            raise ReassemblyError("message exceeds max_message_size")
+        if xxhash.xxh3_64_digest(content) != digest:
+            raise ReassemblyError("message digest mismatch")
+        return content
+
+    def _decompress(self, content: bytes) -> bytes:
+        try:
+            size = zstandard.frame_content_size(content)
+        except zstandard.ZstdError:
+            raise ReassemblyError("compressed body is not a zstd frame") from None
+        # zstandard trusts the size written in the frame header over max_output_size, so a
+        # forged header could make us allocate anything: check it first.
+        if size < 0 or size > self.max_message_size:
+            raise ReassemblyError(f"compressed body declares {size} bytes")
+        try:
+            return self._decompressor.decompress(content, max_output_size=self.max_message_size)
+        except zstandard.ZstdError as exc:
+            raise ReassemblyError(f"zstd: {exc}") from None

@@ -1,0 +1,324 @@
+"""The receiving side of one (publisher, stream, epoch): reorder, deduplicate, ack, NACK, gap."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from .config import ProtocolConfig
+from .control import AckInfo, encode_ack, encode_ranges
+from .envelope import Envelope, Flags, Kind, encode
+from .events import Delivered, Event, Gap
+from .fragment import MessageCodec, ReassemblyError
+from .health import PeerHealth
+from .rangeset import RangeSet
+from .stats import EndpointStats
+
+_MAX_KNOWN_MARKS = 64
+
+
+class ReceiverHost(Protocol):
+    """What a StreamReceiver needs from its endpoint."""
+
+    node_id: str
+    config: ProtocolConfig
+    codec: MessageCodec
+    stats: EndpointStats
+
+    def emit(self, event: Event) -> None: ...
+    def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
+    def health(self, peer: str) -> PeerHealth: ...
+
+
+class StreamReceiver:
+    """Delivers one publisher's stream in order, exactly once, or reports a Gap.
+
+    Until the receiver knows where its stream starts (it saw seq 0 or a SYNC) it only
+    buffers. Holes are NACKed after `nack_delay` with exponential backoff; a hole the publisher
+    declares lost (GAP) or that outlives `gap_timeout` becomes a Gap event and delivery moves on.
+    """
+
+    def __init__(
+        self,
+        host: ReceiverHost,
+        *,
+        origin: str,
+        stream: str,
+        epoch: int,
+        direct: bool,
+        now: float,
+    ) -> None:
+        self.host = host
+        self.origin = origin
+        self.stream = stream
+        self.epoch = epoch
+        self.direct = direct
+        self.synced = False
+        self.next = 0
+        self.created = now
+        self.high_water = 0
+        self._buffer: dict[int, Envelope] = {}
+        self._held = RangeSet()
+        self._buffered_bytes = 0
+        self._abandoned = RangeSet()
+        self._nacked = RangeSet()
+        self._known: deque[tuple[float, int]] = deque()
+        self._ack_pending = 0
+        self._ack_first: float | None = None
+        self._ack_at: float | None = None
+        self._nack_at: float | None = None
+        self._nack_round = 0
+
+    # -- input -----------------------------------------------------------------------------
+
+    def on_data(self, env: Envelope, now: float) -> None:
+        """A DATA or FRAGMENT envelope of this stream arrived (checksum already verified)."""
+        cfg = self.host.config
+        seq = env.seq
+        if (self.synced and seq < self.next) or seq in self._buffer:
+            self.host.stats.duplicates += 1
+            self._schedule_ack(now, immediate=True)
+            return
+        base = self.next if self.synced else min(self._buffer, default=seq)
+        if (
+            seq >= base + cfg.reorder_max_ahead
+            or self._buffered_bytes + len(env.payload) > cfg.reorder_max_bytes
+        ):
+            # Not acked, so the publisher will send it again once we have drained.
+            self.host.stats.overflow_drops += 1
+            return
+        self._buffer[seq] = env
+        self._held.add(seq)
+        self._buffered_bytes += len(env.payload)
+        if not self.synced and seq == 0:
+            self._sync(0)
+        # Fragment 0 tells how long its message is: a lost tail fragment is a known hole.
+        whole = seq - env.frag_index + min(env.frag_count, self.host.codec.max_fragments())
+        self._learn(max(seq + 1, whole), now)
+        self._schedule_ack(now, immediate=not self.synced or seq != self.next)
+        self._deliver(now)
+        self._arm_nack(now)
+
+    def on_sync(self, start: int, now: float) -> None:
+        """The publisher says our part of the stream starts at `start`."""
+        if not self.synced:
+            self._sync(start)
+        elif start > self.next:
+            # It cannot repair what lies below `start`: deliver what we hold, give up the rest.
+            self._abandon(self._held.missing(self.next, start))
+        self._learn(start, now)
+        self._deliver(now)
+        self._arm_nack(now)
+
+    def on_gap(self, ranges: RangeSet, now: float) -> None:
+        """The publisher declares these sequence numbers lost."""
+        for r in ranges:
+            self._abandon(self._held.missing(max(r.start, self.next), r.stop))
+        self._deliver(now)
+        self._arm_nack(now)
+
+    def on_mark(self, next_seq: int, now: float) -> None:
+        """A heartbeat says the publisher has sent up to `next_seq` (tail-loss detection)."""
+        self._learn(next_seq, now)
+        self._arm_nack(now)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When handle_timer next has work to do."""
+        times = [t for t in (self._ack_at, self._nack_at, self._gap_deadline()) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Send due acks and NACKs; give up holes that outlived gap_timeout."""
+        deadline = self._gap_deadline()
+        if deadline is not None and deadline <= now:
+            self._expire_holes(now)
+        if self._ack_at is not None and self._ack_at <= now:
+            self._send_ack(now)
+        if self._nack_at is not None and self._nack_at <= now:
+            self._send_nack(now)
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def _sync(self, start: int) -> None:
+        self.synced = True
+        self.next = start
+        for seq in [s for s in self._buffer if s < start]:
+            self._drop(seq)
+
+    def _deliver(self, now: float) -> None:
+        while self.synced:
+            env = self._buffer.get(self.next)
+            if env is None:
+                if self.next not in self._abandoned:
+                    return
+                run = next(r for r in self._abandoned if self.next in r)
+                held_after = [r.start for r in self._held if r.start > self.next]
+                stop = min([run.stop, *held_after])
+                self._gap(stop, "publisher could not repair")
+                continue
+            count = env.frag_count
+            if env.kind == Kind.FRAGMENT and env.frag_index != 0:
+                self._gap(self.next + 1, "fragment without the start of its message")
+                continue
+            if count > self.host.codec.max_fragments():
+                self._gap(self.next + 1, f"message of {count} fragments exceeds the size limit")
+                continue
+            span = range(self.next, self.next + count)
+            if self._abandoned.missing(span.start, span.stop).count() < count:
+                missing = self._held.missing(span.start, span.stop)
+                if missing:
+                    # Part of the message is lost for good: the rest is useless.
+                    self._gap(span.stop, "part of a fragmented message was lost")
+                    continue
+            if any(s not in self._buffer for s in span):
+                return
+            pieces = [self._buffer[s] for s in span]
+            if any(
+                p.frag_index != i or p.frag_count != count or p.flags != env.flags
+                for i, p in enumerate(pieces)
+            ):
+                self._gap(span.stop, "inconsistent fragments")
+                continue
+            try:
+                payload = self.host.codec.join([p.payload for p in pieces], env.flags)
+            except ReassemblyError as exc:
+                self.host.stats.reassembly_failures += 1
+                self.host.health(self.origin).on_checksum_failure(now)
+                self._gap(span.stop, f"reassembly failed: {exc.reason}")
+                continue
+            seq = self.next
+            for s in span:
+                self._drop(s)
+            self.next = span.stop
+            self.host.stats.delivered += 1
+            self.host.stats.delivered_bytes += len(payload)
+            self.host.emit(Delivered(self.origin, self.stream, seq, payload, self.direct))
+
+    def _gap(self, stop: int, reason: str) -> None:
+        start = self.next
+        for seq in [s for s in self._buffer if start <= s < stop]:
+            self._drop(seq)
+        self.next = stop
+        self.host.stats.gaps += 1
+        self.host.stats.gap_seqs += stop - start
+        self.host.emit(Gap(self.origin, self.stream, start, stop, reason, self.direct))
+
+    def _drop(self, seq: int) -> None:
+        env = self._buffer.pop(seq)
+        self._held.subtract(seq, seq + 1)
+        self._buffered_bytes -= len(env.payload)
+
+    def _abandon(self, ranges: RangeSet) -> None:
+        for r in ranges:
+            self._abandoned.add(r.start, r.stop)
+
+    # -- holes -----------------------------------------------------------------------------
+
+    def _learn(self, high_water: int, now: float) -> None:
+        if high_water <= self.high_water:
+            return
+        self.high_water = high_water
+        if len(self._known) >= _MAX_KNOWN_MARKS:
+            # Merging into the newest mark only delays expiry: safe, and bounded.
+            self._known.pop()
+        self._known.append((now, high_water))
+
+    def _missing(self) -> RangeSet:
+        if not self.synced:
+            low = min(self._buffer, default=self.high_water)
+            return RangeSet([range(0, low)]) if low > 0 else RangeSet()
+        missing = self._held.missing(self.next, self.high_water)
+        for r in self._abandoned:
+            missing.subtract(r.start, r.stop)
+        return missing
+
+    def _gap_deadline(self) -> float | None:
+        while self._known and self._known[0][1] <= self.next and self.synced:
+            self._known.popleft()
+        if not self._known:
+            return None
+        return self._known[0][0] + self.host.config.effective_gap_timeout
+
+    def _expire_holes(self, now: float) -> None:
+        cutoff = now - self.host.config.effective_gap_timeout
+        limit = 0
+        while self._known and self._known[0][0] <= cutoff:
+            limit = max(limit, self._known.popleft()[1])
+        if not self.synced:
+            low = min(self._buffer, default=limit)
+            self._sync(0)
+            self._abandon(RangeSet([range(0, low)]) if low > 0 else RangeSet())
+        else:
+            self._abandon(self._held.missing(self.next, limit))
+        self._deliver(now)
+        self._arm_nack(now)
+
+    # -- acks and NACKs --------------------------------------------------------------------
+
+    def _schedule_ack(self, now: float, *, immediate: bool) -> None:
+        self._ack_pending += 1
+        if self._ack_first is None:
+            self._ack_first = now
+        if immediate or self._ack_pending >= self.host.config.ack_every:
+            self._ack_at = now
+        elif self._ack_at is None:
+            self._ack_at = now + self.host.config.ack_delay
+
+    def _send_ack(self, now: float) -> None:
+        held = RangeSet(r for r in self._held if r.start >= self.next)
+        info = AckInfo(
+            floor=self.next if self.synced else 0,
+            ranges=held,
+            ack_delay=now - (self._ack_first if self._ack_first is not None else now),
+        )
+        self._control(Kind.ACK, encode_ack(info))
+        self.host.stats.acks_sent += 1
+        self._ack_pending = 0
+        self._ack_first = None
+        self._ack_at = None
+
+    def _arm_nack(self, now: float) -> None:
+        if not self._missing():
+            self._nack_at = None
+            self._nack_round = 0
+        elif self._nack_at is None:
+            self._nack_at = now + self.host.config.nack_delay
+
+    def _send_nack(self, now: float) -> None:
+        missing = self._missing()
+        if not missing:
+            self._nack_at = None
+            return
+        fresh = missing.count() - sum(
+            len(range(max(r.start, n.start), min(r.stop, n.stop)))
+            for r in missing
+            for n in self._nacked
+            if r.start < n.stop and n.start < r.stop
+        )
+        for r in missing:
+            self._nacked.add(r.start, r.stop)
+        self._nacked.subtract(0, self.next)
+        health = self.host.health(self.origin)
+        if fresh > 0:
+            health.on_loss_detected(now, fresh)
+        health.on_nack_sent(now, missing.count())
+        self._control(Kind.NACK, encode_ranges(missing))
+        self.host.stats.nacks_sent += 1
+        self._nack_round += 1
+        cfg = self.host.config
+        backoff = min(cfg.nack_backoff_cap, cfg.nack_delay * 2.0**self._nack_round)
+        self._nack_at = now + backoff
+
+    def _control(self, kind: Kind, payload: bytes) -> None:
+        env = Envelope(
+            kind=kind,
+            origin=self.host.node_id,
+            stream=self.stream,
+            epoch=self.epoch,
+            seq=0,
+            payload=payload,
+            flags=Flags.DIRECT if self.direct else Flags.NONE,
+        )
+        self.host.transmit(self.origin, None, encode(env))

@@ -1,0 +1,361 @@
+"""The publishing side of one stream: sequence numbers, windows, retransmission, verdicts."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from typing import Protocol
+
+import attrs
+
+from .config import ProtocolConfig
+from .control import AckInfo, StreamMark, encode_ranges
+from .envelope import Envelope, Flags, Kind, encode
+from .events import Event, PeerUnreachable, Unrecoverable, WindowOpen
+from .fragment import MessageCodec
+from .health import PeerHealth
+from .rangeset import RangeSet
+from .recovery import RttEstimator
+from .stats import EndpointStats
+
+
+class WindowFull(Exception):
+    """The stream cannot take another message until receivers acknowledge; wait for WindowOpen."""
+
+    def __init__(self, stream: str, waiting_on: list[str]) -> None:
+        super().__init__(f"window of stream {stream!r} is full (waiting on {waiting_on})")
+        self.stream = stream
+        self.waiting_on = waiting_on
+
+
+class SenderHost(Protocol):
+    """What a StreamSender needs from its endpoint."""
+
+    config: ProtocolConfig
+    codec: MessageCodec
+    rng: random.Random
+    stats: EndpointStats
+
+    def emit(self, event: Event) -> None: ...
+    def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
+    def rtt(self, peer: str) -> RttEstimator: ...
+    def health(self, peer: str) -> PeerHealth: ...
+
+
+@attrs.define(slots=True)
+class _Fragment:
+    msg_start: int
+    data: bytes
+    size: int
+
+
+@attrs.define(slots=True)
+class _InFlight:
+    attempt: int
+    first_sent: float
+    last_sent: float
+    deadline: float
+
+
+@attrs.define
+class _Receiver:
+    peer: str
+    start: int
+    unacked: dict[int, _InFlight] = attrs.Factory(dict)
+    pending_per_msg: dict[int, int] = attrs.Factory(dict)
+    unacked_bytes: int = 0
+    abandoned: RangeSet = attrs.Factory(RangeSet)
+    failed: bool = False
+
+
+class StreamSender:
+    """One publisher stream: a topic (to every subscriber) or a direct stream (to one peer).
+
+    Every fragment gets the next sequence number. Each receiver has its own window, retry
+    timers and ack state; a message leaves the log once every receiver has it (plus a short
+    retention for late joiners). Topic receivers that exhaust their retries are marked failed
+    so that one dead subscriber cannot stall the stream; they are revived by any sign of life.
+    """
+
+    def __init__(
+        self, host: SenderHost, *, name: str, origin: str, epoch: int, dest: str | None
+    ) -> None:
+        self.host = host
+        self.name = name
+        self.origin = origin
+        self.epoch = epoch
+        self.dest = dest
+        self.flags = Flags.DIRECT if dest is not None else Flags.NONE
+        self.next_seq = 0
+        self._log: dict[int, _Fragment] = {}
+        self._messages: deque[tuple[int, int, int]] = deque()  # (start, n_fragments, bytes)
+        self._retained_bytes = 0
+        self._receivers: dict[str, _Receiver] = {}
+        self._timers: list[tuple[float, str, int]] = []
+        self._blocked = False
+        if dest is not None:
+            self._receivers[dest] = _Receiver(peer=dest, start=0)
+
+    # -- receivers -------------------------------------------------------------------------
+
+    def receivers(self) -> list[str]:
+        """Peers this stream currently waits for."""
+        return [p for p, r in self._receivers.items() if not r.failed]
+
+    def add_receiver(self, peer: str, now: float) -> None:
+        """Start tracking `peer` from the next message (and tell it so with SYNC)."""
+        rcv = self._receivers.get(peer)
+        if rcv is not None:
+            rcv.failed = False
+            return
+        self._receivers[peer] = _Receiver(peer=peer, start=self.next_seq)
+        self._control(peer, Kind.SYNC, seq=self.next_seq)
+
+    def remove_receiver(self, peer: str, now: float, reason: str) -> None:
+        """Stop tracking `peer`; every message it had not acked becomes Unrecoverable."""
+        rcv = self._receivers.get(peer)
+        if rcv is None:
+            return
+        self._abandon(rcv, list(rcv.unacked), now, reason)
+        if self.dest is None:
+            del self._receivers[peer]
+        self._retire()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def blocking_receivers(self, size: int) -> list[str]:
+        """Receivers whose window has no room for a message of `size` bytes."""
+        cfg = self.host.config
+        full = []
+        for rcv in self._receivers.values():
+            if rcv.failed or not rcv.pending_per_msg:
+                continue
+            if (
+                len(rcv.pending_per_msg) >= cfg.window_messages
+                or rcv.unacked_bytes + size > cfg.window_bytes
+            ):
+                full.append(rcv.peer)
+        return full
+
+    def send(self, payload: bytes, now: float) -> int:
+        """Queue a message for transmission; return its first sequence number."""
+        blocking = self.blocking_receivers(len(payload))
+        if blocking:
+            self._blocked = True
+            raise WindowFull(self.name, blocking)
+        split = self.host.codec.split(payload)
+        start = self.next_seq
+        count = len(split.pieces)
+        kind = Kind.DATA if count == 1 else Kind.FRAGMENT
+        total = 0
+        for index, piece in enumerate(split.pieces):
+            seq = start + index
+            data = encode(
+                Envelope(
+                    kind=kind,
+                    origin=self.origin,
+                    stream=self.name,
+                    epoch=self.epoch,
+                    seq=seq,
+                    payload=piece,
+                    frag_index=index,
+                    frag_count=count,
+                    flags=self.flags | split.flags,
+                )
+            )
+            self._log[seq] = _Fragment(msg_start=start, data=data, size=len(piece))
+            total += len(piece)
+            self.host.transmit(self.dest, None if self.dest else self.name, data)
+        self.next_seq = start + count
+        self._messages.append((start, count, total))
+        self._retained_bytes += total
+        for rcv in self._receivers.values():
+            if rcv.failed:
+                continue
+            self.host.health(rcv.peer).on_sent(now, count)
+            delay = self._delay(rcv.peer, 0)
+            for seq in range(start, start + count):
+                rcv.unacked[seq] = _InFlight(0, now, now, now + delay)
+                heapq.heappush(self._timers, (now + delay, rcv.peer, seq))
+            rcv.pending_per_msg[start] = count
+            rcv.unacked_bytes += total
+        self._retire()
+        return start
+
+    # -- feedback from receivers -----------------------------------------------------------
+
+    def on_ack(self, peer: str, info: AckInfo, now: float) -> None:
+        """Process a cumulative+selective acknowledgement from `peer`."""
+        rcv = self._sign_of_life(peer, now)
+        if rcv is None:
+            return
+        newest: tuple[int, _InFlight] | None = None
+        for seq in [s for s in rcv.unacked if s < info.floor or s in info.ranges]:
+            flight = self._settle(rcv, seq)
+            if flight.attempt == 0 and (newest is None or seq > newest[0]):
+                newest = (seq, flight)
+        if newest is not None:
+            # Karn's rule: only messages sent once give unambiguous samples.
+            sample = now - newest[1].first_sent
+            if sample > info.ack_delay:
+                sample -= info.ack_delay
+            self.host.rtt(peer).on_sample(sample)
+            self.host.health(peer).on_rtt_sample(sample, now)
+        self._retire()
+
+    def on_nack(self, peer: str, ranges: RangeSet, now: float) -> None:
+        """Repair what `peer` reports missing, or tell it what cannot be repaired."""
+        rcv = self._sign_of_life(peer, now)
+        if rcv is None:
+            return
+        cfg = self.host.config
+        lost = RangeSet()
+        need_sync = False
+        budget = cfg.reorder_max_ahead  # one NACK cannot make us send more than a window
+        for r in ranges:
+            for seq in range(r.start, min(r.stop, self.next_seq)):
+                budget -= 1
+                if budget < 0:
+                    break
+                if seq < rcv.start:
+                    need_sync = True
+                elif seq in rcv.abandoned or seq not in self._log:
+                    lost.add(seq)
+                elif seq in rcv.unacked:
+                    flight = rcv.unacked[seq]
+                    # A NACK right after a (re)transmission is probably about the same loss.
+                    if now - flight.last_sent >= self.host.rtt(peer).rto / 2:
+                        self._retransmit(rcv, seq, flight, now)
+                else:
+                    self.host.transmit(peer, None, self._log[seq].data)
+                    self.host.health(peer).on_retransmit(now)
+                    self.host.stats.retransmits += 1
+        self.host.health(peer).on_nack_received(now, ranges.count())
+        if need_sync:
+            self._control(peer, Kind.SYNC, seq=rcv.start)
+        if lost:
+            self._control(peer, Kind.GAP, payload=encode_ranges(lost))
+
+    def _sign_of_life(self, peer: str, now: float) -> _Receiver | None:
+        rcv = self._receivers.get(peer)
+        if rcv is None:
+            if self.dest is not None:
+                return None  # only the destination can ack a direct stream
+            # A subscriber we had not heard of: serve it from the oldest message we keep.
+            start = self._messages[0][0] if self._messages else self.next_seq
+            rcv = _Receiver(peer=peer, start=start)
+            self._receivers[peer] = rcv
+            self._control(peer, Kind.SYNC, seq=start)
+        rcv.failed = False
+        return rcv
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When handle_timer next has work to do."""
+        while self._timers:
+            deadline, peer, seq = self._timers[0]
+            rcv = self._receivers.get(peer)
+            flight = rcv.unacked.get(seq) if rcv else None
+            if flight is not None and flight.deadline == deadline:
+                return deadline
+            heapq.heappop(self._timers)
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit what timed out; give a verdict on what ran out of attempts."""
+        max_attempts = self.host.config.retry.max_attempts
+        while (deadline := self.next_timer()) is not None and deadline <= now:
+            _, peer, seq = heapq.heappop(self._timers)
+            rcv = self._receivers[peer]
+            flight = rcv.unacked[seq]
+            if flight.attempt + 1 < max_attempts:
+                self._retransmit(rcv, seq, flight, now)
+            elif self.dest is not None:
+                msg = self._log[seq].msg_start
+                seqs = [s for s in rcv.unacked if self._log[s].msg_start == msg]
+                self._abandon(rcv, seqs, now, "retries exhausted")
+            else:
+                self._abandon(rcv, list(rcv.unacked), now, "retries exhausted")
+                rcv.failed = True
+                self.host.emit(PeerUnreachable(peer=peer, stream=self.name))
+        self._retire()
+
+    def mark(self) -> StreamMark:
+        """This stream's high-water mark, for heartbeats."""
+        return StreamMark(
+            stream=self.name, flags=self.flags, epoch=self.epoch, next_seq=self.next_seq
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _delay(self, peer: str, attempt: int) -> float:
+        return self.host.config.retry.delay(self.host.rtt(peer).rto, attempt, self.host.rng)
+
+    def _retransmit(self, rcv: _Receiver, seq: int, flight: _InFlight, now: float) -> None:
+        flight.attempt += 1
+        flight.last_sent = now
+        flight.deadline = now + self._delay(rcv.peer, flight.attempt)
+        heapq.heappush(self._timers, (flight.deadline, rcv.peer, seq))
+        self.host.transmit(rcv.peer, None, self._log[seq].data)
+        self.host.health(rcv.peer).on_retransmit(now)
+        self.host.stats.retransmits += 1
+
+    def _settle(self, rcv: _Receiver, seq: int) -> _InFlight:
+        flight = rcv.unacked.pop(seq)
+        frag = self._log[seq]
+        rcv.unacked_bytes -= frag.size
+        left = rcv.pending_per_msg[frag.msg_start] - 1
+        if left:
+            rcv.pending_per_msg[frag.msg_start] = left
+        else:
+            del rcv.pending_per_msg[frag.msg_start]
+        return flight
+
+    def _abandon(self, rcv: _Receiver, seqs: list[int], now: float, reason: str) -> None:
+        if not seqs:
+            return
+        messages = sorted({self._log[s].msg_start for s in seqs})
+        for seq in seqs:
+            self._settle(rcv, seq)
+        lost = RangeSet()
+        for start in messages:
+            count = next(c for s, c, _ in self._messages if s == start)
+            lost.add(start, start + count)
+            self.host.emit(Unrecoverable(stream=self.name, seq=start, peer=rcv.peer, reason=reason))
+        for r in lost:
+            rcv.abandoned.add(r.start, r.stop)
+        self.host.health(rcv.peer).on_unrecoverable(now, len(messages))
+        self._control(rcv.peer, Kind.GAP, payload=encode_ranges(lost))
+
+    def _control(self, peer: str, kind: Kind, *, seq: int = 0, payload: bytes = b"") -> None:
+        env = Envelope(
+            kind=kind,
+            origin=self.origin,
+            stream=self.name,
+            epoch=self.epoch,
+            seq=seq,
+            payload=payload,
+            flags=self.flags,
+        )
+        self.host.transmit(peer, None, encode(env))
+
+    def _retire(self) -> None:
+        cfg = self.host.config
+        while self._messages:
+            start, count, size = self._messages[0]
+            if any(start in r.pending_per_msg for r in self._receivers.values()):
+                break
+            if (
+                len(self._messages) <= cfg.retain_messages
+                and self._retained_bytes <= cfg.retain_bytes
+            ):
+                break
+            self._messages.popleft()
+            self._retained_bytes -= size
+            for seq in range(start, start + count):
+                del self._log[seq]
+        if self._blocked and not self.blocking_receivers(0):
+            self._blocked = False
+            self.host.emit(WindowOpen(stream=self.name, peer=self.dest))

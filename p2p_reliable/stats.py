@@ -1,0 +1,37 @@
+"""Counters an endpoint keeps: every rejection and repair is counted, none is silent."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.define
+class EndpointStats:
+    """Totals since the endpoint started."""
+
+    messages_sent: int = 0
+    envelopes_sent: int = 0
+    bytes_sent: int = 0
+    retransmits: int = 0
+    delivered: int = 0
+    delivered_bytes: int = 0
+    duplicates: int = 0
+    corrupted: int = 0
+    malformed: int = 0
+    reassembly_failures: int = 0
+    overflow_drops: int = 0
+    acks_sent: int = 0
+    acks_received: int = 0
+    nacks_sent: int = 0
+    nacks_received: int = 0
+    gaps: int = 0
+    gap_seqs: int = 0
+    unrecoverable: int = 0
+    spoofed: int = 0
+    stale_epoch: int = 0
+    unknown_stream: int = 0
+    window_full: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return attrs.asdict(self)
