@@ -15,8 +15,8 @@ MiB = 1024 * KiB
 class ProtocolConfig:
     """Every knob of an `Endpoint`; validated so that the parts cannot deadlock each other."""
 
-    retry: RetryPolicy = RetryPolicy()
-    health: HealthConfig = HealthConfig()
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    health: HealthConfig = attrs.field(factory=HealthConfig)
     # Admission: a new message waits while any receiver of its stream has this many messages
     # (or bytes) unacked. An empty window always admits one message, however large.
     window_messages: int = 256

@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 import msgpack
 
-from .envelope import MAX_STREAM_LEN, DecodeError, Flags
+from .envelope import MAX_STREAM_LEN, DecodeError, Flags, packb
 from .rangeset import RangeSet
 
 MAX_RANGES = 64
@@ -69,7 +69,7 @@ def _ranges_from_wire(items: Any, what: str) -> RangeSet:
 def encode_ack(info: AckInfo) -> bytes:
     """Serialise an ACK payload."""
     delay_us = max(0, min(int(info.ack_delay * 1e6), _U64 - 1))
-    return msgpack.packb([info.floor, _ranges_to_wire(info.ranges), delay_us])
+    return packb([info.floor, _ranges_to_wire(info.ranges), delay_us])
 
 
 def decode_ack(data: bytes) -> AckInfo:
@@ -85,7 +85,7 @@ def decode_ack(data: bytes) -> AckInfo:
 
 def encode_ranges(ranges: RangeSet) -> bytes:
     """Serialise the payload of a NACK or GAP: a list of ranges."""
-    return msgpack.packb(_ranges_to_wire(ranges))
+    return packb(_ranges_to_wire(ranges))
 
 
 def decode_ranges(data: bytes) -> RangeSet:
@@ -98,7 +98,7 @@ def decode_ranges(data: bytes) -> RangeSet:
 
 def encode_heartbeat(marks: list[StreamMark]) -> bytes:
     """Serialise a HEARTBEAT payload."""
-    return msgpack.packb(
+    return packb(
         [[m.stream, int(m.flags), m.epoch, m.next_seq] for m in marks[:MAX_HEARTBEAT_STREAMS]]
     )
 

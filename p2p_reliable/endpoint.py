@@ -137,7 +137,9 @@ class Endpoint:
         """Broadcast `payload` on `topic`; return its sequence number or raise WindowFull."""
         sender = self._topics.get(topic)
         if sender is None:
-            sender = StreamSender(self, name=topic, origin=self.node_id, epoch=self.epoch, dest=None)
+            sender = StreamSender(
+                self, name=topic, origin=self.node_id, epoch=self.epoch, dest=None
+            )
             self._topics[topic] = sender
             for peer in sorted(self._subscribers.get(topic, ())):
                 sender.add_receiver(peer, now)
@@ -147,7 +149,9 @@ class Endpoint:
         """Send `payload` to `peer` alone on a direct stream; return its sequence number."""
         sender = self._directs.get((peer, stream))
         if sender is None:
-            sender = StreamSender(self, name=stream, origin=self.node_id, epoch=self.epoch, dest=peer)
+            sender = StreamSender(
+                self, name=stream, origin=self.node_id, epoch=self.epoch, dest=peer
+            )
             self._directs[(peer, stream)] = sender
         return self._send(sender, payload, now)
 
@@ -205,12 +209,12 @@ class Endpoint:
     def _dispatch(self, env: Envelope, now: float) -> None:
         try:
             if env.kind in (Kind.DATA, Kind.FRAGMENT):
-                if (rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now)):
+                if rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now):
                     rcv.on_data(env, now)
             elif env.kind in (Kind.ACK, Kind.NACK):
                 self._feedback(env, now)
             elif env.kind in (Kind.SYNC, Kind.GAP):
-                if (rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now)):
+                if rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now):
                     if env.kind == Kind.SYNC:
                         rcv.on_sync(env.seq, now)
                     else:
@@ -240,6 +244,10 @@ class Endpoint:
             self.stats.nacks_received += 1
             sender.on_nack(env.origin, decode_ranges(env.payload), now)
 
+    def inbound(self, origin: str, stream: str, direct: bool = False) -> StreamReceiver | None:
+        """The receive state of one publisher's stream, if any arrived."""
+        return self._inbound.get((origin, stream, direct))
+
     def _receiver(
         self, origin: str, stream: str, direct: bool, epoch: int, now: float
     ) -> StreamReceiver | None:
@@ -260,7 +268,9 @@ class Endpoint:
             self._events.append(
                 Gap(origin, stream, rcv.next, rcv.high_water, "publisher restarted", direct)
             )
-        rcv = StreamReceiver(self, origin=origin, stream=stream, epoch=epoch, direct=direct, now=now)
+        rcv = StreamReceiver(
+            self, origin=origin, stream=stream, epoch=epoch, direct=direct, now=now
+        )
         self._inbound[key] = rcv
         return rcv
 

@@ -97,7 +97,7 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 def encode(env: Envelope) -> bytes:
     """Serialise an envelope and append its checksum."""
-    body = msgpack.packb(
+    body = packb(
         [
             int(env.kind),
             int(env.flags),
@@ -108,8 +108,7 @@ def encode(env: Envelope) -> bytes:
             env.frag_index,
             env.frag_count,
             env.payload,
-        ],
-        use_bin_type=True,
+        ]
     )
     data = _HEAD + body
     return data + xxhash.xxh3_64_digest(data)
@@ -187,7 +186,7 @@ def encode_batch(envelopes: Sequence[bytes]) -> bytes:
     """Join already-encoded envelopes into one frame (one is sent as it is)."""
     if len(envelopes) == 1:
         return envelopes[0]
-    return BATCH_MAGIC + msgpack.packb(list(envelopes), use_bin_type=True)
+    return BATCH_MAGIC + packb(list(envelopes))
 
 
 def decode_batch(data: object) -> list[bytes]:
@@ -210,3 +209,9 @@ def decode_batch(data: object) -> list[bytes]:
     if type(items) is not list or not all(type(i) is bytes for i in items):
         raise DecodeError("batch is not an array of byte strings")
     return items
+
+
+def packb(obj: object) -> bytes:
+    """msgpack with bin types, typed (msgpack itself returns Any)."""
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out

@@ -58,8 +58,7 @@ class MessageCodec:
         """Compress if worthwhile, append the digest, and cut into fragment payloads."""
         if len(payload) > self.max_message_size:
             raise MessageTooLarge(
-                f"message of {len(payload)} bytes exceeds max_message_size "
-                f"{self.max_message_size}"
+                f"message of {len(payload)} bytes exceeds max_message_size {self.max_message_size}"
             )
         flags = Flags.NONE
         content: bytes = payload

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 
-class RangeSet(Sequence[range]):
+class RangeSet:
     """Sorted, non-overlapping, non-adjacent half-open ranges of integers.
 
     Sequence numbers received, acked or abandoned are stored this way so that a million
@@ -60,7 +60,7 @@ class RangeSet(Sequence[range]):
         """The smallest range covering every member (the set must not be empty)."""
         return range(self._ranges[0].start, self._ranges[-1].stop)
 
-    def count(self) -> int:  # type: ignore[override]
+    def count(self) -> int:
         """Number of integers in the set."""
         return sum(len(r) for r in self._ranges)
 
@@ -90,7 +90,7 @@ class RangeSet(Sequence[range]):
                 return True
         return False
 
-    def __getitem__(self, index: int) -> range:  # type: ignore[override]
+    def __getitem__(self, index: int) -> range:
         return self._ranges[index]
 
     def __len__(self) -> int:

@@ -242,9 +242,10 @@ class StreamReceiver:
         return self._known[0][0] + self.host.config.effective_gap_timeout
 
     def _expire_holes(self, now: float) -> None:
-        cutoff = now - self.host.config.effective_gap_timeout
+        timeout = self.host.config.effective_gap_timeout
         limit = 0
-        while self._known and self._known[0][0] <= cutoff:
+        # Same expression as _gap_deadline: `now - timeout` could round below it and livelock.
+        while self._known and self._known[0][0] + timeout <= now:
             limit = max(limit, self._known.popleft()[1])
         if not self.synced:
             low = min(self._buffer, default=limit)

@@ -1,0 +1,166 @@
+"""The wire format: round trips, and `decode` raising only DecodeError for any input."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2p_reliable.envelope import (
+    BATCH_MAGIC,
+    MAGIC,
+    VERSION,
+    ChecksumError,
+    DecodeError,
+    Envelope,
+    Flags,
+    Kind,
+    decode,
+    decode_batch,
+    encode,
+    encode_batch,
+)
+
+U64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> Envelope:
+    kind = draw(st.sampled_from(list(Kind)))
+    count = draw(st.integers(1, 1000)) if kind == Kind.FRAGMENT else 1
+    return Envelope(
+        kind=kind,
+        origin=draw(st.text(min_size=1, max_size=128)),
+        stream=draw(st.text(max_size=256)),
+        epoch=draw(U64),
+        seq=draw(U64),
+        payload=draw(st.binary(max_size=2048)),
+        frag_index=draw(st.integers(0, count - 1)),
+        frag_count=count,
+        flags=draw(st.sampled_from([Flags.NONE, Flags.COMPRESSED, Flags.DIRECT, Flags(3)])),
+    )
+
+
+def _seal(body: bytes, version: int = VERSION) -> bytes:
+    """Wrap an arbitrary body with a valid header and checksum (a well-formed forgery)."""
+    data = MAGIC + bytes([version]) + body
+    return data + xxhash.xxh3_64_digest(data)
+
+
+@given(envelopes())
+def test_round_trip(env: Envelope) -> None:
+    assert decode(encode(env)) == env
+
+
+@given(st.binary(max_size=4096))
+def test_any_bytes_decode_or_raise_decode_error(data: bytes) -> None:
+    try:
+        env = decode(data)
+    except DecodeError as exc:
+        assert exc.reason
+    else:
+        assert isinstance(env, Envelope)
+
+
+@given(st.binary(max_size=512))
+def test_any_body_with_valid_checksum_decodes_or_raises_decode_error(body: bytes) -> None:
+    # Past the checksum, the parser itself must hold against every body.
+    try:
+        decode(_seal(body))
+    except DecodeError as exc:
+        assert not isinstance(exc, ChecksumError)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(min_value=-(2**63), max_value=2**64 - 1),
+            st.floats(),
+            st.text(max_size=300),
+            st.binary(max_size=64),
+            st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3),
+        ),
+        min_size=0,
+        max_size=12,
+    )
+)
+def test_wrong_field_types_raise_decode_error(fields: list[object]) -> None:
+    try:
+        env = decode(_seal(msgpack.packb(fields, use_bin_type=True)))
+    except DecodeError:
+        return
+    # Only a body that really is a valid envelope may get through.
+    assert encode(env) == _seal(msgpack.packb(fields, use_bin_type=True))
+
+
+@given(envelopes(), st.data())
+def test_any_damage_is_detected(env: Envelope, data: st.DataObject) -> None:
+    wire = bytearray(encode(env))
+    pos = data.draw(st.integers(0, len(wire) - 1))
+    wire[pos] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(DecodeError):
+        decode(bytes(wire))
+
+
+@given(envelopes(), st.data())
+def test_truncation_is_detected(env: Envelope, data: st.DataObject) -> None:
+    wire = encode(env)
+    cut = data.draw(st.integers(0, len(wire) - 1))
+    with pytest.raises(DecodeError):
+        decode(wire[:cut])
+
+
+def test_specific_rejections_say_why() -> None:
+    good = encode(Envelope(kind=Kind.DATA, origin="a", stream="s", epoch=1, seq=2, payload=b"x"))
+    cases = {
+        b"": "truncated",
+        b"XX" + good[2:]: "bad magic",
+        good[:2] + b"\x09" + good[3:]: "unsupported version 9",
+        good[:-1] + bytes([good[-1] ^ 1]): "checksum mismatch",
+        _seal(msgpack.packb([1, 0, "a", "s", 1, 2, 0, 1])): "body is not a 9-field array",
+        _seal(msgpack.packb([99, 0, "a", "s", 1, 2, 0, 1, b""])): "unknown kind 99",
+        _seal(msgpack.packb([1, 64, "a", "s", 1, 2, 0, 1, b""])): "unknown flags 0x40",
+        _seal(msgpack.packb([1, 0, "", "s", 1, 2, 0, 1, b""])): "bad origin",
+        _seal(msgpack.packb([1, 0, "a", "s", -1, 2, 0, 1, b""])): "epoch is not",
+        _seal(msgpack.packb([1, 0, "a", "s", 1, True, 0, 1, b""])): "seq is not",
+        _seal(msgpack.packb([2, 0, "a", "s", 1, 2, 5, 5, b""], use_bin_type=True)): "bad fragment",
+        _seal(msgpack.packb([1, 0, "a", "s", 1, 2, 0, 2, b""], use_bin_type=True)): "only FRAGMENT",
+        _seal(msgpack.packb([1, 0, "a", "s", 1, 2, 0, 1, "text"])): "payload is not bytes",
+        _seal(b"\xc1"): "malformed body",
+    }
+    for data, reason in cases.items():
+        with pytest.raises(DecodeError) as info:
+            decode(data)
+        assert reason in info.value.reason, (data, info.value.reason)
+    with pytest.raises(DecodeError, match="expected bytes"):
+        decode("not bytes")
+
+
+def test_checksum_failure_is_its_own_error() -> None:
+    wire = bytearray(encode(Envelope(kind=Kind.ACK, origin="a", stream="", epoch=0, seq=0)))
+    wire[-1] ^= 0xFF
+    with pytest.raises(ChecksumError):
+        decode(bytes(wire))
+
+
+@given(st.lists(envelopes(), min_size=1, max_size=20))
+def test_batch_round_trip(envs: list[Envelope]) -> None:
+    frame = encode_batch([encode(e) for e in envs])
+    assert [decode(raw) for raw in decode_batch(frame)] == envs
+
+
+@given(st.binary(max_size=2048))
+def test_any_batch_bytes_raise_only_decode_error(data: bytes) -> None:
+    try:
+        items = decode_batch(BATCH_MAGIC + data)
+    except DecodeError:
+        return
+    for raw in items:
+        try:
+            decode(raw)
+        except DecodeError:
+            pass

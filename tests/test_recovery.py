@@ -1,0 +1,80 @@
+"""RFC 6298 estimation and the backoff-with-jitter schedule."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2p_reliable.recovery import RetryPolicy, RttEstimator
+
+
+def test_rfc6298_first_and_later_samples() -> None:
+    est = RttEstimator(RetryPolicy(base=0.5, min_rto=0.001, cap=10.0))
+    assert est.rto == 0.5  # no sample yet: the initial RTO
+    est.on_sample(0.100)
+    assert est.srtt == pytest.approx(0.100)
+    assert est.rttvar == pytest.approx(0.050)
+    assert est.rto == pytest.approx(0.100 + 4 * 0.050)
+    est.on_sample(0.200)
+    # RTTVAR <- 3/4 RTTVAR + 1/4 |SRTT - R'|, computed before SRTT <- 7/8 SRTT + 1/8 R'.
+    assert est.rttvar == pytest.approx(0.75 * 0.050 + 0.25 * 0.100)
+    assert est.srtt == pytest.approx(0.875 * 0.100 + 0.125 * 0.200)
+    assert est.rto == pytest.approx(est.srtt + 4 * est.rttvar)
+
+
+def test_rto_is_clamped_to_the_policy() -> None:
+    est = RttEstimator(RetryPolicy(base=0.2, min_rto=0.05, cap=1.0))
+    est.on_sample(0.0001)
+    assert est.rto == 0.05
+    for _ in range(5):
+        est.on_sample(30.0)
+    assert est.rto == 1.0
+
+
+@given(
+    st.floats(0.0, 5.0),
+    st.integers(0, 40),
+    st.integers(0, 2**32),
+)
+def test_delay_stays_between_rto_and_backed_off_ceiling(
+    rto: float, attempt: int, seed: int
+) -> None:
+    policy = RetryPolicy(base=0.2, min_rto=0.02, cap=2.0, max_attempts=8)
+    delay = policy.delay(rto, attempt, random.Random(seed))
+    floor = min(max(rto, policy.min_rto), policy.cap)
+    assert floor <= delay <= max(floor, min(policy.cap, floor * 2**attempt))
+    assert delay <= policy.cap
+
+
+def test_delays_back_off_exponentially_on_average_and_are_jittered() -> None:
+    policy = RetryPolicy(base=0.2, min_rto=0.01, cap=100.0)
+    rng = random.Random(1)
+    means = []
+    for attempt in range(6):
+        samples = [policy.delay(0.01, attempt, rng) for _ in range(2000)]
+        means.append(sum(samples) / len(samples))
+        if attempt >= 2:
+            assert len({round(s, 9) for s in samples}) > 1000  # spread, not lockstep
+    # The floor at the RTO flattens the first steps; after that each ceiling doubles.
+    assert all(higher > lower for lower, higher in itertools.pairwise(means))
+    for lower, higher in itertools.pairwise(means[2:]):
+        assert higher > 1.5 * lower
+    assert means[5] > 10 * means[0]
+
+
+def test_same_seed_same_schedule() -> None:
+    policy = RetryPolicy()
+    one = [policy.delay(0.05, a, random.Random(7)) for a in range(8)]
+    two = [policy.delay(0.05, a, random.Random(7)) for a in range(8)]
+    assert one == two
+
+
+def test_inconsistent_policy_is_refused() -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(min_rto=3.0, cap=1.0)
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
