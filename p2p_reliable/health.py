@@ -58,8 +58,10 @@ class HealthConfig:
     phi_suspect: float = 3.0
     phi_dead: float = 8.0
     phi_window: int = 100
-    min_std: float = 0.01
-    acceptable_pause: float = 0.0
+    # With 100 ms heartbeats these put DEAD ~0.45 s into a silence: well inside the 1 s a
+    # cluster wants, yet a 200 ms scheduling hiccup of a Python node is not a death.
+    min_std: float = 0.05
+    acceptable_pause: float = 0.1
     first_interval: float = 0.1
     rtt_alpha: float = 0.125
     rtt_window: int = 256

@@ -62,7 +62,7 @@ class RangeSet:
 
     def count(self) -> int:
         """Number of integers in the set."""
-        return sum(len(r) for r in self._ranges)
+        return sum(r.stop - r.start for r in self._ranges)
 
     def missing(self, start: int, stop: int) -> RangeSet:
         """The parts of [start, stop) not in this set."""

@@ -292,18 +292,15 @@ class StreamReceiver:
         if not missing:
             self._nack_at = None
             return
-        fresh = missing.count() - sum(
-            len(range(max(r.start, n.start), min(r.stop, n.stop)))
-            for r in missing
-            for n in self._nacked
-            if r.start < n.stop and n.start < r.stop
-        )
+        fresh = RangeSet(missing)
+        for r in self._nacked:
+            fresh.subtract(r.start, r.stop)
         for r in missing:
             self._nacked.add(r.start, r.stop)
         self._nacked.subtract(0, self.next)
         health = self.host.health(self.origin)
-        if fresh > 0:
-            health.on_loss_detected(now, fresh)
+        if fresh:
+            health.on_loss_detected(now, fresh.count())
         health.on_nack_sent(now, missing.count())
         self._control(Kind.NACK, encode_ranges(missing))
         self.host.stats.nacks_sent += 1

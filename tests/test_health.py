@@ -22,7 +22,7 @@ from p2p_reliable.health import (
     PhiAccrual,
 )
 
-CFG = HealthConfig()
+CFG = HealthConfig(min_std=0.01, acceptable_pause=0.0)
 
 
 def regular(
@@ -62,7 +62,7 @@ def dead_crossing_elapsed(mean: float, std: float, phi_target: float) -> float:
 
 
 def test_phi_zero_before_any_heartbeat() -> None:
-    det = PhiAccrual()
+    det = PhiAccrual(CFG)
     assert det.last_arrival is None
     assert det.phi(0.0) == 0.0
     assert det.phi(1e9) == 0.0
@@ -89,14 +89,14 @@ def test_history_is_bounded_to_phi_window() -> None:
 
 
 def test_phi_at_mean_is_log10_2() -> None:
-    det = PhiAccrual()
+    det = PhiAccrual(CFG)
     last = regular(det, 50)
     # y = 0 there, so the logistic CDF is exactly 1/2.
     assert det.phi(last + det.interval_mean()) == pytest.approx(math.log10(2.0))
 
 
 def test_phi_rises_monotonically_with_silence() -> None:
-    det = PhiAccrual()
+    det = PhiAccrual(CFG)
     last = regular(det, 100, jitter=0.002)
     values = [det.phi(last + k * 0.005) for k in range(200)]
     assert all(b >= a for a, b in itertools.pairwise(values))
@@ -104,14 +104,14 @@ def test_phi_rises_monotonically_with_silence() -> None:
 
 
 def test_phi_small_shortly_after_heartbeat() -> None:
-    det = PhiAccrual()
+    det = PhiAccrual(CFG)
     last = regular(det, 100, jitter=0.002)
     for dt in (0.0, 0.01, 0.05, 0.09, 0.1):
         assert det.phi(last + dt) < 1.0
 
 
 def test_state_goes_alive_suspect_dead_in_order() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     last = regular(peer, 100, jitter=0.002)
     seen: list[PeerState] = []
     for k in range(1001):  # 1 ms steps over one second of silence
@@ -138,14 +138,14 @@ def test_exact_dead_crossing_time_for_100ms_heartbeats() -> None:
 
 
 def test_acceptable_pause_delays_suspicion() -> None:
-    plain, paused = PhiAccrual(), PhiAccrual(HealthConfig(acceptable_pause=0.5))
+    plain, paused = PhiAccrual(CFG), PhiAccrual(HealthConfig(acceptable_pause=0.5))
     last = regular(plain, 50)
     regular(paused, 50)
     assert paused.phi(last + 0.5) < 1.0 < plain.phi(last + 0.5)
 
 
 def test_huge_silence_is_capped_and_finite() -> None:
-    det = PhiAccrual()
+    det = PhiAccrual(CFG)
     regular(det, 10)
     assert det.phi(1e300) == PHI_CAP
     assert det.phi(math.inf) == PHI_CAP
@@ -184,7 +184,7 @@ def test_phi_never_nan_negative_or_raising(
 def test_phi_monotone_in_query_time(
     intervals: list[float], start: float, offsets: list[float]
 ) -> None:
-    det = PhiAccrual()
+    det = PhiAccrual(CFG)
     t = start
     det.heartbeat(t)
     for dt in intervals:
@@ -200,7 +200,7 @@ def test_phi_monotone_in_query_time(
 
 
 def test_unknown_before_heartbeats() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     peer.on_received(1.0)
     peer.on_rtt_sample(0.01, 1.0)
     assert peer.state(5.0) is PeerState.UNKNOWN
@@ -208,7 +208,7 @@ def test_unknown_before_heartbeats() -> None:
 
 
 def test_stream_reset_is_dead_until_next_heartbeat() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     last = regular(peer, 20)
     assert peer.state(last + 0.01) is PeerState.ALIVE
     peer.on_stream_reset(last + 0.01)
@@ -219,7 +219,7 @@ def test_stream_reset_is_dead_until_next_heartbeat() -> None:
 
 
 def test_stream_reset_before_any_heartbeat_is_dead() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     peer.on_stream_reset(0.0)
     assert peer.state(0.0) is PeerState.DEAD
     peer.on_heartbeat(1.0)
@@ -230,7 +230,7 @@ def test_stream_reset_before_any_heartbeat_is_dead() -> None:
 
 
 def test_rtt_ewma_matches_rfc6298_by_hand() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     assert peer.rtt_ewma() is None
     peer.on_rtt_sample(0.1, 0.0)
     assert peer.rtt_ewma() == 0.1  # first sample seeds SRTT
@@ -244,7 +244,7 @@ def test_rtt_ewma_matches_rfc6298_by_hand() -> None:
 
 
 def test_rtt_percentiles_nearest_rank() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     assert peer.rtt_percentile(50) is None
     for rtt in [35.0, 50.0, 15.0, 40.0, 20.0]:  # the textbook nearest-rank example
         peer.on_rtt_sample(rtt, 0.0)
@@ -269,7 +269,7 @@ def test_rtt_percentile_window_is_bounded() -> None:
 
 
 def test_loss_ratio() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     assert peer.loss_ratio(0.0) == 0.0
     peer.on_received(1.0, 90)
     peer.on_loss_detected(1.0, 10)
@@ -277,12 +277,12 @@ def test_loss_ratio() -> None:
 
 
 def test_retransmit_ratio() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     assert peer.retransmit_ratio(0.0) == 0.0
     peer.on_sent(1.0, 100)
     peer.on_retransmit(1.5, 25)
     assert peer.retransmit_ratio(2.0) == pytest.approx(0.25)
-    lonely = PeerHealth("b")
+    lonely = PeerHealth("b", CFG)
     lonely.on_retransmit(0.0, 3)
     assert lonely.retransmit_ratio(0.0) == 3.0
 
@@ -316,7 +316,7 @@ def test_rate_memory_is_bounded() -> None:
 
 
 def test_negative_counts_rejected() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     with pytest.raises(ValueError):
         peer.on_loss_detected(0.0, -1)
 
@@ -397,7 +397,7 @@ def apply(peer: PeerHealth, evs: list[tuple[str, int, float]]) -> None:
 @settings(max_examples=200, deadline=None)
 @given(evs=events, now=st.floats(0.0, 40.0))
 def test_score_in_unit_interval(evs: list[tuple[str, int, float]], now: float) -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     apply(peer, evs)
     s = peer.score(now)
     assert 0.0 <= s <= 1.0
@@ -421,7 +421,7 @@ def test_score_monotone_in_bad_events(
     now = max([at, *(t for _, _, t in evs)]) + delay
 
     def build(k: int) -> PeerHealth:
-        peer = PeerHealth("a")
+        peer = PeerHealth("a", CFG)
         apply(peer, evs)
         if kind in ("loss", "unrec"):
             apply(peer, [(kind, k, at)])
@@ -464,7 +464,7 @@ def test_snapshot_fields_and_json() -> None:
 
 
 def test_snapshot_json_with_missing_values() -> None:
-    snap = PeerHealth("fresh").snapshot(0.0)
+    snap = PeerHealth("fresh", CFG).snapshot(0.0)
     d = snap.to_dict()
     assert d["rtt_ewma"] is None and d["rtt_p99"] is None and d["last_seen"] is None
     assert d["state"] == "UNKNOWN"
@@ -472,7 +472,7 @@ def test_snapshot_json_with_missing_values() -> None:
 
 
 def test_last_seen_tracks_heartbeats_and_envelopes() -> None:
-    peer = PeerHealth("a")
+    peer = PeerHealth("a", CFG)
     peer.on_heartbeat(1.0)
     peer.on_received(3.0)
     peer.on_heartbeat(2.0)
