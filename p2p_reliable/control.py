@@ -7,12 +7,13 @@ from typing import Any
 import attrs
 import msgpack
 
-from .envelope import MAX_STREAM_LEN, DecodeError, Flags, packb
+from .envelope import MAX_FRAGMENTS, MAX_SEQ, MAX_STREAM_LEN, DecodeError, Flags, packb
 from .rangeset import RangeSet
 
 MAX_RANGES = 64
 MAX_HEARTBEAT_STREAMS = 256
 _U64 = 1 << 64
+_MAX_MARK = MAX_SEQ + MAX_FRAGMENTS + 1  # the largest range end a valid stream produces
 
 
 @attrs.frozen
@@ -41,9 +42,9 @@ def _unpack(data: bytes, what: str) -> Any:
         raise DecodeError(f"malformed {what}: {type(exc).__name__}") from None
 
 
-def _u64(value: Any, what: str) -> int:
-    if type(value) is not int or not 0 <= value < _U64:
-        raise DecodeError(f"{what} is not a 64-bit unsigned integer")
+def _u64(value: Any, what: str, limit: int = _U64 - 1) -> int:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise DecodeError(f"{what} is not an integer in [0, {limit}]")
     return value
 
 
@@ -59,7 +60,7 @@ def _ranges_from_wire(items: Any, what: str) -> RangeSet:
     for item in items:
         if type(item) is not list or len(item) != 2:
             raise DecodeError(f"{what}: bad range")
-        start, stop = _u64(item[0], what), _u64(item[1], what)
+        start, stop = _u64(item[0], what, _MAX_MARK), _u64(item[1], what, _MAX_MARK)
         if stop <= start:
             raise DecodeError(f"{what}: empty range")
         out.add(start, stop)
@@ -77,7 +78,7 @@ def decode_ack(data: bytes) -> AckInfo:
     fields = _unpack(data, "ack")
     if type(fields) is not list or len(fields) != 3:
         raise DecodeError("ack: expected 3 fields")
-    floor = _u64(fields[0], "ack floor")
+    floor = _u64(fields[0], "ack floor", _MAX_MARK)
     ranges = _ranges_from_wire(fields[1], "ack")
     delay = _u64(fields[2], "ack delay") / 1e6
     return AckInfo(floor=floor, ranges=ranges, ack_delay=delay)
@@ -122,7 +123,7 @@ def decode_heartbeat(data: bytes) -> list[StreamMark]:
                 stream=stream,
                 flags=Flags(flags),
                 epoch=_u64(item[2], "heartbeat epoch"),
-                next_seq=_u64(item[3], "heartbeat seq"),
+                next_seq=_u64(item[3], "heartbeat seq", _MAX_MARK),
             )
         )
     return marks

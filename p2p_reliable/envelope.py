@@ -29,6 +29,9 @@ MAX_STREAM_LEN = 256
 MAX_FRAGMENTS = 1 << 20
 MAX_BATCH = 4096
 _U64 = 1 << 64
+# Sequence numbers stay below 2**63 so that every range end, floor and high-water mark
+# derived from them (seq + fragment count) still fits the u64 wire fields.
+MAX_SEQ = (1 << 63) - 1
 _HEAD = MAGIC + bytes([VERSION])
 _TRAILER = 8
 _FIELDS = 9
@@ -155,6 +158,8 @@ def _build(fields: Any) -> Envelope:
     ):
         if type(value) is not int or not 0 <= value < _U64:
             raise DecodeError(f"{name} is not a 64-bit unsigned integer")
+    if seq > MAX_SEQ:
+        raise DecodeError(f"seq {seq} beyond the sequence space")
     if kind not in _KINDS:
         raise DecodeError(f"unknown kind {kind}")
     if flags & ~_KNOWN_FLAGS:
