@@ -29,7 +29,11 @@ class ProtocolConfig:
     max_message_size: int = 128 * MiB
     compress_threshold: int = 16 * KiB
     compress_level: int = 3
-    # Receiver side.
+    # Receiver side. With flow_control the application reports what it consumed
+    # (Endpoint.consumed) and a publisher may run at most receive_window sequence numbers
+    # ahead of that, so a slow consumer slows the publisher instead of losing messages.
+    flow_control: bool = False
+    receive_window: int = 4096
     reorder_max_ahead: int = 8192
     reorder_max_bytes: int = 256 * MiB
     ack_delay: float = 0.005
@@ -47,11 +51,13 @@ class ProtocolConfig:
         if self.max_fragment_payload < 64 or self.max_fragment_payload > self.max_frame_bytes:
             problems.append("max_fragment_payload must be in [64, max_frame_bytes]")
         fragments = -(-(self.max_message_size + 8) // self.max_fragment_payload)
-        if fragments > self.reorder_max_ahead:
-            problems.append("reorder_max_ahead cannot hold one largest message")
+        if fragments + self.receive_window > self.reorder_max_ahead:
+            problems.append("reorder_max_ahead cannot hold receive_window plus one message")
         if self.max_message_size + 8 > self.reorder_max_bytes:
             problems.append("reorder_max_bytes cannot hold one largest message")
-        if self.window_messages < 1 or self.ack_every < 1 or self.heartbeat_interval <= 0:
+        if min(self.window_messages, self.ack_every, self.receive_window) < 1 or (
+            self.heartbeat_interval <= 0
+        ):
             problems.append("window_messages, ack_every and heartbeat_interval must be positive")
         if self.gap_timeout is not None and self.gap_timeout <= self.retry.max_span():
             problems.append("gap_timeout must exceed retry.max_span()")

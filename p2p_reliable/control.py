@@ -23,6 +23,7 @@ class AckInfo:
     floor: int
     ranges: RangeSet
     ack_delay: float  # seconds the receiver held the ack back; subtracted from RTT samples
+    limit: int  # flow control: the publisher may send sequence numbers below this
 
 
 @attrs.frozen
@@ -33,6 +34,7 @@ class StreamMark:
     flags: Flags
     epoch: int
     next_seq: int
+    limit: int  # the flow-control limit the publisher holds for the heartbeat's recipient
 
 
 def _unpack(data: bytes, what: str) -> Any:
@@ -70,18 +72,19 @@ def _ranges_from_wire(items: Any, what: str) -> RangeSet:
 def encode_ack(info: AckInfo) -> bytes:
     """Serialise an ACK payload."""
     delay_us = max(0, min(int(info.ack_delay * 1e6), _U64 - 1))
-    return packb([info.floor, _ranges_to_wire(info.ranges), delay_us])
+    return packb([info.floor, _ranges_to_wire(info.ranges), delay_us, info.limit])
 
 
 def decode_ack(data: bytes) -> AckInfo:
     """Parse an ACK payload or raise `DecodeError`."""
     fields = _unpack(data, "ack")
-    if type(fields) is not list or len(fields) != 3:
-        raise DecodeError("ack: expected 3 fields")
+    if type(fields) is not list or len(fields) != 4:
+        raise DecodeError("ack: expected 4 fields")
     floor = _u64(fields[0], "ack floor", _MAX_MARK)
     ranges = _ranges_from_wire(fields[1], "ack")
     delay = _u64(fields[2], "ack delay") / 1e6
-    return AckInfo(floor=floor, ranges=ranges, ack_delay=delay)
+    limit = _u64(fields[3], "ack limit", _U64 - 1)
+    return AckInfo(floor=floor, ranges=ranges, ack_delay=delay, limit=limit)
 
 
 def encode_ranges(ranges: RangeSet) -> bytes:
@@ -100,7 +103,10 @@ def decode_ranges(data: bytes) -> RangeSet:
 def encode_heartbeat(marks: list[StreamMark]) -> bytes:
     """Serialise a HEARTBEAT payload."""
     return packb(
-        [[m.stream, int(m.flags), m.epoch, m.next_seq] for m in marks[:MAX_HEARTBEAT_STREAMS]]
+        [
+            [m.stream, int(m.flags), m.epoch, m.next_seq, m.limit]
+            for m in marks[:MAX_HEARTBEAT_STREAMS]
+        ]
     )
 
 
@@ -111,7 +117,7 @@ def decode_heartbeat(data: bytes) -> list[StreamMark]:
         raise DecodeError("heartbeat: bad mark list")
     marks = []
     for item in items:
-        if type(item) is not list or len(item) != 4:
+        if type(item) is not list or len(item) != 5:
             raise DecodeError("heartbeat: bad mark")
         stream, flags = item[0], item[1]
         if type(stream) is not str or len(stream) > MAX_STREAM_LEN:
@@ -124,6 +130,7 @@ def decode_heartbeat(data: bytes) -> list[StreamMark]:
                 flags=Flags(flags),
                 epoch=_u64(item[2], "heartbeat epoch"),
                 next_seq=_u64(item[3], "heartbeat seq", _MAX_MARK),
+                limit=_u64(item[4], "heartbeat limit"),
             )
         )
     return marks

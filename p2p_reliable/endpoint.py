@@ -224,7 +224,7 @@ class Endpoint:
                 for mark in decode_heartbeat(env.payload):
                     direct = mark.flags != 0
                     if rcv := self._receiver(env.origin, mark.stream, direct, mark.epoch, now):
-                        rcv.on_mark(mark.next_seq, now)
+                        rcv.on_mark(mark.next_seq, mark.limit, now)
         except DecodeError as exc:
             self._reject(env.origin, exc, now)
 
@@ -243,6 +243,14 @@ class Endpoint:
         else:
             self.stats.nacks_received += 1
             sender.on_nack(env.origin, decode_ranges(env.payload), now)
+
+    def consumed(
+        self, origin: str, stream: str, upto: int, now: float, direct: bool = False
+    ) -> None:
+        """With `flow_control`: the application took `origin`'s messages below seq `upto`."""
+        rcv = self._inbound.get((origin, stream, direct))
+        if rcv is not None:
+            rcv.on_consumed(upto, now)
 
     def inbound(self, origin: str, stream: str, direct: bool = False) -> StreamReceiver | None:
         """The receive state of one publisher's stream, if any arrived."""
@@ -324,8 +332,8 @@ class Endpoint:
 
     def _heartbeat(self, now: float) -> None:
         for peer in sorted(self._peers):
-            marks = [s.mark() for s in self._topics.values() if peer in s.receivers()]
-            marks += [s.mark() for (dest, _), s in self._directs.items() if dest == peer]
+            marks = [s.mark(peer) for s in self._topics.values() if peer in s.receivers()]
+            marks += [s.mark(peer) for (dest, _), s in self._directs.items() if dest == peer]
             env = Envelope(
                 kind=Kind.HEARTBEAT,
                 origin=self.node_id,

@@ -19,6 +19,7 @@ class Delivered(Event):
     seq: int
     payload: bytes
     direct: bool = False
+    end: int = 0  # the sequence number after this message's last fragment (for consumed())
 
 
 @attrs.frozen

@@ -57,6 +57,8 @@ class StreamReceiver:
         self.next = 0
         self.created = now
         self.high_water = 0
+        self.consumed = 0  # flow control: what the application has taken, as a seq
+        self._advertised = 0
         self._buffer: dict[int, Envelope] = {}
         self._held = RangeSet()
         self._buffered_bytes = 0
@@ -117,10 +119,27 @@ class StreamReceiver:
         self._deliver(now)
         self._arm_nack(now)
 
-    def on_mark(self, next_seq: int, now: float) -> None:
-        """A heartbeat says the publisher has sent up to `next_seq` (tail-loss detection)."""
+    def on_mark(self, next_seq: int, limit: int, now: float) -> None:
+        """A heartbeat: the publisher has sent up to `next_seq` and holds `limit` for us."""
         self._learn(next_seq, now)
+        if self.synced and self.limit > limit:
+            # Our last window update did not arrive: repeat it (TCP's persist, driven by the
+            # publisher's heartbeats instead of a probe timer).
+            self._schedule_ack(now, immediate=True)
         self._arm_nack(now)
+
+    def on_consumed(self, upto: int, now: float) -> None:
+        """The application took every message below `upto`: open the window further."""
+        self.consumed = max(self.consumed, min(upto, self.next))
+        if self.limit - self._advertised >= max(1, self.host.config.receive_window // 4):
+            self._schedule_ack(now, immediate=True)
+
+    @property
+    def limit(self) -> int:
+        """The flow-control limit to advertise: sequence numbers below it are welcome."""
+        if not self.synced:
+            return 0  # no promise yet: the publisher keeps the limit it assumed
+        return self.consumed + self.host.config.receive_window
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -144,6 +163,7 @@ class StreamReceiver:
     def _sync(self, start: int) -> None:
         self.synced = True
         self.next = start
+        self.consumed = start
         for seq in [s for s in self._buffer if s < start]:
             self._drop(seq)
 
@@ -192,15 +212,22 @@ class StreamReceiver:
             for s in span:
                 self._drop(s)
             self.next = span.stop
+            if not self.host.config.flow_control:
+                self.consumed = self.next
             self.host.stats.delivered += 1
             self.host.stats.delivered_bytes += len(payload)
-            self.host.emit(Delivered(self.origin, self.stream, seq, payload, self.direct))
+            self.host.emit(
+                Delivered(self.origin, self.stream, seq, payload, self.direct, end=span.stop)
+            )
 
     def _gap(self, stop: int, reason: str) -> None:
         start = self.next
         for seq in [s for s in self._buffer if start <= s < stop]:
             self._drop(seq)
         self.next = stop
+        if self.consumed == start:
+            # Nothing of a lost range waits for the application.
+            self.consumed = stop
         self.host.stats.gaps += 1
         self.host.stats.gap_seqs += stop - start
         self.host.emit(Gap(self.origin, self.stream, start, stop, reason, self.direct))
@@ -273,7 +300,9 @@ class StreamReceiver:
             floor=self.next if self.synced else 0,
             ranges=held,
             ack_delay=now - (self._ack_first if self._ack_first is not None else now),
+            limit=self.limit,
         )
+        self._advertised = info.limit
         self._control(Kind.ACK, encode_ack(info))
         self.host.stats.acks_sent += 1
         self._ack_pending = 0

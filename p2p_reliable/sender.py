@@ -62,6 +62,7 @@ class _InFlight:
 class _Receiver:
     peer: str
     start: int
+    limit: int  # flow control: sequence numbers at or above this must wait
     unacked: dict[int, _InFlight] = attrs.Factory(dict)
     pending_per_msg: dict[int, int] = attrs.Factory(dict)
     unacked_bytes: int = 0
@@ -95,7 +96,7 @@ class StreamSender:
         self._timers: list[tuple[float, str, int]] = []
         self._blocked = False
         if dest is not None:
-            self._receivers[dest] = _Receiver(peer=dest, start=0)
+            self._receivers[dest] = self._new_receiver(dest, 0)
 
     # -- receivers -------------------------------------------------------------------------
 
@@ -109,7 +110,7 @@ class StreamSender:
         if rcv is not None:
             rcv.failed = False
             return
-        self._receivers[peer] = _Receiver(peer=peer, start=self.next_seq)
+        self._receivers[peer] = self._new_receiver(peer, self.next_seq)
         self._control(peer, Kind.SYNC, seq=self.next_seq)
 
     def remove_receiver(self, peer: str, now: float, reason: str) -> None:
@@ -129,9 +130,11 @@ class StreamSender:
         cfg = self.host.config
         full = []
         for rcv in self._receivers.values():
-            if rcv.failed or not rcv.pending_per_msg:
+            if rcv.failed:
                 continue
-            if (
+            if self.next_seq >= rcv.limit:
+                full.append(rcv.peer)
+            elif rcv.pending_per_msg and (
                 len(rcv.pending_per_msg) >= cfg.window_messages
                 or rcv.unacked_bytes + size > cfg.window_bytes
             ):
@@ -190,6 +193,7 @@ class StreamSender:
         rcv = self._sign_of_life(peer, now)
         if rcv is None:
             return
+        rcv.limit = max(rcv.limit, info.limit)
         newest: tuple[int, _InFlight] | None = None
         for seq in [s for s in rcv.unacked if s < info.floor or s in info.ranges]:
             flight = self._settle(rcv, seq)
@@ -244,7 +248,7 @@ class StreamSender:
                 return None  # only the destination can ack a direct stream
             # A subscriber we had not heard of: serve it from the oldest message we keep.
             start = self._messages[0][0] if self._messages else self.next_seq
-            rcv = _Receiver(peer=peer, start=start)
+            rcv = self._new_receiver(peer, start)
             self._receivers[peer] = rcv
             self._control(peer, Kind.SYNC, seq=start)
         rcv.failed = False
@@ -282,13 +286,21 @@ class StreamSender:
                 self.host.emit(PeerUnreachable(peer=peer, stream=self.name))
         self._retire()
 
-    def mark(self) -> StreamMark:
-        """This stream's high-water mark, for heartbeats."""
+    def mark(self, peer: str) -> StreamMark:
+        """This stream's high-water mark and `peer`'s limit as we know it, for heartbeats."""
+        rcv = self._receivers.get(peer)
         return StreamMark(
-            stream=self.name, flags=self.flags, epoch=self.epoch, next_seq=self.next_seq
+            stream=self.name,
+            flags=self.flags,
+            epoch=self.epoch,
+            next_seq=self.next_seq,
+            limit=rcv.limit if rcv is not None else 0,
         )
 
     # -- internals -------------------------------------------------------------------------
+
+    def _new_receiver(self, peer: str, start: int) -> _Receiver:
+        return _Receiver(peer=peer, start=start, limit=start + self.host.config.receive_window)
 
     def _delay(self, peer: str, attempt: int) -> float:
         return self.host.config.retry.delay(self.host.rtt(peer).rto, attempt, self.host.rng)

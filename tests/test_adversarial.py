@@ -29,7 +29,9 @@ def hostile(draw: st.DrawFn) -> Envelope:
     kind = draw(st.sampled_from(list(Kind)))
     payload: bytes
     if kind == Kind.ACK:
-        payload = encode_ack(AckInfo(floor=draw(SEQ), ranges=draw(ranges()), ack_delay=0.0))
+        payload = encode_ack(
+            AckInfo(floor=draw(SEQ), ranges=draw(ranges()), ack_delay=0.0, limit=draw(SEQ))
+        )
     elif kind in (Kind.NACK, Kind.GAP):
         payload = encode_ranges(draw(ranges()))
     elif kind == Kind.HEARTBEAT:
@@ -39,6 +41,7 @@ def hostile(draw: st.DrawFn) -> Envelope:
                 flags=Flags(draw(st.sampled_from([0, 2]))),
                 epoch=draw(SMALL),
                 next_seq=draw(SEQ),
+                limit=draw(SEQ),
             )
             for _ in range(draw(st.integers(0, 3)))
         ]

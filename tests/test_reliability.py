@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,16 +60,19 @@ def _payloads_of(delivered: list[Delivered], origin: str) -> list[bytes]:
     faults=faults_strategy,
     partitions=partitions_strategy,
     count=st.integers(1, 25),
+    flow_control=st.booleans(),
 )
 def test_exactly_once_in_order_through_faults_and_finite_partitions(
     seed: int,
     faults: LinkFaults,
     partitions: list[tuple[float, float]],
     count: int,
+    flow_control: bool,
 ) -> None:
     net = SimNetwork(seed=seed, faults=faults)
+    config = attrs.evolve(PATIENT, flow_control=flow_control, receive_window=24)
     for name in "ABC":
-        net.add_node(name, config=PATIENT)
+        net.add_node(name, config=config)
     net.subscribe("B", TOPIC)
     net.subscribe("C", TOPIC)
     for start, length in partitions:
@@ -317,3 +321,32 @@ def test_garbage_never_crashes_and_is_counted(frames: list[bytes]) -> None:
     events = list(iter(ep.next_event, None))
     assert not [e for e in events if isinstance(e, Delivered | Gap | Unrecoverable)]
     assert rejected == len([e for e in events if type(e).__name__ == "Rejected"])
+
+
+def test_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
+    config = ProtocolConfig(flow_control=True, receive_window=8, window_messages=64)
+    net = SimNetwork(seed=9, faults=LinkFaults(drop=0.1, reorder=0.1))
+    net.add_node("A", config=config)
+    b = net.add_node("B", config=config)
+    b.auto_consume = False
+    net.subscribe("B", TOPIC)
+    msgs = [f"m{i}".encode() for i in range(60)]
+    for m in msgs:
+        net.publish("A", TOPIC, m)
+    consumed: list[bytes] = []
+    most_waiting = 0
+    # B's application takes one message per 50 ms of virtual time.
+    for _ in range(2000):
+        net.run(net.now + 0.05)
+        ready = b.delivered()[len(consumed) :]
+        most_waiting = max(most_waiting, len(ready))
+        if ready:
+            consumed.append(ready[0].payload)
+            b.endpoint.consumed("A", TOPIC, ready[0].end, net.now)
+        if len(consumed) == len(msgs):
+            break
+    assert consumed == msgs
+    assert b.gaps() == [] and net.nodes["A"].unrecoverable() == []
+    assert most_waiting <= 8  # never more than the receive window ahead of the consumer
+    assert net.nodes["A"].endpoint.stats.window_full > 0  # the publisher was held back
+    assert net.now >= 60 * 0.05

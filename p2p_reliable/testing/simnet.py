@@ -76,6 +76,8 @@ class SimNode:
         self.outgoing: deque[tuple[str | None, str, bytes]] = deque()  # (peer, stream, payload)
         self.events: list[Event] = []
         self.alive = True
+        # With flow control, report each delivery as consumed at once (an eager application).
+        self.auto_consume = True
 
     @property
     def node_id(self) -> str:
@@ -238,6 +240,10 @@ class SimNetwork:
                 node.events.append(event)
                 if isinstance(event, WindowOpen):
                     node.pump(self.now)
+                elif isinstance(event, Delivered) and node.auto_consume:
+                    node.endpoint.consumed(
+                        event.origin, event.stream, event.end, self.now, event.direct
+                    )
             for tx in node.endpoint.datagrams_to_send(self.now):
                 if tx.peer is not None:
                     targets = [tx.peer]
