@@ -1,1 +1,35 @@
-"""router: see README.md."""
+"""router: exo's Router/TopicRouter interface, made reliable, over real py-libp2p hosts.
+
+Typed topics travel over gossipsub and point-to-point messages over long-lived direct
+streams, both through the p2p_reliable protocol (sequence numbers, checksums, acks/NACKs,
+retransmission, in-order exactly-once delivery, flow control).
+"""
+
+from .channels import Receiver, Sender, channel
+from .engine import EngineConfig
+from .faults import FaultConfig
+from .router import DirectMessage, Router, RouterConfig, TopicRouter
+from .topics import (
+    CONNECTION_MESSAGES,
+    ConnectionMessage,
+    PublishPolicy,
+    TopicDecodeError,
+    TypedTopic,
+)
+
+__all__ = [
+    "CONNECTION_MESSAGES",
+    "ConnectionMessage",
+    "DirectMessage",
+    "EngineConfig",
+    "FaultConfig",
+    "PublishPolicy",
+    "Receiver",
+    "Router",
+    "RouterConfig",
+    "Sender",
+    "TopicDecodeError",
+    "TopicRouter",
+    "TypedTopic",
+    "channel",
+]

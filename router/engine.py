@@ -1,0 +1,463 @@
+"""The libp2p side: one trio loop that owns a py-libp2p host and drives the protocol Endpoint.
+
+Everything here runs in the engine's own thread. The application talks to it through
+`submit_*` methods (thread-safe: they queue and wake the trio loop) and hears back through an
+`AppSink`, whose methods the engine schedules on the application's loop.
+
+Flow of a message: application -> `submit_publish` -> Endpoint (sequence, window) -> frames
+-> gossipsub (topics) or a long-lived direct stream (acks, repairs, point-to-point) -> remote
+engine -> fault shim -> Endpoint (order, dedup, checksum) -> Delivered -> AppSink.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+
+from p2p_reliable import (
+    Delivered,
+    Endpoint,
+    Gap,
+    ProtocolConfig,
+    Rejected,
+    Unrecoverable,
+    WindowFull,
+    WindowOpen,
+)
+
+from .faults import FaultConfig, FaultShim
+from .host import build_host, build_pubsub, listen_addrs
+
+log = logging.getLogger("p2pr.engine")
+
+DIRECT_PROTOCOL = TProtocol("/p2pr/direct/1.0.0")
+
+
+@attrs.frozen
+class EngineConfig:
+    """How the engine runs its host."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    bootstrap: tuple[str, ...] = ()
+    protocol: ProtocolConfig = attrs.field(factory=lambda: ProtocolConfig(flow_control=True))
+    faults: FaultConfig | None = None
+    psk: str | None = None
+    # gossipsub's per-peer outbound queue holds 32 RPCs and silently rejects the rest:
+    # we publish only while every queue holds at most this many.
+    gossip_queue_high_water: int = 8
+    # Frames waiting for one peer's direct stream. Beyond this they are dropped and counted;
+    # the protocol retransmits them (the stream is stuck or the peer gone anyway).
+    peer_queue_frames: int = 4096
+    subscriber_poll: float = 0.05
+    redial_interval: float = 1.0
+
+
+class AppSink(Protocol):
+    """What the application hears; the engine calls these on the application's loop."""
+
+    def delivered(self, event: Delivered) -> None: ...
+    def accepted(self, count: int) -> None: ...
+    def connection(self, peer: str, connected: bool) -> None: ...
+    def protocol_event(self, event: Gap | Unrecoverable | Rejected) -> None: ...
+
+
+@attrs.define
+class EngineStats:
+    """Transport-level counters (the protocol's own are in Endpoint.stats)."""
+
+    published_frames: int = 0
+    direct_frames_sent: int = 0
+    frames_received: int = 0
+    peer_queue_drops: int = 0
+    stream_errors: int = 0
+    oversized_frames: int = 0
+
+
+@attrs.define
+class _PeerLink:
+    queue: deque[bytes] = attrs.Factory(deque)
+    wake: trio.Event = attrs.Factory(trio.Event)
+    running: bool = False
+
+
+class Engine:
+    """A libp2p host plus the reliability Endpoint, in a trio loop on its own thread."""
+
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        config: EngineConfig,
+        sink: AppSink,
+        post: Callable[..., None],
+    ) -> None:
+        self.key_pair = key_pair
+        self.config = config
+        self.sink = sink
+        self._post = post  # schedules fn(*args) on the application's loop, thread-safe
+        self.peer_id = ID.from_pubkey(key_pair.public_key)
+        self.node_id = self.peer_id.to_base58()
+        self.endpoint = Endpoint(
+            self.node_id, epoch=time.time_ns() // 1_000_000, config=config.protocol
+        )
+        self.shim = FaultShim(config.faults)
+        self.stats = EngineStats()
+        self.addrs: list[str] = []
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._inbox_lock = threading.Lock()
+        self._wake_scheduled = False
+        self._blocked: dict[tuple[str | None, str], deque[bytes]] = {}
+        self._topics: set[str] = set()
+        self._subscribers: dict[str, set[str]] = {}
+        self._links: dict[str, _PeerLink] = {}
+        self._gossip: deque[tuple[str, bytes]] = deque()
+        self._gossip_wake = trio.Event()
+        self._timer_changed = trio.Event()
+        self._stopping = trio.Event()
+        self._host: IHost | None = None
+        self._pubsub: Pubsub | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- thread-safe entry points (called from the application's thread) -------------------
+
+    def submit_publish(self, topic: str, data: bytes) -> None:
+        """Queue a broadcast on `topic`."""
+        self._submit(lambda: self._offer(None, topic, data))
+
+    def submit_send(self, peer: str, stream: str, data: bytes) -> None:
+        """Queue a point-to-point message."""
+        self._submit(lambda: self._offer(peer, stream, data))
+
+    def submit_consumed(self, origin: str, stream: str, upto: int, direct: bool) -> None:
+        """The application took `origin`'s messages below `upto`: grant more credit."""
+        self._submit(lambda: self.endpoint.consumed(origin, stream, upto, self._now(), direct))
+
+    def submit_subscribe(self, topic: str) -> None:
+        """Subscribe to `topic` on the network."""
+        self._submit(lambda: self._spawn(self._subscribe, topic))
+
+    def submit_partition(self, peers: set[str]) -> None:
+        """Fault injection: cut every frame to and from `peers` (empty set heals)."""
+        self._submit(lambda: setattr(self.shim, "partitioned", set(peers)))
+
+    def stop(self) -> None:
+        """Ask the engine to shut down; returns at once."""
+        self._submit(self._stopping.set)
+
+    def _submit(self, fn: Callable[[], None]) -> None:
+        with self._inbox_lock:
+            self._inbox.append(fn)
+            if self._wake_scheduled or self._token is None:
+                return
+            self._wake_scheduled = True
+        try:
+            self._token.run_sync_soon(self._run_inbox)
+        except trio.RunFinishedError:
+            pass
+
+    # -- the trio loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Thread body: run the host until stop()."""
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # reported to the application, which owns the thread
+            self.error = exc
+            log.exception("engine stopped with an error")
+        finally:
+            self.ready.set()
+
+    async def _main(self) -> None:
+        cfg = self.config
+        self._token = trio.lowlevel.current_trio_token()
+        addrs = listen_addrs(cfg.listen_host, cfg.listen_port)
+        host = build_host(self.key_pair, addrs, cfg.psk)
+        pubsub, gossipsub = build_pubsub(host)
+        self._host, self._pubsub = host, pubsub
+        host.set_stream_handler(DIRECT_PROTOCOL, self._on_direct_stream)
+        host.get_network().register_notifee(_ConnectionWatch(self))
+        async with host.run(addrs), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                await pubsub.wait_until_ready()
+                self.addrs = [str(a) for a in host.get_addrs()]
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._gossip_loop)
+                nursery.start_soon(self._subscriber_poll)
+                for addr in cfg.bootstrap:
+                    nursery.start_soon(self._dial_loop, addr)
+                self._run_inbox()
+                self.ready.set()
+                await self._stopping.wait()
+                nursery.cancel_scope.cancel()
+
+    def _run_inbox(self) -> None:
+        with self._inbox_lock:
+            self._wake_scheduled = False
+            work = list(self._inbox)
+            self._inbox.clear()
+        for fn in work:
+            try:
+                fn()
+            except Exception:
+                log.exception("engine command failed")
+        self._flush()
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    @staticmethod
+    def _now() -> float:
+        return trio.current_time()
+
+    # -- protocol I/O ----------------------------------------------------------------------
+
+    def _offer(self, peer: str | None, stream: str, data: bytes) -> None:
+        key = (peer, stream)
+        pending = self._blocked.get(key)
+        if pending:
+            pending.append(data)
+            return
+        if not self._try_send(peer, stream, data):
+            self._blocked.setdefault(key, deque()).append(data)
+
+    def _try_send(self, peer: str | None, stream: str, data: bytes) -> bool:
+        now = self._now()
+        try:
+            if peer is None:
+                self.endpoint.publish(stream, data, now)
+            else:
+                self.endpoint.send(peer, stream, data, now)
+        except WindowFull:
+            return False
+        self._post(self.sink.accepted, 1)
+        return True
+
+    def _retry_blocked(self, peer: str | None, stream: str) -> None:
+        pending = self._blocked.get((peer, stream))
+        while pending:
+            if not self._try_send(peer, stream, pending[0]):
+                return
+            pending.popleft()
+
+    def _flush(self) -> None:
+        """Hand what the Endpoint produced to libp2p and its events to the application."""
+        now = self._now()
+        for tx in self.endpoint.datagrams_to_send(now):
+            if tx.topic is not None:
+                self._gossip.append((tx.topic, tx.data))
+                self._gossip_wake.set()
+            elif tx.peer is not None and not self.shim.blocks(tx.peer):
+                self._queue_direct(tx.peer, tx.data)
+        while (event := self.endpoint.next_event()) is not None:
+            if isinstance(event, Delivered):
+                self._post(self.sink.delivered, event)
+            elif isinstance(event, WindowOpen):
+                self._retry_blocked(event.peer, event.stream)
+            elif isinstance(event, Gap | Unrecoverable | Rejected):
+                log.warning("%s", event)
+                self._post(self.sink.protocol_event, event)
+        self._timer_changed.set()
+
+    def _receive(self, data: bytes, peer: str) -> None:
+        self.stats.frames_received += 1
+        for delay, frame in self.shim.inbound(data, peer):
+            if delay > 0:
+                self._spawn(self._receive_later, delay, frame, peer)
+            else:
+                self.endpoint.receive(frame, peer, self._now())
+        self._flush()
+
+    async def _receive_later(self, delay: float, frame: bytes, peer: str) -> None:
+        await trio.sleep(delay)
+        self.endpoint.receive(frame, peer, self._now())
+        self._flush()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.endpoint.get_timer()
+            self._timer_changed = trio.Event()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._timer_changed.wait()
+            now = self._now()
+            if deadline is not None and now >= deadline:
+                self.endpoint.handle_timer(now)
+                self._flush()
+
+    # -- gossipsub -------------------------------------------------------------------------
+
+    async def _subscribe(self, topic: str) -> None:
+        assert self._pubsub is not None
+        if topic in self._topics:
+            return
+        self._topics.add(topic)
+        self.endpoint.subscribe(topic)
+        subscription = await self._pubsub.subscribe(topic)
+        own = self.peer_id.to_bytes()
+        # Drain at once, always: py-libp2p's subscription channel holds 32 messages and
+        # drops the rest with only a warning.
+        async for msg in subscription:
+            if msg.from_id == own:
+                continue
+            try:
+                origin = ID(msg.from_id).to_base58()
+            except Exception:
+                self.stats.stream_errors += 1
+                continue
+            self._receive(msg.data, origin)
+
+    async def _gossip_loop(self) -> None:
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        high = self.config.gossip_queue_high_water
+        while True:
+            while not self._gossip:
+                self._gossip_wake = trio.Event()
+                await self._gossip_wake.wait()
+            # Never let gossipsub's outbound queues reject: wait for room instead.
+            while any(len(q) > high for q in pubsub.peer_queues.values()):
+                await trio.sleep(0.001)
+            topic, data = self._gossip.popleft()
+            await pubsub.publish(topic, data)
+            self.stats.published_frames += 1
+
+    async def _subscriber_poll(self) -> None:
+        # py-libp2p has no subscription callback; its peer_topics map is the truth.
+        assert self._pubsub is not None
+        while True:
+            now = self._now()
+            for topic in self._topics:
+                current = {p.to_base58() for p in self._pubsub.peer_topics.get(topic, ())}
+                known = self._subscribers.setdefault(topic, set())
+                for peer in current - known:
+                    self.endpoint.add_subscriber(topic, peer, now)
+                for peer in known - current:
+                    self.endpoint.remove_subscriber(topic, peer, now)
+                self._subscribers[topic] = current
+            self._flush()
+            await trio.sleep(self.config.subscriber_poll)
+
+    # -- direct streams --------------------------------------------------------------------
+
+    def _queue_direct(self, peer: str, data: bytes) -> None:
+        link = self._links.setdefault(peer, _PeerLink())
+        if len(link.queue) >= self.config.peer_queue_frames:
+            self.stats.peer_queue_drops += 1
+            return
+        link.queue.append(data)
+        link.wake.set()
+        if not link.running:
+            link.running = True
+            self._spawn(self._peer_writer, peer, link)
+
+    async def _peer_writer(self, peer: str, link: _PeerLink) -> None:
+        assert self._host is not None
+        stream: INetStream | None = None
+        try:
+            while True:
+                while not link.queue:
+                    link.wake = trio.Event()
+                    await link.wake.wait()
+                if stream is None:
+                    stream = await self._host.new_stream(ID.from_base58(peer), [DIRECT_PROTOCOL])
+                # Coalesce whatever is queued into one write: yamux and Noise cost per write.
+                chunk = b"".join(encode_varint_prefixed(f) for f in _take(link.queue, 64))
+                await stream.write(chunk)
+        except Exception as exc:
+            self.stats.stream_errors += 1
+            self.stats.peer_queue_drops += len(link.queue)
+            link.queue.clear()
+            log.info("direct stream to %s ended: %s", peer, exc)
+        finally:
+            link.running = False
+            if stream is not None:
+                with trio.move_on_after(1):
+                    await stream.reset()
+
+    async def _on_direct_stream(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        limit = self.config.protocol.max_frame_bytes + 4096
+        try:
+            while True:
+                data = await read_varint_prefixed_bytes_limited(stream, limit)
+                self._receive(data, peer)
+        except Exception as exc:
+            log.debug("direct stream from %s closed: %s", peer, exc)
+
+    # -- peers -----------------------------------------------------------------------------
+
+    def _peer_connected(self, peer: str) -> None:
+        self.endpoint.add_peer(peer, self._now())
+        self._post(self.sink.connection, peer, True)
+        self._flush()
+
+    def _peer_disconnected(self, peer: str) -> None:
+        assert self._host is not None
+        if self._host.get_network().get_connections(ID.from_base58(peer)):
+            return  # another connection to the same peer is still up
+        self.endpoint.remove_peer(peer, self._now())
+        self._post(self.sink.connection, peer, False)
+        self._flush()
+
+    async def _dial_loop(self, addr: str) -> None:
+        assert self._host is not None
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        while True:
+            if not self._host.get_network().get_connections(info.peer_id):
+                try:
+                    await self._host.connect(info)
+                except Exception as exc:
+                    log.info("could not reach bootstrap peer %s: %s", addr, exc)
+            await trio.sleep(self.config.redial_interval)
+
+
+def _take(queue: deque[bytes], n: int) -> list[bytes]:
+    return [queue.popleft() for _ in range(min(n, len(queue)))]
+
+
+class _ConnectionWatch(INotifee):
+    """Turns libp2p connection notifications into engine calls."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self.engine._peer_connected(conn.muxed_conn.peer_id.to_base58())
+        await trio.lowlevel.checkpoint()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self.engine._peer_disconnected(conn.muxed_conn.peer_id.to_base58())
+        await trio.lowlevel.checkpoint()
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
