@@ -105,6 +105,10 @@ class Endpoint:
             if dest == peer:
                 sender.remove_receiver(peer, now, "peer removed")
 
+    def unacked(self) -> int:
+        """Sequence numbers sent and not yet acknowledged (or given up), over all streams."""
+        return sum(s.unacked() for s in [*self._topics.values(), *self._directs.values()])
+
     def peers(self) -> list[str]:
         """Known peers."""
         return sorted(self._peers)

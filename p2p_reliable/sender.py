@@ -100,6 +100,10 @@ class StreamSender:
 
     # -- receivers -------------------------------------------------------------------------
 
+    def unacked(self) -> int:
+        """Sequence numbers still waiting for some receiver's acknowledgement."""
+        return sum(len(r.unacked) for r in self._receivers.values())
+
     def receivers(self) -> list[str]:
         """Peers this stream currently waits for."""
         return [p for p, r in self._receivers.items() if not r.failed]

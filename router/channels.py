@@ -76,9 +76,14 @@ class Receiver(MemoryObjectReceiveStream[T], Generic[T]):
         return self
 
 
-def channel(max_buffer_size: float = DEFAULT_BUFFER) -> tuple[Sender[T], Receiver[T]]:
-    """A new channel holding up to `max_buffer_size` items (math.inf: unbounded)."""
-    if max_buffer_size != math.inf and not isinstance(max_buffer_size, int):
-        raise ValueError("max_buffer_size must be an integer or math.inf")
-    state: _MemoryObjectStreamState[T] = _MemoryObjectStreamState(max_buffer_size)
-    return Sender(_state=state), Receiver(_state=state)
+class channel(Generic[T]):
+    """`channel[T](max_buffer_size)`: a (Sender, Receiver) pair holding up to that many items
+    (math.inf: unbounded)."""
+
+    def __new__(  # type: ignore[misc]
+        cls, max_buffer_size: float = DEFAULT_BUFFER
+    ) -> tuple[Sender[T], Receiver[T]]:
+        if max_buffer_size != math.inf and not isinstance(max_buffer_size, int):
+            raise ValueError("max_buffer_size must be an integer or math.inf")
+        state: _MemoryObjectStreamState[T] = _MemoryObjectStreamState(max_buffer_size)
+        return Sender(_state=state), Receiver(_state=state)

@@ -11,6 +11,7 @@ engine -> fault shim -> Endpoint (order, dedup, checksum) -> Delivered -> AppSin
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import threading
@@ -160,6 +161,32 @@ class Engine:
         """Fault injection: cut every frame to and from `peers` (empty set heals)."""
         self._submit(lambda: setattr(self.shim, "partitioned", set(peers)))
 
+    def subscribers(self, topic: str) -> frozenset[str]:
+        """Peers subscribed to `topic` (safe from any thread: the sets are replaced whole)."""
+        return frozenset(self._subscribers.get(topic, ()))
+
+    def query(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run `fn` on the engine's loop (where its state may be read safely)."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+        self._submit(run)
+        return future
+
+    def idle(self) -> bool:
+        """Nothing queued, blocked or unacknowledged (call on the engine's loop)."""
+        return (
+            not self._gossip
+            and not any(self._blocked.values())
+            and not any(link.queue for link in self._links.values())
+            and self.endpoint.unacked() == 0
+        )
+
     def stop(self) -> None:
         """Ask the engine to shut down; returns at once."""
         self._submit(self._stopping.set)
@@ -210,6 +237,10 @@ class Engine:
                 self.ready.set()
                 await self._stopping.wait()
                 nursery.cancel_scope.cancel()
+                # Leaving host.run() stops its tasks but leaves sockets to the garbage
+                # collector; peers would not see us go. Close connections explicitly.
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await host.close()
 
     def _run_inbox(self) -> None:
         with self._inbox_lock:

@@ -90,15 +90,14 @@ class TopicRouter(Generic[T]):
         self.topic = topic
         self.senders: set[Sender[T]] = set()
         self._buffer = buffer
-        self._send: Sender[T]
-        self.receiver: Receiver[T]
-        self._send, self.receiver = channel(buffer)
+        self._send, self.receiver = channel[T](buffer)
         self._router = router
         self._inbox = _Inbox()
         # hold: network items wait for a receiver instead of going to nobody (direct
         # streams: a reply may arrive before its reader exists).
         self._hold = hold
         self._receiver_added: anyio.Event | None = None
+        self._working = False  # an item is between the local channel and the network
 
     async def run(self) -> None:
         """Move items until shut down."""
@@ -110,13 +109,16 @@ class TopicRouter(Generic[T]):
         policy = self.topic.publish_policy
         with self.receiver as items:
             async for item in items:
-                if policy is PublishPolicy.Always or (
-                    policy is PublishPolicy.Minimal and not self.senders
-                ):
-                    await self._send_out(item)
-                if policy is PublishPolicy.Minimal and not self.senders:
-                    continue
-                await self.publish(item)
+                self._working = True
+                await self._route_local(item, policy)
+                self._working = False
+
+    async def _route_local(self, item: T, policy: PublishPolicy) -> None:
+        no_local = not self.senders
+        if policy is PublishPolicy.Always or (policy is PublishPolicy.Minimal and no_local):
+            await self._send_out(item)
+        if policy is not PublishPolicy.Minimal or not no_local:
+            await self.publish(item)
 
     async def _network_loop(self) -> None:
         pending: dict[tuple[str, bool], int] = {}
@@ -159,15 +161,16 @@ class TopicRouter(Generic[T]):
         """Give the item encoded in `data` to every local receiver."""
         await self.publish(self.topic.deserialize(data))
 
+    def _local_busy(self) -> bool:
+        return self._working or bool(self.receiver.statistics().current_buffer_used)
+
     def new_sender(self) -> Sender[T]:
         """A sender whose items this router distributes."""
         return self._send.clone()
 
     def new_receiver(self) -> Receiver[T]:
         """A fresh receiver of every item on this topic."""
-        send: Sender[T]
-        recv: Receiver[T]
-        send, recv = channel(self._buffer)
+        send, recv = channel[T](self._buffer)
         self.senders.add(send)
         if self._receiver_added is not None:
             self._receiver_added.set()
@@ -234,6 +237,30 @@ class Router:
     def listen_addrs(self) -> list[str]:
         """Full multiaddrs (with /p2p/<id>) others can bootstrap from, once running."""
         return list(self.engine.addrs) if self.engine else []
+
+    def subscribers(self, topic: str) -> set[str]:
+        """Remote peers currently subscribed to `topic`, as gossipsub reports them."""
+        return set(self.engine.subscribers(topic)) if self.engine else set()
+
+    async def wait_for_subscribers(self, topic: str, count: int) -> None:
+        """Wait until at least `count` remote peers subscribe to `topic`."""
+        while len(self.subscribers(topic)) < count:
+            await anyio.sleep(0.02)
+
+    async def drain(self) -> None:
+        """Wait until everything sent so far is acknowledged by its receivers (or given up)."""
+        engine = self._running_engine()
+        assert self._slots is not None
+        while True:
+            queued = self.config.outbound_slots - int(self._slots.value)
+            busy = any(r._local_busy() for r in self.topic_routers.values())
+            if not queued and not busy:
+                future = engine.query(engine.idle)
+                while not future.done():
+                    await anyio.sleep(0.005)
+                if future.result():
+                    return
+            await anyio.sleep(0.01)
 
     async def wait_ready(self) -> None:
         """Wait until run() has started the host (listen_addrs is then filled)."""
