@@ -63,6 +63,7 @@ class StreamReceiver:
         self._held = RangeSet()
         self._buffered_bytes = 0
         self._abandoned = RangeSet()
+        self._expired = RangeSet()  # the part of _abandoned we gave up ourselves (timeout)
         self._nacked = RangeSet()
         self._known: deque[tuple[float, int]] = deque()
         self._ack_pending = 0
@@ -176,7 +177,10 @@ class StreamReceiver:
                 run = next(r for r in self._abandoned if self.next in r)
                 held_after = [r.start for r in self._held if r.start > self.next]
                 stop = min([run.stop, *held_after])
-                self._gap(stop, "publisher could not repair")
+                if self.next in self._expired:
+                    self._gap(stop, "not repaired within gap_timeout (publisher unreachable)")
+                else:
+                    self._gap(stop, "publisher could not repair")
                 continue
             count = env.frag_count
             if env.kind == Kind.FRAGMENT and env.frag_index != 0:
@@ -222,6 +226,9 @@ class StreamReceiver:
 
     def _gap(self, stop: int, reason: str) -> None:
         start = self.next
+        # Below the delivery point nothing is asked for again: keep these sets small.
+        self._expired.subtract(0, stop)
+        self._abandoned.subtract(0, stop)
         for seq in [s for s in self._buffer if start <= s < stop]:
             self._drop(seq)
         self.next = stop
@@ -275,11 +282,12 @@ class StreamReceiver:
         while self._known and self._known[0][0] + timeout <= now:
             limit = max(limit, self._known.popleft()[1])
         if not self.synced:
-            low = min(self._buffer, default=limit)
+            # No SYNC ever came: start from 0 and count everything before what we hold as lost.
             self._sync(0)
-            self._abandon(RangeSet([range(0, low)]) if low > 0 else RangeSet())
-        else:
-            self._abandon(self._held.missing(self.next, limit))
+        expired = self._held.missing(self.next, limit)
+        for r in expired:
+            self._expired.add(r.start, r.stop)
+        self._abandon(expired)
         self._deliver(now)
         self._arm_nack(now)
 

@@ -19,8 +19,8 @@ class RetryPolicy:
     cluster on one LAN wants far less).
     """
 
-    base: float = 0.2
-    min_rto: float = 0.02
+    base: float = 0.3
+    min_rto: float = 0.2
     cap: float = 2.0
     max_attempts: int = 8
 
@@ -52,11 +52,13 @@ class RttEstimator:
         self.rttvar = 0.0
         self.latest: float | None = None
         self.samples = 0
+        self.backoff = 1  # RFC 6298 (5.5): doubled per timeout, reset by the next sample
 
     def on_sample(self, rtt: float) -> None:
         """Feed one RTT measurement (from a message that was sent once: Karn's rule)."""
         rtt = max(rtt, 0.0)
         self.latest = rtt
+        self.backoff = 1
         self.samples += 1
         if self.srtt is None:
             self.srtt = rtt
@@ -65,11 +67,15 @@ class RttEstimator:
             self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - rtt)
             self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
 
+    def on_timeout(self) -> None:
+        """A retransmission timer expired: back off every later timer to this peer."""
+        self.backoff = min(self.backoff * 2, 64)
+
     @property
     def rto(self) -> float:
-        """The retransmission timeout, clamped to the policy's [min_rto, cap]."""
+        """The retransmission timeout (backed off), clamped to the policy's [min_rto, cap]."""
         if self.srtt is None:
             value = self.policy.base
         else:
             value = self.srtt + max(self.K * self.rttvar, 0.001)
-        return min(max(value, self.policy.min_rto), self.policy.cap)
+        return min(max(value * self.backoff, self.policy.min_rto), self.policy.cap)

@@ -274,10 +274,15 @@ class StreamSender:
     def handle_timer(self, now: float) -> None:
         """Retransmit what timed out; give a verdict on what ran out of attempts."""
         max_attempts = self.host.config.retry.max_attempts
+        timed_out: set[str] = set()
         while (deadline := self.next_timer()) is not None and deadline <= now:
             _, peer, seq = heapq.heappop(self._timers)
             rcv = self._receivers[peer]
             flight = rcv.unacked[seq]
+            if peer not in timed_out:
+                # One backoff per expiry batch: a burst lost together is one congestion event.
+                timed_out.add(peer)
+                self.host.rtt(peer).on_timeout()
             if flight.attempt + 1 < max_attempts:
                 self._retransmit(rcv, seq, flight, now)
             elif self.dest is not None:

@@ -26,7 +26,10 @@ class NodeProcess:
 class LocalCluster:
     """Node processes that bootstrap from every node started before them (a full mesh)."""
 
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, extra_env: dict[str, str] | None = None, module: str = "router.loadtest"
+    ) -> None:
+        self.module = module
         self.nodes: list[NodeProcess] = []
         self.env = {**os.environ, **(extra_env or {})}
 
@@ -34,7 +37,7 @@ class LocalCluster:
         """Start a node with `args` (loadtest flags) and wait for its ready line."""
         bootstrap = [f"--bootstrap={a}" for n in self.nodes for a in n.ready["addrs"][:1]]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "router.loadtest", *bootstrap, *args],
+            [sys.executable, "-m", self.module, *bootstrap, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

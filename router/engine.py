@@ -67,6 +67,10 @@ class EngineConfig:
     # Frames waiting for one peer's direct stream. Beyond this they are dropped and counted;
     # the protocol retransmits them (the stream is stuck or the peer gone anyway).
     peer_queue_frames: int = 4096
+    # New messages enter the protocol only while at most this many bytes wait for libp2p
+    # (per topic set, per peer stream): retransmission timers start when a message enters,
+    # so a long transport queue would make every timer fire early and flood the network.
+    transport_backlog: int = 2 * 1024 * 1024
     subscriber_poll: float = 0.05
     redial_interval: float = 1.0
 
@@ -95,6 +99,7 @@ class EngineStats:
 @attrs.define
 class _PeerLink:
     queue: deque[bytes] = attrs.Factory(deque)
+    queued_bytes: int = 0
     wake: trio.Event = attrs.Factory(trio.Event)
     running: bool = False
 
@@ -132,6 +137,7 @@ class Engine:
         self._subscribers: dict[str, set[str]] = {}
         self._links: dict[str, _PeerLink] = {}
         self._gossip: deque[tuple[str, bytes]] = deque()
+        self._gossip_bytes = 0
         self._gossip_wake = trio.Event()
         self._timer_changed = trio.Event()
         self._stopping = trio.Event()
@@ -274,6 +280,8 @@ class Engine:
             self._blocked.setdefault(key, deque()).append(data)
 
     def _try_send(self, peer: str | None, stream: str, data: bytes) -> bool:
+        if self._backlog(peer) > self.config.transport_backlog:
+            return False
         now = self._now()
         try:
             if peer is None:
@@ -284,6 +292,20 @@ class Engine:
             return False
         self._post(self.sink.accepted, 1)
         return True
+
+    def _backlog(self, peer: str | None) -> int:
+        if peer is None:
+            return self._gossip_bytes
+        link = self._links.get(peer)
+        return link.queued_bytes if link is not None else 0
+
+    def _transport_drained(self, peer: str | None) -> None:
+        """libp2p took frames: admit messages that waited for transport room."""
+        if self._backlog(peer) > self.config.transport_backlog // 2:
+            return
+        for key in [k for k, q in self._blocked.items() if q and k[0] == peer]:
+            self._retry_blocked(*key)
+        self._flush()
 
     def _retry_blocked(self, peer: str | None, stream: str) -> None:
         pending = self._blocked.get((peer, stream))
@@ -298,6 +320,7 @@ class Engine:
         for tx in self.endpoint.datagrams_to_send(now):
             if tx.topic is not None:
                 self._gossip.append((tx.topic, tx.data))
+                self._gossip_bytes += len(tx.data)
                 self._gossip_wake.set()
             elif tx.peer is not None and not self.shim.blocks(tx.peer):
                 self._queue_direct(tx.peer, tx.data)
@@ -371,7 +394,9 @@ class Engine:
                 await trio.sleep(0.001)
             topic, data = self._gossip.popleft()
             await pubsub.publish(topic, data)
+            self._gossip_bytes -= len(data)
             self.stats.published_frames += 1
+            self._transport_drained(None)
 
     async def _subscriber_poll(self) -> None:
         # py-libp2p has no subscription callback; its peer_topics map is the truth.
@@ -397,6 +422,7 @@ class Engine:
             self.stats.peer_queue_drops += 1
             return
         link.queue.append(data)
+        link.queued_bytes += len(data)
         link.wake.set()
         if not link.running:
             link.running = True
@@ -413,12 +439,16 @@ class Engine:
                 if stream is None:
                     stream = await self._host.new_stream(ID.from_base58(peer), [DIRECT_PROTOCOL])
                 # Coalesce whatever is queued into one write: yamux and Noise cost per write.
-                chunk = b"".join(encode_varint_prefixed(f) for f in _take(link.queue, 64))
-                await stream.write(chunk)
+                frames = _take(link.queue, 64)
+                await stream.write(b"".join(encode_varint_prefixed(f) for f in frames))
+                link.queued_bytes -= sum(len(f) for f in frames)
+                self.stats.direct_frames_sent += len(frames)
+                self._transport_drained(peer)
         except Exception as exc:
             self.stats.stream_errors += 1
             self.stats.peer_queue_drops += len(link.queue)
             link.queue.clear()
+            link.queued_bytes = 0
             log.info("direct stream to %s ended: %s", peer, exc)
         finally:
             link.running = False

@@ -62,7 +62,8 @@ class _Tally:
     latencies: list[float] = attrs.Factory(list)
 
 
-def _percentile(values: list[float], p: float) -> float | None:
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
     if not values:
         return None
     ordered = sorted(values)
@@ -79,15 +80,24 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
     router = Router.create(bootstrap_peers=args.bootstrap, config=config)
     await router.register_topic(TOPIC)
     receiver = router.receiver(TOPIC)
+    direct = router.direct_receiver(TOPIC.topic)
+    last_arrival = 0.0
     tallies: dict[int, _Tally] = {}
     expected = args.expect * args.expect_count
     done = anyio.Event()
     result: dict[str, Any] = {}
 
-    async def consume() -> None:
+    async def consume_direct() -> None:
+        async with anyio.create_task_group() as tg:
+            send, recv = anyio.create_memory_object_stream[bytes](16)
+            tg.start_soon(_forward_direct, direct, send)
+            await consume(recv)
+
+    async def consume(items: Any) -> None:
+        nonlocal last_arrival
         total = 0
-        async for data in receiver:
-            now = time.time()
+        async for data in items:
+            now = last_arrival = time.time()
             if args.consume_delay:
                 await anyio.sleep(args.consume_delay)
             checked = check_payload(data)
@@ -114,13 +124,27 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
         tg.start_soon(router.run)
         await router.wait_ready()
         print(json.dumps({"ready": router.node_id, "addrs": router.listen_addrs}), flush=True)
-        tg.start_soon(consume)
+        if args.mode == "direct":
+            tg.start_soon(consume_direct)
+        else:
+            tg.start_soon(consume, receiver)
         with anyio.fail_after(args.timeout):
             await router.wait_for_subscribers(TOPIC.topic, args.peers)
+        # As for bare gossipsub: let the mesh form (1 s heartbeats) before measuring.
+        await anyio.sleep(args.warmup)
         sender = router.sender(TOPIC)
+        peers = sorted(router.subscribers(TOPIC.topic))
+        first_send = time.time()
         started = time.perf_counter()
         for i in range(args.publish):
-            await sender.send(make_payload(args.index, i, args.size))
+            payload = make_payload(args.index, i, args.size)
+            if args.mode == "direct":
+                for peer in peers:
+                    await router.send_to(peer, TOPIC.topic, payload)
+            else:
+                await sender.send(payload)
+            if args.rate:
+                await anyio.sleep(max(0.0, started + (i + 1) / args.rate - time.perf_counter()))
         publish_seconds = time.perf_counter() - started
         with anyio.move_on_after(args.timeout):
             if expected:
@@ -138,6 +162,8 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
             "publish_seconds": publish_seconds,
             "elapsed": elapsed,
             "drained": drained,
+            "first_send": first_send,
+            "last_arrival": last_arrival,
             "expected": expected,
             "received": sum(t.received for t in tallies.values() if t is not tallies.get(-1)),
             "per_publisher": {
@@ -146,8 +172,8 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
                     "out_of_order": t.out_of_order,
                     "duplicates": t.duplicates,
                     "corrupted": t.corrupted,
-                    "latency_p50": _percentile(t.latencies, 50),
-                    "latency_p99": _percentile(t.latencies, 99),
+                    "latency_p50": percentile(t.latencies, 50),
+                    "latency_p99": percentile(t.latencies, 99),
                 }
                 for p, t in tallies.items()
             },
@@ -161,6 +187,12 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
         await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
         tg.cancel_scope.cancel()
     return result
+
+
+async def _forward_direct(source: Any, sink: Any) -> None:
+    async with sink:
+        async for message in source:
+            await sink.send(message.payload)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buffer", type=int, default=10_000, help="receiver channel size")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--backend", default="trio", choices=["trio", "asyncio"])
+    parser.add_argument("--mode", default="topic", choices=["topic", "direct"])
+    parser.add_argument("--rate", type=float, default=0.0, help="messages/s (0: flat out)")
+    parser.add_argument("--warmup", type=float, default=0.0, help="seconds before publishing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     anyio.run(run_node, args, backend=args.backend)

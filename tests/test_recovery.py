@@ -78,3 +78,26 @@ def test_inconsistent_policy_is_refused() -> None:
         RetryPolicy(min_rto=3.0, cap=1.0)
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+
+
+def test_timeouts_back_off_the_rto_until_a_new_sample() -> None:
+    est = RttEstimator(RetryPolicy(base=0.1, min_rto=0.01, cap=10.0))
+    est.on_sample(0.05)
+    rto = est.rto
+    est.on_timeout()
+    assert est.rto == pytest.approx(2 * rto)
+    est.on_timeout()
+    assert est.rto == pytest.approx(4 * rto)
+    est.on_sample(0.05)
+    fresh = est.rto
+    assert fresh < 2 * rto  # RFC 6298 (5.7): a fresh sample ends the backoff
+    for _ in range(50):
+        est.on_timeout()
+    assert est.rto == pytest.approx(min(10.0, 64 * fresh))  # bounded backoff, and the cap
+    est.on_sample(0.05)
+    for _ in range(50):
+        est.on_timeout()
+    est2 = RttEstimator(RetryPolicy(base=0.1, min_rto=0.01, cap=1.0))
+    est2.on_sample(0.5)
+    est2.on_timeout()
+    assert est2.rto == 1.0
