@@ -71,6 +71,12 @@ class EngineConfig:
     # (per topic set, per peer stream): retransmission timers start when a message enters,
     # so a long transport queue would make every timer fire early and flood the network.
     transport_backlog: int = 2 * 1024 * 1024
+    # Topic frames at least this large go to each known subscriber over its direct stream
+    # rather than through gossipsub, while the topic has at most bulk_max_subscribers. Measured
+    # here: gossipsub signs, verifies and re-forwards every message, and moves 21 MB/s of
+    # 256 KiB messages; direct streams move 53 MB/s. None: always gossipsub.
+    bulk_unicast_bytes: int | None = 64 * 1024
+    bulk_max_subscribers: int = 8
     subscriber_poll: float = 0.05
     redial_interval: float = 1.0
 
@@ -295,16 +301,20 @@ class Engine:
 
     def _backlog(self, peer: str | None) -> int:
         if peer is None:
-            return self._gossip_bytes
+            # Topic frames may also travel on direct streams (bulk unicast).
+            links = (link.queued_bytes for link in self._links.values())
+            return self._gossip_bytes + max(links, default=0)
         link = self._links.get(peer)
         return link.queued_bytes if link is not None else 0
 
     def _transport_drained(self, peer: str | None) -> None:
         """libp2p took frames: admit messages that waited for transport room."""
-        if self._backlog(peer) > self.config.transport_backlog // 2:
+        keys = [k for k, q in self._blocked.items() if q and k[0] in (peer, None)]
+        if not keys:
             return
-        for key in [k for k, q in self._blocked.items() if q and k[0] == peer]:
-            self._retry_blocked(*key)
+        for key in keys:
+            if self._backlog(key[0]) <= self.config.transport_backlog // 2:
+                self._retry_blocked(*key)
         self._flush()
 
     def _retry_blocked(self, peer: str | None, stream: str) -> None:
@@ -319,6 +329,12 @@ class Engine:
         now = self._now()
         for tx in self.endpoint.datagrams_to_send(now):
             if tx.topic is not None:
+                bulk = self._bulk_targets(tx.topic, len(tx.data))
+                if bulk:
+                    for peer in bulk:
+                        if not self.shim.blocks(peer):
+                            self._queue_direct(peer, tx.data)
+                    continue
                 self._gossip.append((tx.topic, tx.data))
                 self._gossip_bytes += len(tx.data)
                 self._gossip_wake.set()
@@ -333,6 +349,15 @@ class Engine:
                 log.warning("%s", event)
                 self._post(self.sink.protocol_event, event)
         self._timer_changed.set()
+
+    def _bulk_targets(self, topic: str, size: int) -> frozenset[str]:
+        threshold = self.config.bulk_unicast_bytes
+        if threshold is None or size < threshold:
+            return frozenset()
+        subscribers = self.subscribers(topic)
+        if len(subscribers) > self.config.bulk_max_subscribers:
+            return frozenset()
+        return subscribers
 
     def _receive(self, data: bytes, peer: str) -> None:
         self.stats.frames_received += 1
