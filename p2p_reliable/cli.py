@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
+
+
+# Modules with `add_commands(subparsers, bench_subparsers)`.
+COMMAND_MODULES: list[str] = []
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--corrupt", type=float, default=0.02)
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(func=_cmd_demo)
+    # Each package adds its own commands (one module each, so they evolve independently).
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub, bench_sub)
     return parser
 
 

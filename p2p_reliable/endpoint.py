@@ -265,6 +265,7 @@ class Endpoint:
     ) -> StreamReceiver | None:
         if not direct and stream not in self._subscriptions:
             self.stats.unknown_stream += 1
+            self.health(origin).on_rejected(now, "unknown topic")
             return None
         key = (origin, stream, direct)
         rcv = self._inbound.get(key)

@@ -66,8 +66,11 @@ def test_a_64_mib_message_is_delivered() -> None:
 
 def test_a_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
     count = 400
+    window = ["--receive-window=32"]  # credit far below the message count
     with LocalCluster() as cluster:
-        publisher = cluster.start(["--index=0", f"--publish={count}", "--size=2048", "--peers=1"])
+        publisher = cluster.start(
+            ["--index=0", f"--publish={count}", "--size=2048", "--peers=1", *window]
+        )
         cluster.start(
             [
                 "--index=1",
@@ -76,6 +79,7 @@ def test_a_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
                 f"--expect-count={count}",
                 "--consume-delay=0.005",
                 "--buffer=4",
+                *window,
             ]
         )
         results = cluster.results(timeout=240)
@@ -83,7 +87,8 @@ def test_a_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
     receiver = results[1]
     _check_exact(receiver, [0], count)
     # The consumer needs >= 2 s; the publisher could have pushed everything in a fraction of
-    # that, but flow control held it back: its windows were refused.
+    # that, but flow control held it back: the protocol refused its sends until the consumer
+    # granted credit.
     assert receiver["elapsed"] >= count * 0.005
     assert results[0]["protocol"]["window_full"] > 0
     assert results[0]["protocol"]["unrecoverable"] == 0
