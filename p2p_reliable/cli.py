@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-
 # Modules with `add_commands(subparsers, bench_subparsers)`.
 COMMAND_MODULES: list[str] = []
 
