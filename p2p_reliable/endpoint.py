@@ -17,13 +17,13 @@ import attrs
 from .config import ProtocolConfig
 from .control import decode_ack, decode_heartbeat, decode_ranges, encode_heartbeat
 from .envelope import (
+    AuthError,
     ChecksumError,
     DecodeError,
     Envelope,
+    EnvelopeCodec,
     Kind,
-    decode,
     decode_batch,
-    encode,
     encode_batch,
 )
 from .events import Event, Gap, Rejected, Unrecoverable
@@ -60,6 +60,7 @@ class Endpoint:
         epoch: int,
         config: ProtocolConfig | None = None,
         seed: int | None = None,
+        cluster_secret: bytes | None = None,
     ) -> None:
         self.node_id = node_id
         self.epoch = epoch
@@ -71,6 +72,8 @@ class Endpoint:
             compress_level=self.config.compress_level,
         )
         self.stats = EndpointStats()
+        # With a cluster secret, envelopes are tagged and foreign ones refused (AuthError).
+        self.envelopes = EnvelopeCodec(cluster_secret)
         self.rng = random.Random(seed)
         self.healths = HealthTable(self.config.health)
         self._rtt: dict[str, RttEstimator] = {}
@@ -189,7 +192,7 @@ class Endpoint:
             return
         for raw in items:
             try:
-                env = decode(raw)
+                env = self.envelopes.decode(raw)
             except DecodeError as exc:
                 self._reject(from_peer, exc, now)
                 continue
@@ -202,7 +205,10 @@ class Endpoint:
             self._dispatch(env, now)
 
     def _reject(self, peer: str, exc: DecodeError, now: float) -> None:
-        if isinstance(exc, ChecksumError):
+        if isinstance(exc, AuthError):
+            self.stats.auth_rejected += 1
+            self.health(peer).on_rejected(now, "cluster secret")
+        elif isinstance(exc, ChecksumError):
             self.stats.corrupted += 1
             self.health(peer).on_checksum_failure(now)
         else:
@@ -347,7 +353,7 @@ class Endpoint:
                 seq=0,
                 payload=encode_heartbeat(marks),
             )
-            self.transmit(peer, None, encode(env))
+            self.transmit(peer, None, self.envelopes.encode(env))
         self._next_heartbeat = now + self.config.heartbeat_interval
 
     # -- the host interface used by StreamSender / StreamReceiver --------------------------

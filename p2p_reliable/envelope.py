@@ -13,6 +13,8 @@ not per byte.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +23,9 @@ import msgpack
 import xxhash
 
 MAGIC = b"PR"
+AUTH_MAGIC = b"PA"  # an envelope carrying a cluster tag
 BATCH_MAGIC = b"PB"
+TAG_LEN = 16
 VERSION = 1
 
 MAX_ORIGIN_LEN = 128
@@ -33,6 +37,7 @@ _U64 = 1 << 64
 # derived from them (seq + fragment count) still fits the u64 wire fields.
 MAX_SEQ = (1 << 63) - 1
 _HEAD = MAGIC + bytes([VERSION])
+_AUTH_HEAD = AUTH_MAGIC + bytes([VERSION])
 _TRAILER = 8
 _FIELDS = 9
 
@@ -73,6 +78,10 @@ class ChecksumError(DecodeError):
     """The bytes were damaged in transit (or forged without the checksum)."""
 
 
+class AuthError(DecodeError):
+    """The envelope does not carry this cluster's tag: it comes from outside the cluster."""
+
+
 @attrs.frozen
 class Envelope:
     """One protocol message, as it travels."""
@@ -100,39 +109,52 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 def encode(env: Envelope) -> bytes:
     """Serialise an envelope and append its checksum."""
-    body = packb(
-        [
-            int(env.kind),
-            int(env.flags),
-            env.origin,
-            env.stream,
-            env.epoch,
-            env.seq,
-            env.frag_index,
-            env.frag_count,
-            env.payload,
-        ]
-    )
-    data = _HEAD + body
+    data = _HEAD + packb(_fields(env))
     return data + xxhash.xxh3_64_digest(data)
+
+
+def _fields(env: Envelope) -> list[object]:
+    return [
+        int(env.kind),
+        int(env.flags),
+        env.origin,
+        env.stream,
+        env.epoch,
+        env.seq,
+        env.frag_index,
+        env.frag_count,
+        env.payload,
+    ]
 
 
 def decode(data: object) -> Envelope:
     """Parse and verify one envelope; raise `DecodeError` (only) for any bad input."""
+    raw = _checked(data, 0)
+    if raw[:2] == AUTH_MAGIC:
+        raise AuthError("envelope carries a cluster tag but no cluster secret is configured")
+    return _parse(raw, 0)
+
+
+def _checked(data: object, tag_len: int) -> bytes:
+    """The bytes, once magic, version and checksum are right."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"expected bytes, got {type(data).__name__}")
     raw = bytes(data)
-    if len(raw) < len(_HEAD) + 1 + _TRAILER:
+    if len(raw) < len(_HEAD) + 1 + _TRAILER + tag_len:
         raise DecodeError(f"truncated: {len(raw)} bytes")
-    if raw[:2] != MAGIC:
+    if raw[:2] not in (MAGIC, AUTH_MAGIC):
         raise DecodeError("bad magic")
     if raw[2] != VERSION:
         raise DecodeError(f"unsupported version {raw[2]}")
     if xxhash.xxh3_64_digest(memoryview(raw)[:-_TRAILER]) != raw[-_TRAILER:]:
         raise ChecksumError("checksum mismatch")
+    return raw
+
+
+def _parse(raw: bytes, tag_len: int) -> Envelope:
     try:
         fields = msgpack.unpackb(
-            memoryview(raw)[len(_HEAD) : -_TRAILER],
+            memoryview(raw)[len(_HEAD) : -_TRAILER - tag_len],
             raw=False,
             use_list=True,
             max_array_len=_FIELDS,
@@ -185,6 +207,44 @@ def _build(fields: Any) -> Envelope:
         frag_count=frag_count,
         flags=Flags(flags),
     )
+
+
+class EnvelopeCodec:
+    """Encoding and decoding for one cluster: with a secret, every envelope carries a keyed
+    BLAKE2b tag, and envelopes without this cluster's tag are refused (`AuthError`).
+
+    Layout with a secret: `b"PA" | version | body | tag (16) | xxh3-64 of all before`. The
+    checksum covers the tag too, so damage is reported as damage, never as an intruder.
+    """
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self.key = (
+            hashlib.blake2b(secret, digest_size=32, person=b"p2pr-cluster").digest()
+            if secret
+            else None
+        )
+
+    def encode(self, env: Envelope) -> bytes:
+        """Serialise `env` (with this cluster's tag when there is a secret)."""
+        if self.key is None:
+            return encode(env)
+        data = _AUTH_HEAD + packb(_fields(env))
+        data += hashlib.blake2b(data, key=self.key, digest_size=TAG_LEN).digest()
+        return data + xxhash.xxh3_64_digest(data)
+
+    def decode(self, data: object) -> Envelope:
+        """Parse and verify; raise `DecodeError` (`AuthError` for foreign envelopes)."""
+        if self.key is None:
+            return decode(data)
+        if isinstance(data, bytes | bytearray | memoryview) and bytes(data[:2]) == MAGIC:
+            _checked(data, 0)  # damaged bytes are reported as damage, not as an intruder
+            raise AuthError("envelope without a cluster tag")
+        raw = _checked(data, TAG_LEN)
+        body_end = len(raw) - _TRAILER - TAG_LEN
+        tag = hashlib.blake2b(raw[:body_end], key=self.key, digest_size=TAG_LEN).digest()
+        if not hmac.compare_digest(tag, raw[body_end : body_end + TAG_LEN]):
+            raise AuthError("cluster tag mismatch (another cluster, or a wrong secret)")
+        return _parse(raw, TAG_LEN)
 
 
 def encode_batch(envelopes: Sequence[bytes]) -> bytes:

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from .config import ProtocolConfig
 from .control import AckInfo, encode_ack, encode_ranges
-from .envelope import Envelope, Flags, Kind, encode
+from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Delivered, Event, Gap
 from .fragment import MessageCodec, ReassemblyError
 from .health import PeerHealth
@@ -24,6 +24,7 @@ class ReceiverHost(Protocol):
     config: ProtocolConfig
     codec: MessageCodec
     stats: EndpointStats
+    envelopes: EnvelopeCodec
 
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
@@ -356,4 +357,4 @@ class StreamReceiver:
             payload=payload,
             flags=Flags.DIRECT if self.direct else Flags.NONE,
         )
-        self.host.transmit(self.origin, None, encode(env))
+        self.host.transmit(self.origin, None, self.host.envelopes.encode(env))

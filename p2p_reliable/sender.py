@@ -11,7 +11,7 @@ import attrs
 
 from .config import ProtocolConfig
 from .control import AckInfo, StreamMark, encode_ranges
-from .envelope import Envelope, Flags, Kind, encode
+from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Event, PeerUnreachable, Unrecoverable, WindowOpen
 from .fragment import MessageCodec
 from .health import PeerHealth
@@ -36,6 +36,7 @@ class SenderHost(Protocol):
     codec: MessageCodec
     rng: random.Random
     stats: EndpointStats
+    envelopes: EnvelopeCodec
 
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
@@ -158,7 +159,7 @@ class StreamSender:
         total = 0
         for index, piece in enumerate(split.pieces):
             seq = start + index
-            data = encode(
+            data = self.host.envelopes.encode(
                 Envelope(
                     kind=kind,
                     origin=self.origin,
@@ -360,7 +361,7 @@ class StreamSender:
             payload=payload,
             flags=self.flags,
         )
-        self.host.transmit(peer, None, encode(env))
+        self.host.transmit(peer, None, self.host.envelopes.encode(env))
 
     def _retire(self) -> None:
         cfg = self.host.config

@@ -28,6 +28,7 @@ class EndpointStats:
     gap_seqs: int = 0
     unrecoverable: int = 0
     spoofed: int = 0
+    auth_rejected: int = 0
     stale_epoch: int = 0
     unknown_stream: int = 0
     window_full: int = 0

@@ -165,3 +165,39 @@ def test_any_batch_bytes_raise_only_decode_error(data: bytes) -> None:
             decode(raw)
         except DecodeError:
             pass
+
+
+# -- cluster secrets -------------------------------------------------------------------------
+
+from p2p_reliable.envelope import AuthError, EnvelopeCodec  # noqa: E402
+
+
+@given(envelopes())
+def test_cluster_tagged_round_trip_and_foreign_envelopes(env: Envelope) -> None:
+    ours, theirs, open_codec = EnvelopeCodec(b"s3cret"), EnvelopeCodec(b"other"), EnvelopeCodec()
+    wire = ours.encode(env)
+    assert ours.decode(wire) == env
+    for stranger, data in ((theirs, wire), (ours, encode(env)), (open_codec, wire)):
+        with pytest.raises(AuthError):
+            stranger.decode(data)
+
+
+@given(envelopes(), st.data())
+def test_damage_to_a_tagged_envelope_is_damage_not_intrusion(
+    env: Envelope, data: st.DataObject
+) -> None:
+    codec = EnvelopeCodec(b"s3cret")
+    wire = bytearray(codec.encode(env))
+    pos = data.draw(st.integers(0, len(wire) - 1))
+    wire[pos] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(DecodeError) as info:
+        codec.decode(bytes(wire))
+    assert not isinstance(info.value, AuthError)  # counted as corruption, not as an intruder
+
+
+@given(st.binary(max_size=2048))
+def test_keyed_decoder_raises_only_decode_error(data: bytes) -> None:
+    try:
+        EnvelopeCodec(b"k").decode(data)
+    except DecodeError:
+        pass

@@ -350,3 +350,35 @@ def test_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
     assert most_waiting <= 8  # never more than the receive window ahead of the consumer
     assert net.nodes["A"].endpoint.stats.window_full > 0  # the publisher was held back
     assert net.now >= 60 * 0.05
+
+
+def test_nodes_with_another_cluster_secret_get_nothing_in_or_out() -> None:
+    from p2p_reliable.endpoint import Endpoint
+
+    net = SimNetwork(seed=4)
+    net.add_node("A")
+    net.add_node("B")
+    net.subscribe("A", TOPIC)
+    net.subscribe("B", TOPIC)
+    # Replace the endpoints with ones holding secrets: A and B share one, M has another.
+    for name, secret in (("A", b"ours"), ("B", b"ours")):
+        net.nodes[name].endpoint = Endpoint(name, epoch=1, cluster_secret=secret)
+    intruder = net.add_node("M")
+    intruder.endpoint = Endpoint("M", epoch=1, cluster_secret=b"theirs")
+    for node in net.nodes.values():
+        for other in net.nodes:
+            if other != node.node_id:
+                node.endpoint.add_peer(other, 0.0)
+                node.endpoint.add_subscriber(TOPIC, other, 0.0)
+        node.endpoint.subscribe(TOPIC)
+    net.subscribe("M", TOPIC)
+    net.publish("A", TOPIC, b"inside")
+    net.publish("M", TOPIC, b"injected")
+    net.run(3.0)
+    a, b, m = net.nodes["A"], net.nodes["B"], net.nodes["M"]
+    assert [d.payload for d in b.delivered()] == [b"inside"]
+    assert a.delivered() == [] and m.delivered() == []
+    for inside in (a, b):
+        assert inside.endpoint.stats.auth_rejected > 0
+        assert inside.endpoint.health("M").snapshot(net.now).rejections
+    assert m.endpoint.stats.auth_rejected > 0  # and the intruder hears nothing either
