@@ -20,7 +20,9 @@ class ProtocolConfig:
     # Admission: a new message waits while any receiver of its stream has this many messages
     # (or bytes) unacked. An empty window always admits one message, however large.
     window_messages: int = 256
-    window_bytes: int = 64 * MiB
+    # About the bandwidth-delay product of a LAN link as py-libp2p drives it (~60 MB/s x
+    # ~50 ms): more in flight only queues, and inflated queueing delay makes timers fire early.
+    window_bytes: int = 4 * MiB
     # Messages acked by everyone are kept this long (count/bytes) to repair late joiners.
     retain_messages: int = 64
     retain_bytes: int = 16 * MiB

@@ -73,7 +73,9 @@ def percentile(values: list[float], p: float) -> float | None:
 async def run_node(args: argparse.Namespace) -> dict[str, Any]:
     """Run one experiment node; return its result."""
     faults = FaultConfig.parse(args.faults or os.environ.get(FAULTS_ENV, ""))
-    protocol = ProtocolConfig(flow_control=True, receive_window=args.receive_window)
+    protocol = ProtocolConfig(
+        flow_control=True, receive_window=args.receive_window, window_bytes=args.window_mib << 20
+    )
     config = RouterConfig(
         engine=EngineConfig(protocol=protocol, faults=faults), receiver_buffer=args.buffer
     )
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="messages/s (0: flat out)")
     parser.add_argument("--warmup", type=float, default=0.0, help="seconds before publishing")
     parser.add_argument("--receive-window", type=int, default=4096, help="flow-control credit")
+    parser.add_argument("--window-mib", type=int, default=4, help="unacked MiB per receiver")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     anyio.run(run_node, args, backend=args.backend)

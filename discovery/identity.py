@@ -1,0 +1,115 @@
+"""Persistent node identity: one ed25519 key per node, in a file, reused across restarts.
+
+exo gave nodes a fresh random id on every run after cloned disks produced duplicate ids,
+which broke everything keyed by node id. Here the key is kept, and the two ways an id can be
+duplicated are reported instead of papered over:
+- the same identity file used by two live processes on one machine: the second one finds the
+  file locked and stops with an error naming the holder (`IdentityInUseError`);
+- the same key on two machines (a cloned disk): every node announces a random per-run
+  `instance` with its id on the health topic, and two instances alive under one id are
+  reported as a duplicate (see discovery.health).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from pathlib import Path
+from typing import IO
+
+import attrs
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+
+DEFAULT_IDENTITY = Path("~/.p2pr/identity.key")
+
+
+class IdentityError(Exception):
+    """The identity file cannot be used."""
+
+
+class IdentityInUseError(IdentityError):
+    """Another live process holds this identity file."""
+
+
+@attrs.define
+class NodeIdentity:
+    """A node's key pair, its peer id, and the lock that keeps the file ours while we run."""
+
+    key_pair: KeyPair
+    path: Path | None
+    instance: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    _lock: IO[bytes] | None = None
+
+    @property
+    def node_id(self) -> str:
+        """The libp2p peer id, 12D3KooW…."""
+        return ID.from_pubkey(self.key_pair.public_key).to_base58()
+
+    def release(self) -> None:
+        """Unlock the identity file (also happens when the process exits)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def ephemeral_identity() -> NodeIdentity:
+    """A fresh identity that is not stored anywhere (tests, observers)."""
+    return NodeIdentity(create_new_key_pair(), None)
+
+
+def load_identity(path: str | os.PathLike[str] = DEFAULT_IDENTITY) -> NodeIdentity:
+    """Load the identity at `path`, creating it on first use; hold its lock while we run.
+
+    Creation is atomic (temp file + rename under the lock), so two nodes starting at once
+    cannot both create a key. A corrupt file is an error, never silently replaced: the id is
+    what the rest of the cluster knows this node by.
+    """
+    key_path = Path(path).expanduser()
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = key_path.with_name(key_path.name + ".lock")
+    lock = open(lock_path, "a+b")  # noqa: SIM115 (held for the life of the node)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "unknown"
+        lock.close()
+        raise IdentityInUseError(
+            f"identity {key_path} is in use by another live node (pid {holder}); "
+            "give each node its own --identity file"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()).encode())
+    lock.flush()
+    try:
+        key_pair = _read_or_create(key_path)
+    except BaseException:
+        lock.close()
+        raise
+    return NodeIdentity(key_pair, key_path, lock=lock)
+
+
+def _read_or_create(key_path: Path) -> KeyPair:
+    if key_path.exists():
+        raw = key_path.read_bytes()
+        try:
+            private = Ed25519PrivateKey.from_bytes(raw)
+        except Exception as exc:
+            raise IdentityError(
+                f"identity file {key_path} is not an ed25519 key ({len(raw)} bytes): {exc}; "
+                "move it away to create a new identity"
+            ) from None
+        return KeyPair(private, private.get_public_key())
+    key_pair = create_new_key_pair()
+    tmp = key_path.with_name(key_path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(key_pair.private_key.to_bytes())
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, key_path)
+    return key_pair
