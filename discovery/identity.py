@@ -70,7 +70,7 @@ def load_identity(path: str | os.PathLike[str] = DEFAULT_IDENTITY) -> NodeIdenti
     key_path = Path(path).expanduser()
     key_path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = key_path.with_name(key_path.name + ".lock")
-    lock = open(lock_path, "a+b")  # noqa: SIM115 (held for the life of the node)
+    lock = open(lock_path, "a+b")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

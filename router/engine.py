@@ -26,12 +26,14 @@ import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
+from discovery.peers import DialPlanner
 from p2p_reliable import (
     Delivered,
     Endpoint,
@@ -58,6 +60,10 @@ class EngineConfig:
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
     bootstrap: tuple[str, ...] = ()
+    static_peers: tuple[str, ...] = ()
+    enable_mdns: bool = False
+    # Shared by every node of a cluster: envelopes carry a keyed tag, strangers are refused.
+    cluster_secret: bytes | None = None
     protocol: ProtocolConfig = attrs.field(factory=lambda: ProtocolConfig(flow_control=True))
     faults: FaultConfig | None = None
     psk: str | None = None
@@ -127,8 +133,14 @@ class Engine:
         self.peer_id = ID.from_pubkey(key_pair.public_key)
         self.node_id = self.peer_id.to_base58()
         self.endpoint = Endpoint(
-            self.node_id, epoch=time.time_ns() // 1_000_000, config=config.protocol
+            self.node_id,
+            epoch=time.time_ns() // 1_000_000,
+            config=config.protocol,
+            cluster_secret=config.cluster_secret,
         )
+        self.planner = DialPlanner(self_id=self.node_id)
+        self.connected: dict[str, str] = {}  # peer -> the address of its connection
+        self._dial_wake = trio.Event()
         self.shim = FaultShim(config.faults)
         self.stats = EngineStats()
         self.addrs: list[str] = []
@@ -230,8 +242,8 @@ class Engine:
         cfg = self.config
         self._token = trio.lowlevel.current_trio_token()
         addrs = listen_addrs(cfg.listen_host, cfg.listen_port)
-        host = build_host(self.key_pair, addrs, cfg.psk)
-        pubsub, gossipsub = build_pubsub(host)
+        host = build_host(self.key_pair, addrs, cfg.psk, cfg.enable_mdns)
+        pubsub, gossipsub = build_pubsub(host, self._app_score)
         self._host, self._pubsub = host, pubsub
         host.set_stream_handler(DIRECT_PROTOCOL, self._on_direct_stream)
         host.get_network().register_notifee(_ConnectionWatch(self))
@@ -243,12 +255,22 @@ class Engine:
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._gossip_loop)
                 nursery.start_soon(self._subscriber_poll)
-                for addr in cfg.bootstrap:
-                    nursery.start_soon(self._dial_loop, addr)
+                now = self._now()
+                for source, configured in (
+                    ("bootstrap", cfg.bootstrap),
+                    ("static", cfg.static_peers),
+                ):
+                    for addr in configured:
+                        self.planner.add(addr, source, now)
+                if cfg.enable_mdns:
+                    peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
+                nursery.start_soon(self._discovery_loop)
                 self._run_inbox()
                 self.ready.set()
                 await self._stopping.wait()
                 nursery.cancel_scope.cancel()
+                if cfg.enable_mdns:
+                    peerDiscovery.unregister_peer_discovered_handler(self._on_mdns_peer)
                 # Leaving host.run() stops its tasks but leaves sockets to the garbage
                 # collector; peers would not see us go. Close connections explicitly.
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
@@ -493,7 +515,8 @@ class Engine:
 
     # -- peers -----------------------------------------------------------------------------
 
-    def _peer_connected(self, peer: str) -> None:
+    def _peer_connected(self, peer: str, address: str | None) -> None:
+        self.connected[peer] = self.connected.get(peer) or address or "?"
         self.endpoint.add_peer(peer, self._now())
         self._post(self.sink.connection, peer, True)
         self._flush()
@@ -502,20 +525,86 @@ class Engine:
         assert self._host is not None
         if self._host.get_network().get_connections(ID.from_base58(peer)):
             return  # another connection to the same peer is still up
+        self.connected.pop(peer, None)
+        self.planner.on_disconnected(peer, self._now())
+        self._dial_wake.set()
         self.endpoint.remove_peer(peer, self._now())
         self._post(self.sink.connection, peer, False)
         self._flush()
 
-    async def _dial_loop(self, addr: str) -> None:
+    def add_peer_addr(self, addr: str, source: str = "static") -> None:
+        """Learn a peer address (thread-safe)."""
+        self._submit(lambda: self._learn_addr(addr, source))
+
+    def _learn_addr(self, addr: str, source: str) -> None:
+        if self.planner.add(addr, source, self._now()):
+            self._dial_wake.set()
+
+    def _on_mdns_peer(self, info: PeerInfo) -> None:
+        # Called on zeroconf's thread, for every engine of this process: hop to ours.
+        for addr in info.addrs:
+            self.add_peer_addr(f"{addr}/p2p/{info.peer_id.to_base58()}", "mdns")
+
+    async def _discovery_loop(self) -> None:
+        while True:
+            now = self._now()
+            for state in self.planner.due(now, self.connected):
+                self._spawn(self._dial, state.addr)
+            wake_at = min(self.planner.next_time() or math.inf, now + self.config.redial_interval)
+            self._dial_wake = trio.Event()
+            with trio.move_on_at(wake_at):
+                await self._dial_wake.wait()
+
+    async def _dial(self, addr: str) -> None:
         assert self._host is not None
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        while True:
-            if not self._host.get_network().get_connections(info.peer_id):
-                try:
-                    await self._host.connect(info)
-                except Exception as exc:
-                    log.info("could not reach bootstrap peer %s: %s", addr, exc)
-            await trio.sleep(self.config.redial_interval)
+        ok = False
+        try:
+            with trio.fail_after(5):
+                await self._host.connect(info)
+            ok = True
+            self.connected.setdefault(info.peer_id.to_base58(), addr)
+        except Exception as exc:
+            log.info("could not reach %s: %s", addr, exc)
+        self.planner.on_result(addr, ok, self._now())
+        if not ok and addr in self.planner.dropped:
+            log.warning("forgot %s: it kept failing (a stale mDNS entry?)", addr)
+            peer = info.peer_id.to_base58()
+            if not any(s.peer == peer for s in self.planner.addresses.values()):
+                self._host.get_peerstore().clear_addrs(info.peer_id)
+        self._dial_wake.set()
+
+    def _app_score(self, peer: ID) -> float:
+        return self.endpoint.health(peer.to_base58()).score(self._now())
+
+    def health_view(self) -> list[dict[str, Any]]:
+        """Every known peer's health, JSON-friendly (call on the engine's loop)."""
+        now = self._now()
+        out = []
+        for snapshot in self.endpoint.healths.snapshots(now):
+            row = snapshot.to_dict()
+            if snapshot.last_seen is not None:
+                row["last_seen_s_ago"] = round(now - snapshot.last_seen, 3)
+            row["address"] = self.connected.get(snapshot.peer)
+            row["connected"] = snapshot.peer in self.connected
+            row["listen_addrs"] = self._listen_addrs_of(snapshot.peer)
+            out.append(row)
+        return out
+
+    def _listen_addrs_of(self, peer: str) -> list[str]:
+        # Identify fills the peerstore with the addresses a peer listens on: what others need
+        # to reach it (a connection's own address may be an ephemeral outgoing port).
+        if self._host is None:
+            return []
+        try:
+            addrs = self._host.get_peerstore().addrs(ID.from_base58(peer))
+        except Exception:
+            return []
+        out = []
+        for addr in addrs:
+            text = str(addr)
+            out.append(text if "/p2p/" in text else f"{text}/p2p/{peer}")
+        return out
 
 
 def _take(queue: deque[bytes], n: int) -> list[bytes]:
@@ -535,7 +624,11 @@ class _ConnectionWatch(INotifee):
         await trio.lowlevel.checkpoint()
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self.engine._peer_connected(conn.muxed_conn.peer_id.to_base58())
+        try:
+            address: str | None = str(conn.get_transport_addresses()[0])
+        except Exception:
+            address = None
+        self.engine._peer_connected(conn.muxed_conn.peer_id.to_base58(), address)
         await trio.lowlevel.checkpoint()
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:

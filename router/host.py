@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import multiaddr
 from libp2p import new_host
@@ -18,8 +18,10 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import ScoreParams
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
@@ -32,7 +34,10 @@ def listen_addrs(host: str, port: int) -> list[multiaddr.Multiaddr]:
 
 
 def build_host(
-    key_pair: KeyPair, addrs: Sequence[multiaddr.Multiaddr], psk: str | None = None
+    key_pair: KeyPair,
+    addrs: Sequence[multiaddr.Multiaddr],
+    psk: str | None = None,
+    enable_mdns: bool = False,
 ) -> IHost:
     """A TCP host that speaks Noise only (and a private network when `psk` is given)."""
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
@@ -41,11 +46,25 @@ def build_host(
         sec_opt={NOISE_PROTOCOL_ID: noise},
         listen_addrs=list(addrs),
         psk=psk,
+        enable_mDNS=enable_mdns,
     )
 
 
-def build_pubsub(host: IHost) -> tuple[Pubsub, GossipSub]:
-    """Pubsub over a GossipSub router tuned for a small cluster on one LAN."""
+def build_pubsub(
+    host: IHost, app_score: Callable[[ID], float] | None = None
+) -> tuple[Pubsub, GossipSub]:
+    """Pubsub over a GossipSub router tuned for a small cluster on one LAN.
+
+    `app_score` feeds our own peer-health score to gossipsub's application-specific score
+    (P5 in the gossipsub v1.1 spec; `p6_appl_slack` in py-libp2p's scorer). Thresholds stay
+    at py-libp2p's permissive defaults: the score is visible to gossipsub's mesh decisions
+    without letting one bad minute graylist a peer of a small cluster.
+    """
+    score = (
+        ScoreParams(app_specific_score_fn=app_score, p6_appl_slack_weight=1.0)
+        if app_score is not None
+        else None
+    )
     gossipsub = GossipSub(
         protocols=[MESHSUB_V11],
         degree=6,
@@ -55,6 +74,7 @@ def build_pubsub(host: IHost) -> tuple[Pubsub, GossipSub]:
         spam_protection_enabled=False,
         adaptive_gossip_enabled=False,
         eclipse_protection_enabled=False,
+        score_params=score,
     )
     # strict_signing: every message carries its origin's signature, so `from_id` can be
     # trusted as the publisher's identity.

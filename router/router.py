@@ -10,6 +10,7 @@ publisher's `send` waits. Nothing is dropped on the way.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import threading
@@ -254,13 +255,20 @@ class Router:
         while True:
             queued = self.config.outbound_slots - int(self._slots.value)
             busy = any(r._local_busy() for r in self.topic_routers.values())
-            if not queued and not busy:
-                future = engine.query(engine.idle)
-                while not future.done():
-                    await anyio.sleep(0.005)
-                if future.result():
-                    return
+            if not queued and not busy and await _result(engine.query(engine.idle)):
+                return
             await anyio.sleep(0.01)
+
+    async def health(self) -> list[dict[str, Any]]:
+        """This node's view of every peer it knows: state, phi, RTT, loss, counters."""
+        engine = self._running_engine()
+        view: list[dict[str, Any]] = await _result(engine.query(engine.health_view))
+        return view
+
+    def add_peer_addr(self, addr: str, source: str = "static") -> None:
+        """Dial a peer at this multiaddr; configured sources are redialed for ever, others
+        ('mdns', 'exchange') are forgotten after repeated failures."""
+        self._running_engine().add_peer_addr(addr, source)
 
     async def wait_ready(self) -> None:
         """Wait until run() has started the host (listen_addrs is then filled)."""
@@ -425,6 +433,13 @@ class Router:
 class _DirectDelivery:
     event: Delivered
     message: DirectMessage
+
+
+async def _result(future: concurrent.futures.Future[Any]) -> Any:
+    # Polling keeps this backend-neutral; engine queries answer within a loop turn.
+    while not future.done():
+        await anyio.sleep(0.002)
+    return future.result()
 
 
 def _loop_poster() -> Callable[..., None]:

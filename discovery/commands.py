@@ -1,0 +1,227 @@
+"""`p2pr node` and `p2pr health`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .identity import IdentityError, ephemeral_identity, load_identity
+from .node import ClusterNode, NodeSettings, settings_from
+from .peers import PeerAddressError, bootstrap_addrs, read_peers_file
+
+SECRET_ENV = "P2PR_CLUSTER_SECRET"
+
+
+def add_commands(sub: Any, bench_sub: Any) -> None:
+    """Register `node` and `health` on the `p2pr` argument parser."""
+    node = sub.add_parser("node", help="run a cluster node until Ctrl-C")
+    _discovery_args(node)
+    node.add_argument(
+        "--listen", default=None, help="/ip4/ADDR/tcp/PORT (default 127.0.0.1, any port)"
+    )
+    node.add_argument(
+        "--identity",
+        default="~/.p2pr/identity.key",
+        help="ed25519 key file, created on first use ('none': a new identity each run)",
+    )
+    node.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
+    node.set_defaults(func=_cmd_node)
+
+    health = sub.add_parser("health", help="live table of every peer's health in the cluster")
+    _discovery_args(health)
+    health.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    health.add_argument("--json", action="store_true", help="machine-readable output")
+    health.add_argument("--wait", type=float, default=4.0, help="--once: seconds to gather views")
+    health.add_argument("--all", action="store_true", help="include observers (CLI sessions)")
+    health.set_defaults(func=_cmd_health)
+
+
+def _discovery_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        help="peer multiaddr (repeatable; also P2PR_BOOTSTRAP_PEERS)",
+    )
+    parser.add_argument("--peers-file", default=None, help="static peers, one multiaddr per line")
+    parser.add_argument("--mdns", action="store_true", help="find peers on the LAN with mDNS")
+    parser.add_argument("--cluster-secret", default=None, help=f"shared secret (or {SECRET_ENV})")
+
+
+def _settings(args: argparse.Namespace, role: str) -> NodeSettings:
+    static = read_peers_file(args.peers_file) if args.peers_file else []
+    return settings_from(
+        listen=getattr(args, "listen", None),
+        bootstrap=bootstrap_addrs(args.bootstrap),
+        static_peers=static,
+        mdns=args.mdns,
+        cluster_secret=args.cluster_secret or os.environ.get(SECRET_ENV),
+        role=role,
+        metrics_port=getattr(args, "metrics_port", None),
+    )
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    try:
+        settings = _settings(args, "node")
+        identity = ephemeral_identity() if args.identity == "none" else load_identity(args.identity)
+    except (IdentityError, PeerAddressError, ValueError, OSError) as exc:
+        console.print(f"[red]p2pr node: {exc}[/]")
+        return 2
+    node = ClusterNode(settings, identity)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(node.run)
+            print(node.ready_line(), flush=True)
+            console.print(f"node {node.node_id} listening on {', '.join(node.router.listen_addrs)}")
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    console.print(f"{signal.Signals(signum).name}: shutting down")
+                    tg.cancel_scope.cancel()
+                    break
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    anyio.run(main)
+    identity.release()
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args, "observer")
+    except (PeerAddressError, ValueError, OSError) as exc:
+        Console(stderr=True).print(f"[red]p2pr health: {exc}[/]")
+        return 2
+    if not (settings.bootstrap or settings.static_peers or settings.mdns):
+        Console(stderr=True).print(
+            "[red]p2pr health: no way to find the cluster: give --bootstrap, --peers-file, "
+            "--mdns or P2PR_BOOTSTRAP_PEERS[/]"
+        )
+        return 2
+    observer = ClusterNode(settings)
+    logging.basicConfig(level=logging.ERROR)
+    return int(anyio.run(_observe, observer, args))
+
+
+async def _observe(observer: ClusterNode, args: argparse.Namespace) -> int:
+    async with anyio.create_task_group() as tg:
+        await tg.start(observer.run)
+        if args.once:
+            await _gather(observer, args.wait)
+            _print_once(observer, args)
+        elif args.json:
+            while True:  # one JSON document per line, as views change
+                print(json.dumps(observer.views.to_json()), flush=True)
+                await anyio.sleep(0.5)
+        else:
+            with Live(_table(observer, args), refresh_per_second=4, console=_console()) as live:
+                while True:
+                    await anyio.sleep(0.5)
+                    live.update(_table(observer, args))
+        tg.cancel_scope.cancel()
+    return 0
+
+
+async def _gather(observer: ClusterNode, wait: float) -> None:
+    """Until every connected node has published a view (or `wait` runs out)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        views = observer.views.current()
+        reported = {v.node_id for v in views}
+        # Every node any view mentions as alive should have spoken for itself.
+        mentioned = {
+            p["peer"]
+            for v in views
+            for p in v.peers
+            if p.get("connected") and not p.get("observer") and p["peer"] != observer.node_id
+        }
+        if reported and mentioned <= reported:
+            return
+        await anyio.sleep(0.1)
+
+
+def _print_once(observer: ClusterNode, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(observer.views.to_json()), flush=True)
+    else:
+        _console().print(_table(observer, args))
+
+
+def _console() -> Console:
+    # A pipe or a capture gets a wide table rather than rich's 80-column default.
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=170)
+
+
+def _address(peer: dict[str, Any]) -> str:
+    listen = peer.get("listen_addrs") or []
+    if listen:
+        return str(listen[0]).split("/p2p/")[0]
+    return str(peer.get("address") or "-")
+
+
+def _short(peer: str) -> str:
+    return f"…{peer[-8:]}" if len(peer) > 12 else peer
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{float(value) * 1000:.1f}"
+
+
+def _table(observer: ClusterNode, args: argparse.Namespace) -> Table:
+    cluster = observer.views.to_json()
+    table = Table(title=f"p2pr health — {len(cluster['nodes'])} nodes (as seen by each node)")
+    for column in (
+        "node",
+        "peer",
+        "address",
+        "state",
+        "RTT p50/p99 ms",
+        "loss %",
+        "retx",
+        "NACKs",
+        "cksum fail",
+        "phi",
+        "score",
+        "last seen",
+    ):
+        table.add_column(
+            column,
+            justify="right" if column not in ("node", "peer", "address", "state") else "left",
+        )
+    colors = {"alive": "green", "suspect": "yellow", "dead": "red", "unknown": "dim"}
+    for node_id, view in cluster["nodes"].items():
+        for peer in view["peers"]:
+            if peer.get("observer") and not args.all:
+                continue
+            state = str(peer["state"]).lower()
+            seen = peer.get("last_seen_s_ago")
+            table.add_row(
+                _short(node_id),
+                _short(peer["peer"]),
+                _address(peer),
+                f"[{colors.get(state, 'white')}]{state}[/]",
+                f"{_ms(peer.get('rtt_p50'))}/{_ms(peer.get('rtt_p99'))}",
+                f"{100 * peer['loss_ratio']:.1f}",
+                str(peer["retransmits"]),
+                str(peer["nacks_received"]),
+                str(peer["checksum_failures"]),
+                f"{peer['phi']:.1f}",
+                f"{peer['score']:.2f}",
+                "-" if seen is None else f"{seen:.1f}s ago",
+            )
+    if cluster["duplicates"]:
+        table.caption = f"[red]duplicate identities: {', '.join(cluster['duplicates'])}[/]"
+    return table

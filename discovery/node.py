@@ -1,0 +1,165 @@
+"""A cluster node: the reliable router, discovery, identity and shared health, together.
+
+`p2pr node` runs one; `p2pr health` runs one as an observer. Everything else (exo, the
+inference stages) can hold one too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import attrs
+
+from router import Router, RouterConfig
+from router.engine import EngineConfig
+
+from .health import HEALTH_TOPIC, ClusterViews, HealthView
+from .identity import NodeIdentity, ephemeral_identity
+from .metrics import MetricsServer
+
+log = logging.getLogger("p2pr.node")
+
+
+@attrs.frozen
+class NodeSettings:
+    """What `p2pr node` is told on its command line."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    bootstrap: tuple[str, ...] = ()
+    static_peers: tuple[str, ...] = ()
+    mdns: bool = False
+    cluster_secret: bytes | None = None
+    role: str = "node"
+    health_interval: float = 1.0
+    metrics_port: int | None = None
+
+
+class ClusterNode:
+    """Router + discovery + health sharing, run by `run()` until cancelled."""
+
+    def __init__(self, settings: NodeSettings, identity: NodeIdentity | None = None) -> None:
+        self.settings = settings
+        self.identity = identity or ephemeral_identity()
+        engine = EngineConfig(
+            listen_host=settings.listen_host,
+            listen_port=settings.listen_port,
+            bootstrap=tuple(settings.bootstrap),
+            static_peers=tuple(settings.static_peers),
+            enable_mdns=settings.mdns,
+            cluster_secret=settings.cluster_secret,
+        )
+        self.router = Router(self.identity.key_pair, RouterConfig(engine=engine))
+        self.views = ClusterViews(self.identity.node_id, self.identity.instance)
+        self.peers: list[dict[str, Any]] = []
+        self.ready = False
+
+    @property
+    def node_id(self) -> str:
+        """This node's peer id."""
+        return self.identity.node_id
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; `task_status.started()` once the node listens."""
+        await self.router.register_topic(HEALTH_TOPIC)
+        views = self.router.receiver(HEALTH_TOPIC)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.router.run)
+            await self.router.wait_ready()
+            tg.start_soon(self._receive_views, views)
+            tg.start_soon(self._publish_views)
+            if self.settings.metrics_port is not None:
+                server = MetricsServer(self, self.settings.metrics_port)
+                await tg.start(server.serve)
+            self.ready = True
+            task_status.started()
+
+    async def _receive_views(self, views: Any) -> None:
+        dialed: set[str] = set()
+        async for view in views:
+            self.views.add(view)
+            # Peer exchange: nodes that only know a bootstrap node still end up in a full
+            # mesh, which point-to-point acks and repairs need.
+            if view.role == "observer" or view.node_id == self.node_id:
+                continue
+            known = [*view.addrs]
+            for peer in view.peers:
+                if not peer.get("observer") and peer["peer"] != self.node_id:
+                    known += peer.get("listen_addrs") or []
+            for addr in known:
+                if addr not in dialed:
+                    dialed.add(addr)
+                    self.router.add_peer_addr(addr, "exchange")
+            for dup in view.duplicates:
+                if dup == self.node_id:
+                    log.error(
+                        "node %s reports another live node using MY identity %s: "
+                        "two machines share one identity file (a cloned disk?)",
+                        view.node_id,
+                        dup,
+                    )
+
+    async def _publish_views(self) -> None:
+        sender = self.router.sender(HEALTH_TOPIC)
+        states: dict[str, str] = {}
+        last = -math.inf
+        while True:
+            self.peers = await self.router.health()
+            now_states = {p["peer"]: p["state"] for p in self.peers}
+            # Publish at once on any state change (a death must travel fast), else every
+            # health_interval.
+            if now_states != states or time.monotonic() - last >= self.settings.health_interval:
+                states, last = now_states, time.monotonic()
+                await sender.send(self._view())
+            await anyio.sleep(0.05)
+
+    def _view(self) -> HealthView:
+        observers = self.views.observers()
+        return HealthView(
+            node_id=self.node_id,
+            instance=self.identity.instance,
+            role=self.settings.role,
+            addrs=self.router.listen_addrs,
+            sent_at=time.time(),
+            peers=[{**p, "observer": p["peer"] in observers} for p in self.peers],
+            duplicates=self.views.duplicates(),
+        )
+
+    def ready_line(self) -> str:
+        """The JSON line a node process prints once it listens."""
+        return json.dumps({"ready": self.node_id, "addrs": self.router.listen_addrs})
+
+
+def settings_from(
+    *,
+    listen: str | None,
+    bootstrap: Sequence[str],
+    static_peers: Sequence[str],
+    mdns: bool,
+    cluster_secret: str | None,
+    role: str = "node",
+    metrics_port: int | None = None,
+) -> NodeSettings:
+    """NodeSettings from command-line style values (`--listen /ip4/H/tcp/P`)."""
+    host, port = "127.0.0.1", 0
+    if listen:
+        parts = listen.strip("/").split("/")
+        if len(parts) != 4 or parts[0] != "ip4" or parts[2] != "tcp":
+            raise ValueError(f"--listen wants /ip4/<address>/tcp/<port>, not {listen!r}")
+        host, port = parts[1], int(parts[3])
+    return NodeSettings(
+        listen_host=host,
+        listen_port=port,
+        bootstrap=tuple(bootstrap),
+        static_peers=tuple(static_peers),
+        mdns=mdns,
+        cluster_secret=cluster_secret.encode() if cluster_secret else None,
+        role=role,
+        metrics_port=metrics_port,
+    )
