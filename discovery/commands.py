@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -45,6 +46,27 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     health.add_argument("--all", action="store_true", help="include observers (CLI sessions)")
     health.set_defaults(func=_cmd_health)
 
+    detect = bench_sub.add_parser("detect", help="time from SIGKILL of a node to 'dead'")
+    detect.add_argument("--trials", type=int, default=3)
+    detect.add_argument("--json", action="store_true", help="print only the JSON result")
+    detect.set_defaults(func=_cmd_bench_detect)
+
+
+def _cmd_bench_detect(args: argparse.Namespace) -> int:
+    from .bench import bench_detect
+
+    result = bench_detect(trials=args.trials)
+    if not args.json:
+        table = Table(title="p2pr bench detect: SIGKILL -> 'dead' in the other nodes' views")
+        table.add_column("trial", justify="right")
+        table.add_column("seconds", justify="right")
+        for i, seconds in enumerate(result["detect_s"]):
+            table.add_row(str(i // 2 + 1), f"{seconds:.3f}")
+        table.caption = f"max {result['max_s']:.3f} s, mean {result['mean_s']:.3f} s"
+        Console().print(table)
+    print(json.dumps(result))
+    return 0
+
 
 def _discovery_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -77,7 +99,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         settings = _settings(args, "node")
         identity = ephemeral_identity() if args.identity == "none" else load_identity(args.identity)
     except (IdentityError, PeerAddressError, ValueError, OSError) as exc:
-        console.print(f"[red]p2pr node: {exc}[/]")
+        print(f"p2pr node: {exc}", file=sys.stderr)
         return 2
     node = ClusterNode(settings, identity)
 
@@ -102,12 +124,13 @@ def _cmd_health(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args, "observer")
     except (PeerAddressError, ValueError, OSError) as exc:
-        Console(stderr=True).print(f"[red]p2pr health: {exc}[/]")
+        print(f"p2pr health: {exc}", file=sys.stderr)
         return 2
     if not (settings.bootstrap or settings.static_peers or settings.mdns):
-        Console(stderr=True).print(
-            "[red]p2pr health: no way to find the cluster: give --bootstrap, --peers-file, "
-            "--mdns or P2PR_BOOTSTRAP_PEERS[/]"
+        print(
+            "p2pr health: no way to find the cluster: give --bootstrap, --peers-file, "
+            "--mdns or P2PR_BOOTSTRAP_PEERS",
+            file=sys.stderr,
         )
         return 2
     observer = ClusterNode(settings)

@@ -65,6 +65,7 @@ class ClusterViews:
                 out.add(node_id)
         for view in self.current(now):
             out.update(view.duplicates)
+            out.update(p["peer"] for p in view.peers if p.get("duplicate"))
         return sorted(out)
 
     def current(self, now: float | None = None) -> list[HealthView]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,7 @@ import attrs
 
 from router import Router, RouterConfig
 from router.engine import EngineConfig
+from router.faults import FAULTS_ENV, FaultConfig
 
 from .health import HEALTH_TOPIC, ClusterViews, HealthView
 from .identity import NodeIdentity, ephemeral_identity
@@ -39,6 +41,7 @@ class NodeSettings:
     role: str = "node"
     health_interval: float = 1.0
     metrics_port: int | None = None
+    faults: FaultConfig | None = None  # injected between protocol and libp2p (chaos tests)
 
 
 class ClusterNode:
@@ -54,6 +57,7 @@ class ClusterNode:
             static_peers=tuple(settings.static_peers),
             enable_mdns=settings.mdns,
             cluster_secret=settings.cluster_secret,
+            faults=settings.faults,
         )
         self.router = Router(self.identity.key_pair, RouterConfig(engine=engine))
         self.views = ClusterViews(self.identity.node_id, self.identity.instance)
@@ -153,7 +157,9 @@ def settings_from(
         if len(parts) != 4 or parts[0] != "ip4" or parts[2] != "tcp":
             raise ValueError(f"--listen wants /ip4/<address>/tcp/<port>, not {listen!r}")
         host, port = parts[1], int(parts[3])
+    faults = os.environ.get(FAULTS_ENV)
     return NodeSettings(
+        faults=FaultConfig.parse(faults) if faults else None,
         listen_host=host,
         listen_port=port,
         bootstrap=tuple(bootstrap),

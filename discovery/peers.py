@@ -27,9 +27,13 @@ class PeerAddressError(ValueError):
 def peer_of(addr: str) -> str:
     """The peer id in a multiaddr ending in /p2p/<id>; PeerAddressError if there is none."""
     try:
-        peer = multiaddr.Multiaddr(addr).value_for_protocol("p2p")
+        parsed = multiaddr.Multiaddr(addr)
     except Exception as exc:
         raise PeerAddressError(f"{addr!r} is not a multiaddr: {exc}") from None
+    try:
+        peer = parsed.value_for_protocol("p2p")
+    except Exception:
+        peer = None
     if not peer:
         raise PeerAddressError(f"{addr!r} has no /p2p/<peer id> part")
     return str(peer)

@@ -35,6 +35,7 @@ from .sender import StreamSender, WindowFull
 from .stats import EndpointStats
 
 _InboundKey = tuple[str, str, bool]  # (origin, stream, direct)
+DUPLICATE_WINDOW = 3.0
 
 
 @attrs.frozen
@@ -86,6 +87,9 @@ class Endpoint:
         self._outbox: list[Transmit] = []
         self._events: deque[Event] = deque()
         self._next_heartbeat: float | None = None
+        # origin -> epoch -> last time heard: two epochs alive at once mean two running
+        # nodes with one identity (a cloned key), not a restart.
+        self._epochs: dict[str, dict[int, float]] = {}
 
     # -- membership ------------------------------------------------------------------------
 
@@ -202,7 +206,23 @@ class Endpoint:
                 self._events.append(Rejected(from_peer, "origin mismatch"))
                 continue
             self.health(from_peer).on_received(now)
+            self._note_epoch(env.origin, env.epoch, now)
             self._dispatch(env, now)
+
+    def _note_epoch(self, origin: str, epoch: int, now: float) -> None:
+        seen = self._epochs.setdefault(origin, {})
+        seen[epoch] = now
+        if len(seen) > 1:
+            for old in [e for e, t in seen.items() if now - t > DUPLICATE_WINDOW]:
+                del seen[old]
+
+    def duplicate_origins(self, now: float) -> list[str]:
+        """Peers heard under two different epochs within the last few seconds."""
+        return sorted(
+            origin
+            for origin, seen in self._epochs.items()
+            if sum(now - t <= DUPLICATE_WINDOW for t in seen.values()) > 1
+        )
 
     def _reject(self, peer: str, exc: DecodeError, now: float) -> None:
         if isinstance(exc, AuthError):

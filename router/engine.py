@@ -580,6 +580,7 @@ class Engine:
     def health_view(self) -> list[dict[str, Any]]:
         """Every known peer's health, JSON-friendly (call on the engine's loop)."""
         now = self._now()
+        twins = set(self.endpoint.duplicate_origins(now))
         out = []
         for snapshot in self.endpoint.healths.snapshots(now):
             row = snapshot.to_dict()
@@ -588,6 +589,7 @@ class Engine:
             row["address"] = self.connected.get(snapshot.peer)
             row["connected"] = snapshot.peer in self.connected
             row["listen_addrs"] = self._listen_addrs_of(snapshot.peer)
+            row["duplicate"] = snapshot.peer in twins
             out.append(row)
         return out
 
