@@ -206,7 +206,9 @@ class Endpoint:
                 self._events.append(Rejected(from_peer, "origin mismatch"))
                 continue
             self.health(from_peer).on_received(now)
-            self._note_epoch(env.origin, env.epoch, now)
+            if env.kind not in (Kind.ACK, Kind.NACK):
+                # ACKs and NACKs carry the epoch of the stream they answer, not their sender's.
+                self._note_epoch(env.origin, env.epoch, now)
             self._dispatch(env, now)
 
     def _note_epoch(self, origin: str, epoch: int, now: float) -> None:

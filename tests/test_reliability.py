@@ -382,3 +382,27 @@ def test_nodes_with_another_cluster_secret_get_nothing_in_or_out() -> None:
         assert inside.endpoint.stats.auth_rejected > 0
         assert inside.endpoint.health("M").snapshot(net.now).rejections
     assert m.endpoint.stats.auth_rejected > 0  # and the intruder hears nothing either
+
+
+def test_two_runs_of_one_identity_are_told_apart_from_a_restart() -> None:
+    net = SimNetwork(seed=5)
+    net.add_node("A", epoch=1)
+    b = net.add_node("B")
+    net.subscribe("B", TOPIC)
+    net.subscribe("A", TOPIC)
+    net.publish("A", TOPIC, b"x")
+    net.publish("B", TOPIC, b"y")  # B's acks to A carry A's epoch: not a second run of B
+    net.run(1.0)
+    assert b.endpoint.duplicate_origins(net.now) == []
+    assert net.nodes["A"].endpoint.duplicate_origins(net.now) == []
+    # A second live "A" (a cloned key) with another epoch: both keep heartbeating B.
+    from p2p_reliable.endpoint import Endpoint
+
+    twin = Endpoint("A", epoch=2)
+    twin.add_peer("B", net.now)
+    for _ in range(5):
+        twin.handle_timer(net.now)
+        for tx in twin.datagrams_to_send(net.now):
+            b.endpoint.receive(tx.data, "A", net.now)
+        net.run(net.now + 0.2)
+    assert b.endpoint.duplicate_origins(net.now) == ["A"]
