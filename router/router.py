@@ -309,6 +309,7 @@ class Router:
                 raise RuntimeError(f"libp2p engine failed to start: {engine.error}")
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self._watch_engine, engine, thread)
                 for router in [*self.topic_routers.values(), *self._direct.values()]:
                     tg.start_soon(router.run)
                 for router in self.topic_routers.values():
@@ -322,6 +323,13 @@ class Router:
                 await anyio.to_thread.run_sync(thread.join)
             for router in [*self.topic_routers.values(), *self._direct.values()]:
                 await router.shutdown()
+
+    @staticmethod
+    async def _watch_engine(engine: Engine, thread: threading.Thread) -> None:
+        # The engine only stops when asked; if its thread ends on its own, say so loudly
+        # rather than leaving an application that waits for messages that cannot come.
+        await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+        raise RuntimeError(f"the libp2p engine stopped unexpectedly: {engine.error!r}")
 
     async def shutdown(self) -> None:
         """Stop run()."""
