@@ -47,7 +47,12 @@ class NodeSettings:
 class ClusterNode:
     """Router + discovery + health sharing, run by `run()` until cancelled."""
 
-    def __init__(self, settings: NodeSettings, identity: NodeIdentity | None = None) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        identity: NodeIdentity | None = None,
+        router: Router | None = None,
+    ) -> None:
         self.settings = settings
         self.identity = identity or ephemeral_identity()
         engine = EngineConfig(
@@ -59,7 +64,8 @@ class ClusterNode:
             cluster_secret=settings.cluster_secret,
             faults=settings.faults,
         )
-        self.router = Router(self.identity.key_pair, RouterConfig(engine=engine))
+        # An application that already runs a Router (exo's adapter) shares health through it.
+        self.router = router or Router(self.identity.key_pair, RouterConfig(engine=engine))
         self.views = ClusterViews(self.identity.node_id, self.identity.instance)
         self.peers: list[dict[str, Any]] = []
         self.ready = False
@@ -70,12 +76,20 @@ class ClusterNode:
         return self.identity.node_id
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled; `task_status.started()` once the node listens."""
+        """Run router and health sharing until cancelled; `task_status.started()` once the
+        node listens."""
         await self.router.register_topic(HEALTH_TOPIC)
-        views = self.router.receiver(HEALTH_TOPIC)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.router.run)
-            await self.router.wait_ready()
+            await tg.start(self.share_health)
+            task_status.started()
+
+    async def share_health(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Publish this node's health view and collect the others' on a router that runs
+        (its HEALTH_TOPIC registered), until cancelled."""
+        views = self.router.receiver(HEALTH_TOPIC)
+        await self.router.wait_ready()
+        async with anyio.create_task_group() as tg:
             tg.start_soon(self._receive_views, views)
             tg.start_soon(self._publish_views)
             if self.settings.metrics_port is not None:

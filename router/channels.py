@@ -11,11 +11,14 @@ import math
 from typing import Generic, TypeVar
 
 from anyio import ClosedResourceError, WouldBlock
-from anyio.streams.memory import (
-    MemoryObjectReceiveStream,
-    MemoryObjectSendStream,
-    _MemoryObjectStreamState,
-)
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+try:  # anyio >= 4.12
+    from anyio.streams.memory import _MemoryObjectStreamState
+except ImportError:  # anyio 4.11, the version exo pins
+    from anyio.streams.memory import (  # type: ignore[attr-defined,no-redef]
+        MemoryObjectStreamState as _MemoryObjectStreamState,
+    )
 
 T = TypeVar("T")
 

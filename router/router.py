@@ -56,7 +56,7 @@ class RouterConfig:
     # Messages handed to the engine but not yet accepted into a protocol window; `send`
     # waits beyond this (the window being full means the receivers are behind).
     outbound_slots: int = 1024
-    receiver_buffer: int = DEFAULT_BUFFER
+    receiver_buffer: float = DEFAULT_BUFFER  # items per receiver; math.inf as exo's
 
 
 @attrs.frozen
@@ -86,7 +86,7 @@ class TopicRouter(Generic[T]):
     """One topic: local senders in, local receivers and the network out, by policy."""
 
     def __init__(
-        self, topic: TypedTopic[T], router: Router, buffer: int, *, hold: bool = False
+        self, topic: TypedTopic[T], router: Router, buffer: float, *, hold: bool = False
     ) -> None:
         self.topic = topic
         self.senders: set[Sender[T]] = set()
@@ -391,7 +391,13 @@ class Router:
         (self.connected.add if connected else self.connected.discard)(peer)
         router = self.topic_routers.get(CONNECTION_MESSAGES.topic)
         if router is not None:
-            router._inbox.send.send_nowait(ConnectionMessage(node_id=peer, connected=connected))
+            # Through the topic's inbox, so connection events keep the engine's order.
+            router._inbox.send.send_nowait(self.connection_message(peer, connected))
+
+    def connection_message(self, peer: str, connected: bool) -> Any:
+        """The item a connection event puts on `connection_messages` (exo's adapter
+        overrides this to give exo's own pydantic ConnectionMessage)."""
+        return ConnectionMessage(node_id=peer, connected=connected)
 
     def protocol_event(self, event: Gap | Unrecoverable | Rejected) -> None:
         """A loss verdict or a rejected input; kept for inspection, already logged."""
