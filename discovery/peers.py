@@ -152,7 +152,12 @@ class DialPlanner:
             if state.peer == peer:
                 state.next_attempt = min(state.next_attempt, now + self.base)
 
-    def next_time(self) -> float | None:
-        """When an address next becomes due (ignoring connections)."""
-        times = [s.next_attempt for s in self.addresses.values() if not s.in_flight]
+    def next_time(self, connected: Iterable[str] = ()) -> float | None:
+        """When an address of an unconnected peer next becomes due."""
+        skip = set(connected)
+        times = [
+            s.next_attempt
+            for s in self.addresses.values()
+            if not s.in_flight and s.peer not in skip
+        ]
         return min(times) if times else None

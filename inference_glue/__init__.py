@@ -1,4 +1,4 @@
-"""inference_glue: MLX pipeline-parallel inference, transport-independent (bytes in, bytes out).
+"""inference_glue: MLX pipeline-parallel inference over the reliable router.
 
 | module | what it holds |
 | --- | --- |
@@ -11,6 +11,14 @@
 | `sampling` | greedy and seeded sampling keyed by (seed, position) |
 | `tokens` | `TokenChunk`, `TokenStreamWriter` and `TokenStreamAssembler` |
 | `local_pipeline` | mlx-lm's single-process reference and an in-process pipeline over codec bytes |
+| `messages` | the pipeline's messages (requests, hidden states, tokens, control) and their streams |
+| `node` | a stage node process: a `Router`, one layer range, per-request KV caches, sampling on the last stage |
+| `cluster` | starting, joining and stopping N local stage node processes |
+| `client` | submitting requests, reassembling token streams, per-link protocol counters |
+| `reference` | mlx-lm's `stream_generate` in a child process with the nodes' BLAS set-up |
+| `verify` | `p2pr verify`: the pipeline against single-process mlx-lm, token for token |
+| `bench` | `p2pr bench generate`: single process vs 2- and 3-stage pipelines |
+| `commands` | the `p2pr` commands generate, verify, pipeline and bench generate |
 
 Modules are imported one by one (`from inference_glue.stage import PipelineStage`); this
 package imports none of them, so that importing it does not load MLX.

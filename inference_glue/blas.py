@@ -34,6 +34,8 @@ __all__ = [
 # at the cores it finds), and nodes that share a host do not oversubscribe it.
 DEFAULT_BLAS_THREADS = 1
 
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+
 _DEBIAN_OPENBLAS = "/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0"
 _TRIPLETS = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
 
@@ -52,6 +54,7 @@ def node_environment(
     *,
     threads: int = DEFAULT_BLAS_THREADS,
     openblas: bool = True,
+    huge_pages: bool = True,
 ) -> dict[str, str]:
     """The environment for a node process: `base` (default `os.environ`) plus the BLAS setup.
 
@@ -59,6 +62,13 @@ def node_environment(
     already preloaded); with `openblas` false, removes any OpenBLAS from `LD_PRELOAD`. Sets
     `OPENBLAS_NUM_THREADS`, and `OMP_NUM_THREADS` likewise, to `threads`. Give every node
     the same arguments.
+
+    With `huge_pages`, adds glibc's `glibc.malloc.hugetlb=1` tunable to `GLIBC_TUNABLES`:
+    malloc then asks for transparent huge pages for its large mappings, where MLX keeps the
+    weights (the kernel's THP mode here is "madvise"). Decoding is memory-bound and a pipeline
+    stage waits between tokens, after which TLB misses cost it; measured for 15 layers of
+    SmolLM2 after a 70 ms pause: 40.0 -> 34.3 ms per forward (32.2 -> 30.2 ms without pauses).
+    It changes no result bit. glibc before 2.35 ignores the tunable.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -76,6 +86,11 @@ def node_environment(
         env.pop("LD_PRELOAD", None)
     env["OPENBLAS_NUM_THREADS"] = str(threads)
     env["OMP_NUM_THREADS"] = str(threads)
+    if huge_pages:
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        if not any(t.startswith(f"{HUGE_PAGES_TUNABLE}=") for t in tunables):
+            tunables.append(f"{HUGE_PAGES_TUNABLE}=1")
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
     return env
 
 

