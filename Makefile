@@ -21,14 +21,21 @@ define run_pytest
 	exit $$rc
 endef
 
-.PHONY: venv demo test lint bench soak clean distclean
+.PHONY: venv demo demo-sim test lint bench bench-generate soak clean distclean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
 venv: $(STAMP)
 
+# A local 2-node cluster (two stage processes over the reliable router) answers with the
+# built-in SmolLM2, then the pipeline is checked token for token against mlx-lm.
 demo: $(STAMP)
+	$(VENV)/bin/p2pr generate "What is the capital of France?" --max-tokens 48
+	$(VENV)/bin/p2pr verify --nodes 2
+
+# The protocol alone: 3 simulated nodes through 20% loss and 2% corruption.
+demo-sim: $(STAMP)
 	$(VENV)/bin/p2pr demo
 
 test: $(STAMP)
@@ -41,6 +48,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/p2pr bench codec
+
+bench-generate: $(STAMP)
+	$(VENV)/bin/p2pr bench generate
 
 soak: $(STAMP)
 	$(call run_pytest,-m soak $(PYTEST_ARGS))
