@@ -93,17 +93,23 @@ def load_identity(path: str | os.PathLike[str] = DEFAULT_IDENTITY) -> NodeIdenti
     return NodeIdentity(key_pair, key_path, lock=lock)
 
 
+def key_pair_from_bytes(data: bytes) -> KeyPair:
+    """The ed25519 key pair whose 32-byte secret is `data`; ValueError for anything else."""
+    try:
+        private = Ed25519PrivateKey.from_bytes(data)
+    except Exception as exc:
+        raise ValueError(f"not an ed25519 secret key ({len(data)} bytes): {exc}") from None
+    return KeyPair(private, private.get_public_key())
+
+
 def _read_or_create(key_path: Path) -> KeyPair:
     if key_path.exists():
-        raw = key_path.read_bytes()
         try:
-            private = Ed25519PrivateKey.from_bytes(raw)
-        except Exception as exc:
+            return key_pair_from_bytes(key_path.read_bytes())
+        except ValueError as exc:
             raise IdentityError(
-                f"identity file {key_path} is not an ed25519 key ({len(raw)} bytes): {exc}; "
-                "move it away to create a new identity"
+                f"identity file {key_path} is {exc}; move it away to create a new identity"
             ) from None
-        return KeyPair(private, private.get_public_key())
     key_pair = create_new_key_pair()
     tmp = key_path.with_name(key_path.name + ".tmp")
     with open(tmp, "wb") as out:

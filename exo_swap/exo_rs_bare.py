@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
-from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
+from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
+
+from discovery.identity import key_pair_from_bytes
 
 from .exo_rs_standin import Pidfile, PidfileError
 
@@ -60,11 +62,7 @@ class Keypair:
 
     @staticmethod
     def from_bytes(data: bytes) -> Keypair:
-        try:
-            private = Ed25519PrivateKey.from_bytes(data)
-        except Exception as exc:
-            raise ValueError(f"not an ed25519 secret key: {exc}") from None
-        return Keypair(KeyPair(private, private.get_public_key()))
+        return Keypair(key_pair_from_bytes(data))
 
     def to_bytes(self) -> bytes:
         return bytes(self.key_pair.private_key.to_bytes())

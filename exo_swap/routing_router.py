@@ -38,11 +38,15 @@ import attrs
 from exo.routing.connection_message import ConnectionMessage  # type: ignore[import-not-found]
 from exo.shared.constants import EXO_NODE_ID_KEYPAIR  # type: ignore[import-not-found]
 from exo.utils.channels import Receiver, Sender  # type: ignore[import-not-found]
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 
 from discovery.health import HEALTH_TOPIC
-from discovery.identity import NodeIdentity, ephemeral_identity, load_identity
+from discovery.identity import (
+    NodeIdentity,
+    ephemeral_identity,
+    key_pair_from_bytes,
+    load_identity,
+)
 from discovery.node import ClusterNode, NodeSettings
 from router import Router as ReliableRouter
 from router import RouterConfig, TopicRouter
@@ -90,11 +94,7 @@ class Keypair:
     @staticmethod
     def from_bytes(data: bytes) -> Keypair:
         """The key whose secret bytes are `data` (as `to_bytes()` gives them)."""
-        try:
-            private = Ed25519PrivateKey.from_bytes(data)
-        except Exception as exc:
-            raise ValueError(f"not an ed25519 secret key: {exc}") from None
-        return Keypair(NodeIdentity(KeyPair(private, private.get_public_key()), None))
+        return Keypair(NodeIdentity(key_pair_from_bytes(data), None))
 
     def to_bytes(self) -> bytes:
         """The secret key bytes (the identity file's content)."""

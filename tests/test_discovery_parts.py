@@ -39,7 +39,7 @@ def test_identity_is_created_once_and_reused(tmp_path: Path) -> None:
 def test_corrupt_identity_is_an_error_not_a_new_id(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     path.write_bytes(b"not a key")
-    with pytest.raises(IdentityError, match="not an ed25519 key"):
+    with pytest.raises(IdentityError, match="not an ed25519 secret key"):
         load_identity(path)
     assert path.read_bytes() == b"not a key"
 
