@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
+from collections.abc import Sequence
 
 import attrs
 
@@ -28,6 +29,7 @@ __all__ = [
     "PeerHealth",
     "PeerState",
     "PhiAccrual",
+    "nearest_rank",
 ]
 
 PHI_CAP = 1e3
@@ -80,6 +82,13 @@ class HealthConfig:
             raise ValueError("acceptable_pause must be >= 0")
         if not 0.0 < self.rtt_alpha <= 1.0:
             raise ValueError("rtt_alpha must be in (0, 1]")
+
+
+def nearest_rank(ordered: Sequence[float], p: float) -> float:
+    """The nearest-rank `p`-th percentile (0-100) of already sorted, non-empty values."""
+    n = len(ordered)
+    rank = max(1, math.ceil(p / 100.0 * n))
+    return ordered[min(rank, n) - 1]
 
 
 def _softplus(z: float) -> float:
@@ -370,9 +379,7 @@ class PeerHealth:
             return None
         if self._rtts_sorted is None:
             self._rtts_sorted = sorted(self._rtts)
-        n = len(self._rtts_sorted)
-        rank = max(1, math.ceil(p / 100.0 * n))
-        return self._rtts_sorted[min(rank, n) - 1]
+        return nearest_rank(self._rtts_sorted, p)
 
     def loss_ratio(self, now: float) -> float:
         """lost / (received + lost) over ``rate_window``; 0.0 with no data."""

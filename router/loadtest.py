@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import struct
 import sys
@@ -25,6 +24,7 @@ import anyio
 import attrs
 
 from p2p_reliable import ProtocolConfig
+from p2p_reliable.health import nearest_rank
 
 from .engine import EngineConfig
 from .faults import FAULTS_ENV, FaultConfig
@@ -64,10 +64,7 @@ class _Tally:
 
 def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile (None for no values)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+    return nearest_rank(sorted(values), p) if values else None
 
 
 async def run_node(args: argparse.Namespace) -> dict[str, Any]:
