@@ -14,23 +14,41 @@ duplicates, checksums, joined text against `tokenizer.decode`); a stream that ca
 completed (a stage failed or left, the protocol gave up on a chunk, or nothing came for
 `idle_timeout`) raises `TokenStreamError`, which names the missing seq ranges and the stage
 and peer the chunks come from: never a silently short text.
+
+Failover (`inference_glue.failover`, on by default): when a stage node dies, or keeps sending
+corrupt hidden states, the client re-plans the layers over the nodes left, has them load the
+layers, and resumes the request where the stream stopped; the caller sees one unbroken stream.
+`client.events` and `client.recoveries` record what happened and how long it took.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
+from inference_glue.failover import (
+    CorruptionTracker,
+    FailoverPolicy,
+    NodeOffer,
+    PeerEvent,
+    Recovery,
+    attempt_id,
+    plan_stages,
+)
+from inference_glue.failover import now as clock
+from inference_glue.footprint import ModelDoesNotFitError, ModelFootprint
 from inference_glue.local_pipeline import DEFAULT_PREFILL_STEP_SIZE
 from inference_glue.messages import (
     CHUNK_DELIVERY,
@@ -43,7 +61,9 @@ from inference_glue.messages import (
     GenerateRequest,
     InfoQuery,
     InfoReply,
+    Message,
     MessageDecodeError,
+    Reconfigure,
     Release,
     RequestMeta,
     StatsQuery,
@@ -67,6 +87,7 @@ from router import DirectMessage, EngineConfig, FaultConfig, Receiver, Router, R
 __all__ = [
     "LINK_COUNTERS",
     "GenerationResult",
+    "ModelDoesNotFitError",
     "PipelineClient",
     "PipelineError",
     "StageFailedError",
@@ -94,6 +115,9 @@ LINK_COUNTERS = (
     "losses",
     "unrecoverable",
 )
+
+
+log = logging.getLogger("p2pr.inference.client")
 
 
 class PipelineError(RuntimeError):
@@ -142,6 +166,21 @@ class StageInfo:
     def label(self) -> str:
         """'stage 1 (12D3KooW…)'."""
         return f"stage {self.index} ({self.node_id})"
+
+    @classmethod
+    def from_reply(cls, reply: InfoReply) -> StageInfo:
+        """The stage a node describes in its `InfoReply`."""
+        return cls(
+            index=reply.stage,
+            node_id=reply.node_id,
+            layers=range(reply.layer_start, reply.layer_stop),
+            num_layers=reply.num_layers,
+            model=reply.model,
+            fingerprint=reply.model_fingerprint,
+            blas=reply.blas,
+            blas_threads=reply.blas_threads,
+            pid=reply.pid,
+        )
 
 
 @attrs.frozen
@@ -192,6 +231,8 @@ class PipelineClient:
         stages: Sequence[StageInfo] = (),
         *,
         chunks: str = DEFAULT_CHUNKS,
+        footprint: ModelFootprint | None = None,
+        policy: FailoverPolicy | None = None,
     ) -> None:
         if chunks not in CHUNK_DELIVERY:
             raise ValueError(f"chunks must be one of {CHUNK_DELIVERY}, got {chunks!r}")
@@ -204,6 +245,15 @@ class PipelineClient:
         self._reply_events: dict[int, anyio.Event] = {}
         self._nonces = itertools.count(1)
         self.bad_messages = 0
+        self.footprint = footprint
+        self.policy = policy or FailoverPolicy()
+        self.epoch = 0
+        self.budgets: dict[str, int] = {}
+        self.corruption = CorruptionTracker(self.policy.max_corrupt)
+        self.excluded: set[str] = set()  # lost or quarantined: never planned again
+        self.events: list[PeerEvent] = []
+        self.recoveries: list[Recovery] = []
+        self._health_read = 0.0
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -217,10 +267,12 @@ class PipelineClient:
         faults: str | None = None,
         timeout: float = 60.0,
         chunks: str = DEFAULT_CHUNKS,
+        policy: FailoverPolicy | None = None,
     ) -> AsyncIterator[PipelineClient]:
         """Join the pipeline whose nodes listen at `addrs` (one multiaddr per node is
-        enough); `model_dir` gives the tokenizer. `faults`: this client's fault shim.
-        `chunks`: how token chunks come by default, "direct" or "topic"."""
+        enough); `model_dir` gives the tokenizer and the layers' sizes. `faults`: this
+        client's fault shim. `chunks`: how token chunks come by default, "direct" or
+        "topic". `policy`: failover settings."""
         peers = list(dict.fromkeys(peer_id_of(a) for a in addrs))
         config = RouterConfig(
             engine=EngineConfig(faults=FaultConfig.parse(faults) if faults else None)
@@ -231,7 +283,8 @@ class PipelineClient:
         replies = router.direct_receiver(CLIENT_STREAM)
         direct_chunks = router.direct_receiver(CHUNK_STREAM)
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, model_dir)
-        client = cls(router, tokenizer, chunks=chunks)
+        footprint = await anyio.to_thread.run_sync(ModelFootprint.from_dir, model_dir)
+        client = cls(router, tokenizer, chunks=chunks, footprint=footprint, policy=policy)
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(router.run)
@@ -262,8 +315,23 @@ class PipelineClient:
         missing = [p for p in peers if p not in router.connected]
         if missing:
             raise PipelineError(f"could not connect within {timeout:.0f} s to node(s) {missing}")
-        infos = await self._query(peers, InfoQuery, timeout)
-        self.stages = check_pipeline(infos)
+        infos: list[InfoReply] = await self._query(peers, InfoQuery, timeout)
+        self.budgets.update({i.node_id: i.memory_budget for i in infos})
+        self.epoch = max(i.epoch for i in infos)
+        # After a failover the nodes of the newest plan form the pipeline; others are spares.
+        current = [i for i in infos if i.epoch == self.epoch]
+        try:
+            self.stages = check_pipeline(current)
+        except PipelineError:
+            if not self.policy.enabled or self.footprint is None or len(current) == len(infos):
+                raise
+            check_pipeline_models(infos)
+            self.stages = [StageInfo.from_reply(i) for i in infos]
+            await self._replan("the nodes of the newest plan do not form a pipeline")
+        await self._await_token_subscription(timeout)
+
+    async def _await_token_subscription(self, timeout: float) -> None:
+        router = self.router
         last = self.stages[-1]
         with anyio.move_on_after(timeout):
             while last.node_id not in router.subscribers(TOKENS.topic):
@@ -277,23 +345,49 @@ class PipelineClient:
     async def _query(
         self, peers: Sequence[str], kind: type[InfoQuery] | type[StatsQuery], timeout: float
     ) -> list[Any]:
-        nonces = []
-        for peer in peers:
+        replies = await self._ask({peer: kind for peer in peers}, timeout)
+        silent = [p for p in peers if replies[p] is None]
+        if silent:
+            raise PipelineError(f"node(s) {silent} did not answer within {timeout:.0f} s")
+        return [replies[p] for p in peers]
+
+    async def _ask(
+        self,
+        asks: dict[str, Callable[[int], Message]],
+        timeout: float,
+        optional: Sequence[str] = (),
+        grace: float = 0.3,
+    ) -> dict[str, Any]:
+        """Send each peer the message `asks[peer](nonce)` and gather the replies carrying
+        that nonce: {peer: reply or None}. Stops waiting for a peer whose connection is gone;
+        peers in `optional` (that may not be stage nodes at all) get only `grace` seconds
+        after the others have answered."""
+        nonces: dict[str, int] = {}
+        for peer, make in asks.items():
             nonce = next(self._nonces)
             self._reply_events[nonce] = anyio.Event()
             self._replies[nonce] = None
-            nonces.append(nonce)
-            await self.router.send_to(peer, CONTROL_STREAM, encode_message(kind(nonce)))
+            nonces[peer] = nonce
+            await self.router.send_to(peer, CONTROL_STREAM, encode_message(make(nonce)))
+
+        def waiting(peers: Iterable[str]) -> list[str]:
+            return [
+                p for p in peers if self._replies[nonces[p]] is None and p in self.router.connected
+            ]
+
+        required = [p for p in nonces if p not in optional]
         try:
             with anyio.move_on_after(timeout):
-                for nonce in nonces:
-                    await self._reply_events[nonce].wait()
-            silent = [p for p, n in zip(peers, nonces) if self._replies[n] is None]
-            if silent:
-                raise PipelineError(f"node(s) {silent} did not answer within {timeout:.0f} s")
-            return [self._replies[n] for n in nonces]
+                while pending := waiting(required):
+                    with anyio.move_on_after(0.05):
+                        await self._reply_events[nonces[pending[0]]].wait()
+                with anyio.move_on_after(grace):
+                    while pending := waiting(optional):
+                        with anyio.move_on_after(0.05):
+                            await self._reply_events[nonces[pending[0]]].wait()
+            return {p: self._replies[n] for p, n in nonces.items()}
         finally:
-            for nonce in nonces:
+            for nonce in nonces.values():
                 self._replies.pop(nonce, None)
                 self._reply_events.pop(nonce, None)
 
@@ -358,10 +452,15 @@ class PipelineClient:
     ) -> AsyncGenerator[TokenChunk, None]:
         """Submit one request and yield its chunks in order as they become complete.
 
+        With failover on (the default `FailoverPolicy`), a lost or corrupting stage does not
+        end the stream: the request resumes on the nodes left and the chunks go on at the
+        next seq (see the module docstring).
+
         Raises:
             StageFailedError: a stage could not serve the request.
             TokenStreamError: the stream cannot be completed (see the module docstring).
             TextMismatchError: the joined text differs from the tokenizer's decoding.
+            ModelDoesNotFitError: after a failure, the nodes left cannot hold the model.
         """
         SamplingParams(temp=temp, top_p=top_p, seed=seed)  # validates
         if not self.stages:
@@ -369,72 +468,262 @@ class PipelineClient:
         rid = request_id or uuid.uuid4().hex[:16]
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in flight")
-        route = tuple(s.node_id for s in self.stages)
-        meta = RequestMeta(
-            rid,
-            max_tokens,
-            temp,
-            top_p,
-            seed,
-            prefill_step_size,
-            route,
-            self.router.node_id,
-            chunks or self.chunks,
-        )
-        last = self.stages[-1]
+
+        def meta_for(key: str, resume: Sequence[int]) -> RequestMeta:
+            return RequestMeta(
+                key,
+                max_tokens,
+                temp,
+                top_p,
+                seed,
+                prefill_step_size,
+                tuple(s.node_id for s in self.stages),
+                self.router.node_id,
+                chunks or self.chunks,
+                epoch=self.epoch,
+                resume=tuple(resume),
+            )
+
+        meta = meta_for(rid, ())
         # The text is checked below against mlx-lm's own streaming detokenizer (what
         # stream_generate yields), not against tokenizer.decode: the two differ for a NUL byte.
-        assembler = TokenStreamAssembler(rid, source=last.label)
+        assembler = TokenStreamAssembler(rid, source=self.stages[-1].label)
         send, recv = anyio.create_memory_object_stream[TokenChunk | Failure](float("inf"))
         self._streams[rid] = send
         known_events = {id(e) for e in self.router.protocol_events}
         progress = time.monotonic()
+        attempt = 0
+        recovery: Recovery | None = None
         try:
-            request = GenerateRequest(meta, tuple(prompt_ids))
-            await self.router.send_to(route[0], REQUEST_STREAM, encode_message(request))
+            await self._submit(meta, prompt_ids)
             while not assembler.complete:
                 item: TokenChunk | Failure | None = None
                 with anyio.move_on_after(0.25):
                     item = await recv.receive()
-                if isinstance(item, Failure):
-                    raise StageFailedError(item)
-                if item is None:
-                    reason = self._stream_trouble(known_events, progress, idle_timeout)
-                    if reason is not None:
-                        try:
-                            assembler.finish()
-                        except IncompleteStreamError as exc:
-                            raise TokenStreamError(exc, reason) from None
+                if isinstance(item, TokenChunk):
+                    progress = time.monotonic()
+                    ready = assembler.add(item)
+                    if ready:
+                        self.corruption.progress(meta.route)
+                        if recovery is not None and recovery.first_token_at is None:
+                            recovery.first_token_at = clock()
+                    for chunk in ready:
+                        yield chunk
                     continue
+                trouble: tuple[str, set[str]] | None
+                if isinstance(item, Failure):
+                    if item.request_id != meta.request_id:
+                        continue  # of an attempt given up already
+                    trouble = self._failure_trouble(item)
+                else:
+                    trouble = await self._lost_stages(meta.route)
+                    if trouble is None:
+                        reason, retry = self._stream_trouble(known_events, progress, idle_timeout)
+                        if reason is not None:
+                            trouble = (reason, set()) if retry else None
+                            if not retry or not self.policy.enabled:
+                                _raise_incomplete(assembler, reason)
+                if trouble is None:
+                    continue
+                reason, lost = trouble
+                if not self.policy.enabled or attempt >= self.policy.max_attempts:
+                    if isinstance(item, Failure):
+                        raise StageFailedError(item)
+                    _raise_incomplete(assembler, reason)
+                attempt += 1
+                recovery = await self._failover(meta, attempt, assembler, reason, lost)
+                del self._streams[meta.request_id]
+                meta = meta_for(attempt_id(rid, attempt), [c.token_id for c in assembler.chunks])
+                self._streams[meta.request_id] = send
+                known_events = {id(e) for e in self.router.protocol_events}
                 progress = time.monotonic()
-                for chunk in assembler.add(item):
-                    yield chunk
+                await self._submit(meta, prompt_ids)
             check_stream_text(self.tokenizer, assembler)
         finally:
-            del self._streams[rid]
+            self._streams.pop(meta.request_id, None)
             if not assembler.complete:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    for peer in route:
-                        if peer in self.router.connected:
-                            payload = encode_message(Release(rid, "abandoned by the client"))
-                            await self.router.send_to(peer, CONTROL_STREAM, payload)
+                    await self._release(meta, "abandoned by the client")
 
-    def _stream_trouble(self, known: set[int], progress: float, idle_timeout: float) -> str | None:
-        """Why the current stream cannot complete, or None while it still may."""
-        gone = [s.label for s in self.stages if s.node_id not in self.router.connected]
-        if gone:
-            return f"lost the connection to {', '.join(gone)}"
+    async def _submit(self, meta: RequestMeta, prompt_ids: Sequence[int]) -> None:
+        request = GenerateRequest(meta, tuple(prompt_ids))
+        await self.router.send_to(meta.route[0], REQUEST_STREAM, encode_message(request))
+
+    async def _release(self, meta: RequestMeta, reason: str) -> None:
+        """Ask every stage of `meta`'s route that is still there to drop the request."""
+        payload = encode_message(Release(meta.request_id, reason))
+        for peer in meta.route:
+            if peer in self.router.connected and peer not in self.excluded:
+                await self.router.send_to(peer, CONTROL_STREAM, payload)
+
+    def _failure_trouble(self, failure: Failure) -> tuple[str, set[str]]:
+        """What a stage's `Failure` means for failover: (reason, peers to exclude).
+
+        Raises `StageFailedError` for failures that another attempt would only repeat."""
+        if failure.kind == "stale":
+            return f"stage {failure.stage} is on another plan: {failure.message}", set()
+        if failure.kind != "corrupt" or not failure.suspect:
+            raise StageFailedError(failure)
+        peer = failure.suspect
+        stage = self._stage_of(peer)
+        count = self.corruption.counts.get(peer, 0) + 1
+        self._event(peer, "corrupt", f"#{count} in a row: {failure.message}")
+        if self.corruption.corrupt(peer):
+            self._event(
+                peer,
+                "quarantined",
+                f"after {count} consecutive corrupt hidden states (limit "
+                f"{self.corruption.limit}); its layers move to other nodes",
+                stage,
+            )
+            return f"quarantined {peer} (stage {stage}) for corrupt hidden states", {peer}
+        return f"corrupt hidden state from {peer} (stage {stage}); retrying", set()
+
+    async def _lost_stages(self, route: Sequence[str]) -> tuple[str, set[str]] | None:
+        """Stages of `route` whose connection closed, or whose health (phi accrual) says
+        dead; None when all are there."""
+        lost = {peer for peer in route if peer not in self.router.connected}
+        why = "connection closed"
+        if not lost and clock() - self._health_read >= self.policy.health_interval:
+            self._health_read = clock()
+            for row in await self.router.health():
+                if row.get("peer") in route and row.get("state") == "DEAD":
+                    lost.add(str(row["peer"]))
+                    why = "no heartbeat (phi accrual)"
+        if not lost:
+            return None
+        labels = ", ".join(f"stage {self._stage_of(p)} ({p})" for p in sorted(lost))
+        return f"lost {labels}: {why}", lost
+
+    def _stream_trouble(
+        self, known: set[int], progress: float, idle_timeout: float
+    ) -> tuple[str | None, bool]:
+        """Why the current stream cannot complete (None while it still may), and whether
+        another attempt could help."""
         last = self.stages[-1].node_id
         for event in list(self.router.protocol_events):
             if id(event) in known:
                 continue
             if isinstance(event, Gap) and event.origin == last and event.stream in CHUNK_STREAMS:
-                return f"the protocol reported a gap in the token chunks from {last}: {event}"
-            if isinstance(event, Unrecoverable):
-                return f"the protocol gave up on a message: {event}"
+                return f"the protocol reported a gap in the token chunks from {last}: {event}", True
+            if isinstance(event, Unrecoverable) and event.peer not in self.excluded:
+                return f"the protocol gave up on a message: {event}", True
         if time.monotonic() - progress > idle_timeout:
-            return f"no token chunk for {idle_timeout:.0f} s"
-        return None
+            return f"no token chunk for {idle_timeout:.0f} s", False
+        return None, False
+
+    async def _failover(
+        self,
+        meta: RequestMeta,
+        attempt: int,
+        assembler: TokenStreamAssembler,
+        reason: str,
+        lost: set[str],
+    ) -> Recovery:
+        """Stop the failed attempt, re-plan over the nodes left, and get the assembler ready
+        for the next attempt; returns the record of this recovery."""
+        recovery = Recovery(meta.request_id, attempt, reason, tuple(sorted(lost)), clock())
+        self.recoveries.append(recovery)
+        for peer in lost:
+            if peer not in self.excluded:
+                self.excluded.add(peer)
+                if peer not in self.corruption.quarantined:
+                    self._event(peer, "lost", reason)
+        log.warning("request %r: %s; failing over (attempt %d)", meta.request_id, reason, attempt)
+        await self._release(meta, f"failover: {reason}")
+        if lost or set(meta.route) - {s.node_id for s in self.stages}:
+            await self._replan(reason)
+        recovery.replanned_at = clock()
+        key = attempt_id(meta.request_id.split("~")[0], attempt)
+        recovery.resumed_from = assembler.rekey(key)
+        assembler.source = self.stages[-1].label
+        recovery.route = tuple(s.node_id for s in self.stages)
+        recovery.layers = tuple((s.layers.start, s.layers.stop) for s in self.stages)
+        return recovery
+
+    async def _replan(self, reason: str) -> None:
+        """Plan the layers over every reachable node not excluded, have them load their
+        layers, and make that the pipeline (`self.stages`, `self.epoch`).
+
+        Raises:
+            ModelDoesNotFitError: the nodes left cannot hold the model (at once).
+            PipelineError: no plan could be put in place.
+        """
+        if self.footprint is None:
+            raise PipelineError(f"{reason}; cannot re-plan without the model's layer sizes")
+        for _ in range(3):
+            offers = await self._offers()
+            plan = plan_stages(self.footprint, offers)
+            epoch = self.epoch + 1
+            asks: dict[str, Callable[[int], Message]] = {
+                node: functools.partial(
+                    _reconfigure, epoch=epoch, stage=i, stages=len(plan), layers=layers
+                )
+                for i, (node, layers) in enumerate(plan)
+            }
+            replies = await self._ask(asks, self.policy.reconfigure_timeout)
+            self.epoch = epoch
+            refused = {
+                node: ("no answer" if reply is None else reply.error)
+                for node, reply in replies.items()
+                if reply is None or reply.error
+            }
+            if not refused:
+                self.stages = [StageInfo.from_reply(replies[node]) for node, _ in plan]
+                layout = ", ".join(
+                    f"{s.node_id[-6:]}: {s.layers.start}-{s.layers.stop - 1}" for s in self.stages
+                )
+                for s in self.stages:
+                    self._event(s.node_id, "reconfigured", f"epoch {epoch}: {layout}", s.index)
+                if self.stages[-1].node_id not in self.router.subscribers(TOKENS.topic):
+                    with anyio.move_on_after(5):
+                        await self._await_token_subscription(5)
+                return
+            for node, why in refused.items():
+                self.excluded.add(node)
+                self._event(node, "refused", f"epoch {epoch}: {why}")
+        raise PipelineError(f"{reason}; no new plan could be put in place after 3 tries")
+
+    async def _offers(self) -> list[NodeOffer]:
+        """Every reachable node that serves this model and is not excluded, with its memory
+        budget: the current stages first (in order), then any other connected peer that
+        answers as a stage node of the same model (a restarted or spare node)."""
+        current = [s.node_id for s in self.stages]
+        others = sorted(self.router.connected - set(current) - {self.router.node_id})
+        peers = [p for p in current + others if p in self.router.connected]
+        peers = [p for p in peers if p not in self.excluded]
+        replies = await self._ask(
+            {p: InfoQuery for p in peers},
+            self.policy.query_timeout,
+            optional=[p for p in others if p not in self.budgets],
+        )
+        model = self.stages[0] if self.stages else None
+        offers = []
+        for peer in peers:
+            reply = replies.get(peer)
+            if not isinstance(reply, InfoReply):
+                continue
+            if model is not None and (reply.model_fingerprint, reply.blas, reply.blas_threads) != (
+                model.fingerprint,
+                model.blas,
+                model.blas_threads,
+            ):
+                continue
+            self.budgets[peer] = reply.memory_budget
+            offers.append(NodeOffer(peer, reply.memory_budget or (1 << 40)))
+        if not offers:
+            raise ModelDoesNotFitError("no node is left to hold the model")
+        return offers
+
+    def _stage_of(self, peer: str) -> int | None:
+        return next((s.index for s in self.stages if s.node_id == peer), None)
+
+    def _event(self, peer: str, kind: str, detail: str, stage: int | None = None) -> None:
+        event = PeerEvent(
+            time.time(), peer, self._stage_of(peer) if stage is None else stage, kind, detail
+        )
+        self.events.append(event)
+        log.warning("%s", event.line())
 
     async def generate(
         self,
@@ -522,6 +811,18 @@ class PipelineClient:
         return {"nodes": nodes, "links": links}
 
 
+def _reconfigure(nonce: int, *, epoch: int, stage: int, stages: int, layers: range) -> Reconfigure:
+    return Reconfigure(nonce, epoch, stage, stages, layers.start, layers.stop)
+
+
+def _raise_incomplete(assembler: TokenStreamAssembler, reason: str) -> NoReturn:
+    try:
+        assembler.finish()
+    except IncompleteStreamError as exc:
+        raise TokenStreamError(exc, reason) from None
+    raise AssertionError("a complete stream has no trouble")
+
+
 def check_stream_text(tokenizer: Any, assembler: TokenStreamAssembler) -> str:
     """The complete stream's text, after checking every chunk's text against what mlx-lm's
     streaming detokenizer (stream_generate's) gives for the same token ids.
@@ -539,27 +840,9 @@ def check_stream_text(tokenizer: Any, assembler: TokenStreamAssembler) -> str:
     return text
 
 
-def check_pipeline(infos: Sequence[InfoReply]) -> list[StageInfo]:
-    """The stages in order, after checking that the nodes form one pipeline."""
-    if not infos:
-        raise PipelineError("no stage nodes")
-    stages = sorted(
-        (
-            StageInfo(
-                index=i.stage,
-                node_id=i.node_id,
-                layers=range(i.layer_start, i.layer_stop),
-                num_layers=i.num_layers,
-                model=i.model,
-                fingerprint=i.model_fingerprint,
-                blas=i.blas,
-                blas_threads=i.blas_threads,
-                pid=i.pid,
-            )
-            for i in infos
-        ),
-        key=lambda s: s.layers.start,
-    )
+def check_pipeline_models(infos: Sequence[InfoReply]) -> None:
+    """Check that the nodes serve the same model files with the same BLAS set-up."""
+    stages = [StageInfo.from_reply(i) for i in infos]
     described = ", ".join(
         f"{s.label}: layers {s.layers.start}-{s.layers.stop - 1} of {s.num_layers} "
         f"of {s.model} [{s.fingerprint}]"
@@ -567,6 +850,22 @@ def check_pipeline(infos: Sequence[InfoReply]) -> list[StageInfo]:
     )
     if len({(s.fingerprint, s.num_layers) for s in stages}) != 1:
         raise PipelineError(f"the nodes do not serve the same model files: {described}")
+    if len({(s.blas, s.blas_threads) for s in stages}) != 1:
+        raise PipelineError(
+            "the nodes use different BLAS set-ups, so results would not be bit-exact: "
+            + ", ".join(f"{s.label}: {s.blas} x{s.blas_threads}" for s in stages)
+        )
+
+
+def check_pipeline(infos: Sequence[InfoReply]) -> list[StageInfo]:
+    """The stages in order, after checking that the nodes form one pipeline."""
+    if not infos:
+        raise PipelineError("no stage nodes")
+    check_pipeline_models(infos)
+    stages = sorted((StageInfo.from_reply(i) for i in infos), key=lambda s: s.layers.start)
+    described = ", ".join(
+        f"{s.label}: layers {s.layers.start}-{s.layers.stop - 1} of {s.num_layers}" for s in stages
+    )
     expected = 0
     for position, stage in enumerate(stages):
         if stage.layers.start != expected or stage.index != position:
@@ -574,9 +873,4 @@ def check_pipeline(infos: Sequence[InfoReply]) -> list[StageInfo]:
         expected = stage.layers.stop
     if expected != stages[0].num_layers or len(stages) != infos[0].num_stages:
         raise PipelineError(f"the nodes do not cover the whole model: {described}")
-    if len({(s.blas, s.blas_threads) for s in stages}) != 1:
-        raise PipelineError(
-            "the nodes use different BLAS set-ups, so results would not be bit-exact: "
-            + ", ".join(f"{s.label}: {s.blas} x{s.blas_threads}" for s in stages)
-        )
     return stages

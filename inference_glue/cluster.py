@@ -112,6 +112,9 @@ class StageCluster:
         compute: the nodes' `--compute` mode.
         detach: the nodes outlive this object (run until SIGTERM) and log to `log_dir`.
         extra_env: more environment variables for the nodes.
+        memory_budget: every node's `--memory-budget` (e.g. "8M"; default: available memory).
+        node_args: more command-line arguments for some nodes, by index (fault injection:
+            `{1: ["--corrupt-activations=1"]}`).
     """
 
     def __init__(
@@ -126,6 +129,8 @@ class StageCluster:
         log_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
         model_name: str | None = None,
+        memory_budget: str | None = None,
+        node_args: dict[int, list[str]] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.layers = list(layers) if layers is not None else None
@@ -136,6 +141,8 @@ class StageCluster:
         self.log_dir = log_dir
         self.extra_env = dict(extra_env or {})
         self.model_name = model_name
+        self.memory_budget = memory_budget
+        self.node_args = dict(node_args or {})
         self.nodes: list[NodeHandle] = []
 
     @property
@@ -208,6 +215,9 @@ class StageCluster:
         ]
         if self.model_name:
             args.append(f"--model-name={self.model_name}")
+        if self.memory_budget:
+            args.append(f"--memory-budget={self.memory_budget}")
+        args += self.node_args.get(index, [])
         log_path = None
         stderr: Any = subprocess.PIPE
         if self.detach:
@@ -264,6 +274,41 @@ class StageCluster:
                 raise ClusterStartError(f"{node.label} failed to start: {data.get('message')}")
             if data.get("event") == event:
                 return data
+
+    def kill(self, index: int) -> float:
+        """SIGKILL node `index` (no goodbye: its sockets just close); returns the
+        `time.perf_counter()` of the kill."""
+        node = self.nodes[index]
+        node.proc.kill()
+        at = time.perf_counter()
+        node.proc.wait()
+        return at
+
+    def restart(
+        self, index: int, extra_bootstrap: Sequence[str] = (), timeout: float = 120.0
+    ) -> NodeHandle:
+        """Start node `index` again (a new process and peer id, the same layers and
+        arguments), bootstrapping from the other nodes that still run and `extra_bootstrap`
+        (e.g. a client's address, so that the client sees it); waits until it is ready."""
+        old = self.nodes[index]
+        if old.proc.poll() is None:
+            raise RuntimeError(f"{old.label} is still running")
+        node = self._spawn(index, old.layers, self.environment())
+        bootstrap = [
+            a
+            for other in self.nodes
+            if other is not old and other.proc.poll() is None
+            for a in other.addrs[:1]
+        ] + list(extra_bootstrap)
+        assert node.proc.stdin is not None
+        node.proc.stdin.write(json.dumps({"bootstrap": bootstrap}) + "\n")
+        node.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        event = self._expect(node, "listening", deadline)
+        node.node_id, node.addrs = event["node_id"], event["addrs"]
+        node.ready = self._expect(node, "ready", deadline)
+        self.nodes[index] = node
+        return node
 
     def failed_nodes(self) -> list[str]:
         """Labels and exit statuses of nodes that are no longer running."""

@@ -8,7 +8,8 @@ exactly once, per (peer, stream)):
 | `p2pr.infer.request`  | client -> first stage      | `GenerateRequest`                         |
 | `p2pr.infer.act`      | stage i -> stage i+1       | `Activation` (hidden state, codec bytes)  |
 | `p2pr.infer.token`    | last stage -> first stage  | `TokenFeedback` (the sampled token)       |
-| `p2pr.infer.ctl`      | anyone -> a stage          | `Release`, `InfoQuery`, `StatsQuery`      |
+| `p2pr.infer.ctl`      | anyone -> a stage          | `Release`, `InfoQuery`, `StatsQuery`,     |
+|                       |                            | `Reconfigure`                             |
 | `p2pr.infer.client`   | a stage -> client          | `Failure`, `InfoReply`, `StatsReply`      |
 | `p2pr.infer.chunks`   | last stage -> client       | `TokenChunk.to_bytes()` (direct delivery) |
 
@@ -16,6 +17,11 @@ The token stream: the last stage makes one `TokenChunk` per generated token and,
 request's `RequestMeta.chunks` asks, publishes it on the `TOKENS` topic ("topic": every
 subscribed client sees every stream and picks its own request's chunks) or sends it to the
 requester alone on `p2pr.infer.chunks` ("direct").
+
+Failover (see `inference_glue.failover`): the client re-plans the layers over the nodes left
+and sends each a `Reconfigure` with a new plan `epoch`; every node answers with its
+`InfoReply`. The request then starts again under a new request id with `RequestMeta.resume`,
+the tokens already generated, which the stages replay to rebuild their KV caches exactly.
 
 Wire form: msgpack `[kind, {field: value}]`; `decode_message` checks the kind and the
 fields and raises `MessageDecodeError` for anything else.
@@ -37,6 +43,7 @@ __all__ = [
     "CHUNK_STREAM",
     "CLIENT_STREAM",
     "CONTROL_STREAM",
+    "FAILURE_KINDS",
     "REQUEST_STREAM",
     "TOKENS",
     "TOKEN_STREAM",
@@ -47,6 +54,7 @@ __all__ = [
     "InfoReply",
     "Message",
     "MessageDecodeError",
+    "Reconfigure",
     "Release",
     "RequestMeta",
     "StatsQuery",
@@ -63,6 +71,9 @@ CONTROL_STREAM = "p2pr.infer.ctl"
 CLIENT_STREAM = "p2pr.infer.client"
 CHUNK_STREAM = "p2pr.infer.chunks"
 CHUNK_DELIVERY = ("topic", "direct")
+# Why a stage failed a request: "corrupt" (a hidden state from `suspect` failed its checksum),
+# "stale" (the request's plan epoch is not the node's), "error" (anything else).
+FAILURE_KINDS = ("error", "corrupt", "stale")
 
 TOKENS: TypedTopic[TokenChunk] = TypedTopic("p2pr.infer.tokens", PublishPolicy.Always, TokenChunk)
 
@@ -99,8 +110,14 @@ class RequestMeta:
     route: tuple[str, ...] = attrs.field(converter=_tuple_of_str)
     reply_to: str
     chunks: str = "topic"
+    epoch: int = 0
+    resume: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_int)
 
     def __attrs_post_init__(self) -> None:
+        if len(self.resume) >= self.max_tokens:
+            raise ValueError(
+                f"resuming after {len(self.resume)} tokens of a {self.max_tokens}-token request"
+            )
         if self.chunks not in CHUNK_DELIVERY:
             raise ValueError(f"chunks must be one of {CHUNK_DELIVERY}, got {self.chunks!r}")
         if self.max_tokens < 1:
@@ -168,7 +185,11 @@ class Release:
 
 @attrs.frozen
 class Failure:
-    """A stage could not serve a request; sent to the requester."""
+    """A stage could not serve a request; sent to the requester.
+
+    `kind` is one of `FAILURE_KINDS`; for "corrupt", `suspect` is the peer whose hidden
+    state failed its checksum (the client counts these per peer to quarantine it).
+    """
 
     KIND: ClassVar[str] = "failure"
 
@@ -176,6 +197,28 @@ class Failure:
     stage: int
     peer: str
     message: str
+    kind: str = "error"
+    suspect: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in FAILURE_KINDS:
+            raise ValueError(f"failure kind must be one of {FAILURE_KINDS}, got {self.kind!r}")
+
+
+@attrs.frozen
+class Reconfigure:
+    """Serve layers `layer_start .. layer_stop - 1` as stage `stage` of `num_stages` under
+    plan `epoch`; drops every request in flight. Answered with `InfoReply` (same `nonce`),
+    whose `error` says why a node could not (e.g. the layers exceed its memory budget)."""
+
+    KIND: ClassVar[str] = "reconfigure"
+
+    nonce: int
+    epoch: int
+    stage: int
+    num_stages: int
+    layer_start: int
+    layer_stop: int
 
 
 @attrs.frozen
@@ -189,7 +232,11 @@ class InfoQuery:
 
 @attrs.frozen
 class InfoReply:
-    """What a stage node serves: its layers of which model, and how it computes."""
+    """What a stage node serves: its layers of which model, and how it computes.
+
+    `memory_budget` is the bytes of weights the node may hold (placement respects it);
+    `epoch` its current plan; `error` is set when it answers a `Reconfigure` it could not do.
+    """
 
     KIND: ClassVar[str] = "info"
 
@@ -205,6 +252,10 @@ class InfoReply:
     blas: str
     blas_threads: str | None
     pid: int
+    epoch: int = 0
+    memory_budget: int = 0
+    error: str = ""
+    load_seconds: float = 0.0
 
 
 @attrs.frozen
@@ -237,6 +288,7 @@ Message: TypeAlias = (
     | TokenFeedback
     | Release
     | Failure
+    | Reconfigure
     | InfoQuery
     | InfoReply
     | StatsQuery
@@ -251,6 +303,7 @@ _TYPES: dict[str, type[Any]] = {
         TokenFeedback,
         Release,
         Failure,
+        Reconfigure,
         InfoQuery,
         InfoReply,
         StatsQuery,

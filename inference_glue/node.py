@@ -2,6 +2,7 @@
 
     python -m inference_glue.node --model DIR --layers 0:15 --stage 0 --stages 2 \\
         [--bootstrap MULTIADDR ...] [--faults drop=0.1,corrupt=0.05] [--compute inline|thread]
+        [--memory-budget 2G] [--corrupt-activations 0.5]
 
 It starts a `Router`, prints one JSON line `{"event": "listening", "node_id", "addrs", ...}`,
 loads its stage with `load_stage` (only its own weights), prints `{"event": "ready", ...}` and
@@ -23,6 +24,13 @@ How a request flows (see `inference_glue.messages` for the streams):
    token `done` (end of sequence or `max_tokens`); then every stage releases the request's
    KV caches (the last stage sends `Release` to the middle stages).
 
+Failover (driven by the client, see `inference_glue.failover`): a `Reconfigure` gives the node
+new layers, stage index and plan epoch; it drops every request in flight, loads the layers from
+its own copy of the model (refusing, with a reason, layers beyond its `--memory-budget`) and
+answers with its `InfoReply`. A request with `RequestMeta.resume` replays the prompt in the
+same prefill pieces and then the resumed tokens one at a time, exactly as the first attempt
+computed them, so the KV caches and the next sampled token are bit for bit the same.
+
 Any number of requests may be in flight: each stage keeps KV caches per request id and works
 through its messages one at a time, in arrival order. The model compute is synchronous MLX; it
 runs inline on the event loop (default; measured faster, see `--compute`) or in a worker
@@ -37,6 +45,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -51,6 +60,7 @@ import mlx.core as mx
 import xxhash
 
 from inference_glue.blas import blas_in_use
+from inference_glue.footprint import ModelFootprint, format_bytes, parse_bytes
 from inference_glue.local_pipeline import prefill_pieces
 from inference_glue.messages import (
     ACTIVATION_STREAM,
@@ -67,6 +77,7 @@ from inference_glue.messages import (
     InfoReply,
     Message,
     MessageDecodeError,
+    Reconfigure,
     Release,
     RequestMeta,
     StatsQuery,
@@ -76,7 +87,7 @@ from inference_glue.messages import (
     encode_message,
 )
 from inference_glue.sampling import SamplingParams, logprobs_from_logits, sample
-from inference_glue.stage import PipelineStage, load_stage
+from inference_glue.stage import PipelineStage, load_stage, load_stage_layers
 from inference_glue.tensor_codec import TensorDecodeError, decode_tensor, encode_tensor
 from inference_glue.tokens import TokenChunk, TokenStreamWriter
 from router import DirectMessage, EngineConfig, FaultConfig, Router, RouterConfig
@@ -86,6 +97,7 @@ __all__ = [
     "COMPUTE_MODES",
     "NodeCounters",
     "StageNode",
+    "available_memory",
     "engine_call",
     "main",
     "model_fingerprint",
@@ -111,6 +123,23 @@ def parse_layers(text: str) -> range:
     if not sep:
         raise ValueError(f"layers must look like START:STOP, got {text!r}")
     return range(int(start), int(stop))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new process (Linux MemAvailable), the default memory
+    budget of a node; 1 TiB where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fd:
+            for line in fd:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
+class StaleEpochError(ValueError):
+    """A request for a plan epoch other than the node's."""
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -224,6 +253,12 @@ class NodeCounters:
     tensor_checksum_failures: int = 0
     bad_messages: int = 0
     stale_messages: int = 0
+    # The same hidden state or token delivered twice (the router promises exactly once).
+    duplicate_deliveries: int = 0
+    replayed_tokens: int = 0
+    reconfigurations: int = 0
+    # Fault injection (--corrupt-activations): hidden states damaged after their checksum.
+    activations_corrupted: int = 0
 
 
 @attrs.define
@@ -252,6 +287,11 @@ class StageNode:
         model: a name for the model (shown to clients), `fingerprint` its files' hash.
         worker: where the MLX work runs (`MlxWorker`; default inline on the event loop).
         vocab_size: the embedding's rows; prompt token ids are checked against it.
+        model_dir: the node's copy of the model, where a `Reconfigure` loads layers from
+            (without it the node refuses reconfiguration).
+        memory_budget: bytes of weights this node may hold (default: available memory).
+        corrupt_activations: fault injection: the fraction of outgoing hidden states to
+            damage after their checksum is computed (the next stage must catch them).
     """
 
     def __init__(
@@ -266,14 +306,12 @@ class StageNode:
         fingerprint: str,
         worker: MlxWorker | None = None,
         vocab_size: int | None = None,
+        model_dir: str | Path | None = None,
+        memory_budget: int | None = None,
+        corrupt_activations: float = 0.0,
+        fault_seed: int = 0,
     ) -> None:
-        if not 0 <= stage_index < num_stages:
-            raise ValueError(f"stage {stage_index} of {num_stages} does not exist")
-        if stage.is_first != (stage_index == 0) or stage.is_last != (stage_index == num_stages - 1):
-            raise ValueError(
-                f"stage {stage_index} of {num_stages} cannot serve layers "
-                f"{stage.layers.start}-{stage.layers.stop - 1} of {stage.num_model_layers}"
-            )
+        _check_stage(stage, stage_index, num_stages)
         self.router = router
         self.stage = stage
         self.tokenizer = tokenizer
@@ -283,6 +321,12 @@ class StageNode:
         self.fingerprint = fingerprint
         self.worker = worker or MlxWorker("inline")
         self.vocab_size = vocab_size
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.footprint = ModelFootprint.from_dir(model_dir) if model_dir is not None else None
+        self.memory_budget = memory_budget if memory_budget is not None else available_memory()
+        self.epoch = 0
+        self.corrupt_activations = corrupt_activations
+        self._fault_rng = random.Random(fault_seed)
         self.counters = NodeCounters()
         self._eos = set(tokenizer.eos_token_ids)
         self._blas = blas_in_use()
@@ -309,8 +353,8 @@ class StageNode:
                 tg.start_soon(self._pump, stream, work_send.clone())
             tg.start_soon(self._control, work_send.clone())
             tg.start_soon(self._worker, work_recv)
-            if self.stage.is_last:
-                tg.start_soon(self._publisher)
+            # On every node: a failover may make any of them the last stage.
+            tg.start_soon(self._publisher)
             work_send.close()
 
     # -- inputs ----------------------------------------------------------------------------
@@ -334,7 +378,7 @@ class StageNode:
         async with work:
             async for item in self.router.direct_receiver(CONTROL_STREAM):
                 message = self._decode(item)
-                if isinstance(message, Release):
+                if isinstance(message, Release | Reconfigure):
                     # Through the worker, so that it never races a computation.
                     await work.send(_Work(item.stream, item.peer, message))
                 elif isinstance(message, InfoQuery):
@@ -363,6 +407,8 @@ class StageNode:
             blas=self._blas.kind,
             blas_threads=self._blas.threads,
             pid=os.getpid(),
+            epoch=self.epoch,
+            memory_budget=self.memory_budget,
         )
 
     async def stats(self, nonce: int = 0) -> StatsReply:
@@ -402,6 +448,8 @@ class StageNode:
                 await self._token(message)
             elif isinstance(message, Release):
                 self._release(message.request_id)
+            elif isinstance(message, Reconfigure):
+                await self._reconfigure(message, item.peer)
             else:
                 self.counters.bad_messages += 1
                 log.warning(
@@ -410,13 +458,17 @@ class StageNode:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
+            kind, suspect = "error", ""
             if isinstance(exc, TensorDecodeError):
                 self.counters.tensor_checksum_failures += 1
+                kind, suspect = "corrupt", item.peer
                 detail = f"hidden state from {item.peer} failed its check: {exc}"
+            elif isinstance(exc, StaleEpochError):
+                kind, detail = "stale", str(exc)
             else:
                 detail = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: request %r failed: %s", self.name, request_id, detail)
-            await self._fail(request_id, detail, meta)
+            log.warning("%s: request %r failed (%s): %s", self.name, request_id, kind, detail)
+            await self._fail(request_id, detail, meta, kind, suspect)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         start = time.perf_counter()
@@ -431,6 +483,8 @@ class StageNode:
         """One forward of this stage: codec bytes for the next stage, a sampled token id
         (last stage, `sample_it`), or None (last stage, prefill piece: caches only)."""
         have = self.stage.offset(request_id)
+        if have > position:
+            self.counters.duplicate_deliveries += 1
         if have != position:
             raise RuntimeError(
                 f"request {request_id!r}: this stage holds {have} tokens of KV cache but the "
@@ -455,13 +509,17 @@ class StageNode:
         rid = meta.request_id
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in flight")
+        if meta.epoch != self.epoch:
+            raise StaleEpochError(
+                f"request {rid!r} is for plan epoch {meta.epoch}; this node is at {self.epoch}"
+            )
         if len(meta.route) != self.num_stages or meta.route[self.index] != self.router.node_id:
             raise ValueError(
                 f"the route {list(meta.route)} does not have this node as stage {self.index} "
                 f"of {self.num_stages}"
             )
         if self.vocab_size is not None:
-            bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+            bad = [t for t in request.prompt_ids + meta.resume if not 0 <= t < self.vocab_size]
             if bad:
                 # MLX's embedding lookup would not fail: it would read outside the table.
                 raise ValueError(
@@ -472,20 +530,42 @@ class StageNode:
         prompt = request.prompt_ids
         pieces = prefill_pieces(len(request.prompt_ids), meta.prefill_step_size)
         for n, piece in enumerate(pieces):
-            last = n == len(pieces) - 1
+            last = n == len(pieces) - 1 and not meta.resume
             out = await self._run(
                 self._compute, rid, prompt[piece.start : piece.stop], piece.start, last
             )
             await self._emit(meta, out, piece.start, last, first=n == 0)
+        # A resumed request: the tokens generated before the failover, one decode step each,
+        # as they were first computed (a one-shot prefill would differ in the last bits).
+        # Nothing is sampled until the last of them, whose output gives the next new token.
+        for i, token in enumerate(meta.resume):
+            if rid not in self._requests:
+                return  # released meanwhile (a single-stage node samples inline)
+            position = len(prompt) + i
+            last = i == len(meta.resume) - 1
+            out = await self._run(self._compute, rid, [token], position, last)
+            self.counters.replayed_tokens += 1
+            await self._emit(meta, out, position, last, first=False)
 
     def _new_request(self, meta: RequestMeta) -> _Request:
         params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
-        writer = TokenStreamWriter(meta.request_id, self.tokenizer) if self.stage.is_last else None
-        return _Request(meta, params, writer)
+        writer = (
+            TokenStreamWriter(meta.request_id, self.tokenizer, meta.resume)
+            if self.stage.is_last
+            else None
+        )
+        return _Request(meta, params, writer, generated=len(meta.resume))
 
     async def _activation(self, act: Activation) -> None:
         rid = act.request_id
         if act.meta is not None:
+            if act.meta.epoch != self.epoch:
+                # Left over from before a failover: the client has moved on.
+                self.counters.stale_messages += 1
+                log.info(
+                    "%s: activation of %r from epoch %d dropped", self.name, rid, act.meta.epoch
+                )
+                return
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in flight")
             self._requests[rid] = self._new_request(act.meta)
@@ -507,6 +587,9 @@ class StageNode:
         first: bool,
     ) -> None:
         if isinstance(out, bytes):
+            if self.corrupt_activations and self._fault_rng.random() < self.corrupt_activations:
+                out = _damage(out, self._fault_rng)
+                self.counters.activations_corrupted += 1
             payload = encode_message(
                 Activation(meta.request_id, position, sample_it, out, meta if first else None)
             )
@@ -583,7 +666,14 @@ class StageNode:
             payload = encode_message(Release(request_id, reason))
             await self.router.send_to(peer, CONTROL_STREAM, payload)
 
-    async def _fail(self, request_id: str, detail: str, meta: RequestMeta | None) -> None:
+    async def _fail(
+        self,
+        request_id: str,
+        detail: str,
+        meta: RequestMeta | None,
+        kind: str = "error",
+        suspect: str = "",
+    ) -> None:
         """Tell the requester which stage failed and why; release the request everywhere."""
         self._sent_at.pop(request_id, None)
         state = self._requests.pop(request_id, None)
@@ -592,22 +682,82 @@ class StageNode:
         meta = state.meta if state is not None else meta
         if meta is None:
             return
-        failure = Failure(request_id, self.index, self.router.node_id, detail)
+        failure = Failure(request_id, self.index, self.router.node_id, detail, kind, suspect)
         with anyio.move_on_after(10):
             await self.router.send_to(meta.reply_to, CLIENT_STREAM, encode_message(failure))
             for peer in meta.route:
                 await self._send_release(peer, request_id, "failed")
 
+    async def _reconfigure(self, message: Reconfigure, peer: str) -> None:
+        """Serve other layers under a new plan; answer with this node's `InfoReply`."""
+        layers = range(message.layer_start, message.layer_stop)
+        start = time.perf_counter()
+        error = ""
+        try:
+            if self.model_dir is None or self.footprint is None:
+                raise RuntimeError("this node was started without a model directory to reload")
+            if not 0 <= message.stage < message.num_stages:
+                raise ValueError(f"stage {message.stage} of {message.num_stages} does not exist")
+            need = self.footprint.stage_bytes(layers)
+            if need > self.memory_budget:
+                raise MemoryError(
+                    f"layers {layers.start}-{layers.stop - 1} need {format_bytes(need)}, more "
+                    f"than this node's memory budget of {format_bytes(self.memory_budget)}"
+                )
+            for rid in list(self._requests):
+                self._release(rid)
+            self._local.clear()
+            stage = self.stage
+            if layers != stage.layers:
+                # Loaded before the old stage is let go: a node that cannot load keeps serving
+                # its old layers (and says why), at the price of both in memory for a moment.
+                stage = await self._run(load_stage_layers, self.model_dir, layers)
+            _check_stage(stage, message.stage, message.num_stages)
+            for rid in self.stage.request_ids:
+                self.stage.release(rid)
+            self.stage = stage
+            self.index, self.num_stages, self.epoch = (
+                message.stage,
+                message.num_stages,
+                message.epoch,
+            )
+            self.counters.reconfigurations += 1
+            if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
+                await self.router.register_topic(TOKENS)
+            log.warning(
+                "%s: reconfigured for epoch %d: layers %d-%d in %.2f s",
+                self.name,
+                self.epoch,
+                layers.start,
+                layers.stop - 1,
+                time.perf_counter() - start,
+            )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: cannot reconfigure: %s", self.name, error)
+        reply = attrs.evolve(
+            self.info(message.nonce),
+            error=error,
+            load_seconds=round(time.perf_counter() - start, 3),
+        )
+        await self._reply(peer, reply)
+
     # -- the token stream ------------------------------------------------------------------
 
     async def _publisher(self) -> None:
         """Hand chunks to the requesters, off the critical path of the next token."""
-        sender = self.router.sender(TOKENS)
+        sender = None
         async with self._chunks_recv:
             async for chunk, meta in self._chunks_recv:
                 if meta.chunks == "direct":
                     await self.router.send_to(meta.reply_to, CHUNK_STREAM, chunk.to_bytes())
                 else:
+                    if sender is None:
+                        if TOKENS.topic not in self.router.topic_routers:
+                            await self.router.register_topic(TOKENS)
+                        sender = self.router.sender(TOKENS)
                     await self._await_subscriber(meta.reply_to, chunk.request_id)
                     await sender.send(chunk)
                 self.counters.chunks_published += 1
@@ -628,6 +778,24 @@ class StageNode:
             request_id,
             TOKENS.topic,
         )
+
+
+def _check_stage(stage: PipelineStage, index: int, num_stages: int) -> None:
+    if not 0 <= index < num_stages:
+        raise ValueError(f"stage {index} of {num_stages} does not exist")
+    if stage.is_first != (index == 0) or stage.is_last != (index == num_stages - 1):
+        raise ValueError(
+            f"stage {index} of {num_stages} cannot serve layers "
+            f"{stage.layers.start}-{stage.layers.stop - 1} of {stage.num_model_layers}"
+        )
+
+
+def _damage(data: bytes, rng: random.Random) -> bytes:
+    """`data` with one byte of its second half flipped: the tensor's elements, not the codec
+    header, so the receiver's checksum (not its parser) is what catches it."""
+    damaged = bytearray(data)
+    damaged[rng.randrange(len(data) // 2, len(data))] ^= 0xFF
+    return bytes(damaged)
 
 
 # -- the process ---------------------------------------------------------------------------
@@ -688,6 +856,13 @@ async def _serve_node(
         common = {"node_id": router.node_id, "stage": args.stage, "pid": os.getpid()}
         _print({"event": "listening", **common, "addrs": router.listen_addrs})
         start = time.perf_counter()
+        budget = parse_bytes(args.memory_budget) if args.memory_budget else available_memory()
+        need = ModelFootprint.from_dir(args.model).stage_bytes(layers)
+        if need > budget:
+            raise MemoryError(
+                f"layers {layers.start}-{layers.stop - 1} need {format_bytes(need)} of weights, "
+                f"more than this node's memory budget of {format_bytes(budget)}"
+            )
         stage, tokenizer = await worker.run(load_stage, args.model, layers)
         fingerprint = await anyio.to_thread.run_sync(model_fingerprint, args.model)
         node = StageNode(
@@ -702,6 +877,10 @@ async def _serve_node(
             vocab_size=int(
                 json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
             ),
+            model_dir=args.model,
+            memory_budget=budget,
+            corrupt_activations=args.corrupt_activations,
+            fault_seed=args.fault_seed,
         )
         tg.start_soon(node.serve)
         _print(
@@ -735,6 +914,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any)")
     parser.add_argument("--faults", default=None, help=f"fault shim settings (or ${FAULTS_ENV})")
     parser.add_argument("--compute", choices=COMPUTE_MODES, default="inline")
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help="bytes of weights this node may hold, e.g. 512M (default: available memory)",
+    )
+    parser.add_argument(
+        "--corrupt-activations",
+        type=float,
+        default=0.0,
+        help="fault injection: fraction of outgoing hidden states to damage",
+    )
+    parser.add_argument("--fault-seed", type=int, default=0, help="seed of that injection")
     parser.add_argument(
         "--detach", action="store_true", help="run until SIGTERM, not until stdin closes"
     )

@@ -17,11 +17,12 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
+import mlx_lm.utils
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 
-__all__ = ["PipelineStage", "load_stage", "stages_for"]
+__all__ = ["PipelineStage", "load_stage", "load_stage_layers", "stages_for"]
 
 
 class PipelineStage:
@@ -162,6 +163,15 @@ def load_stage(model_dir: str | Path, layers: range) -> tuple[PipelineStage, Any
     stage = PipelineStage(model, layers)
     mx.eval(stage.parameters())
     return stage, tokenizer
+
+
+def load_stage_layers(model_dir: str | Path, layers: range) -> PipelineStage:
+    """Load only the weights of `layers` (no tokenizer): what a node does when a failover
+    moves layers to it. It reads them from its own copy of the model files."""
+    model, _ = mlx_lm.utils.load_model(Path(model_dir), lazy=True)
+    stage = PipelineStage(model, layers)
+    mx.eval(stage.parameters())
+    return stage
 
 
 def stages_for(model: nn.Module, splits: Iterable[range]) -> list[PipelineStage]:

@@ -183,12 +183,20 @@ class TokenStreamWriter:
     The text of each chunk is what mlx-lm's streaming detokenizer releases after that token
     (its `last_segment`): bytes of an unfinished UTF-8 character are held back until the
     character is complete, so no chunk ever carries half an emoji.
+
+    A writer that takes over a stream after a failover starts from `resume`, the tokens an
+    earlier writer already turned into chunks: it feeds them to its detokenizer without
+    making chunks, so its next chunk has seq `len(resume)` and exactly the text the earlier
+    writer would have given it (held-back bytes of a character included).
     """
 
-    def __init__(self, request_id: str, tokenizer: Any) -> None:
+    def __init__(self, request_id: str, tokenizer: Any, resume: Sequence[int] = ()) -> None:
         self.request_id = request_id
         self._detokenizer = tokenizer.detokenizer  # a fresh copy per access
-        self._seq = 0
+        for token_id in resume:
+            self._detokenizer.add_token(token_id)
+        _ = self._detokenizer.last_segment  # consumed: those chunks were sent before
+        self._seq = len(resume)
         self._finished = False
 
     def chunk(self, token_id: int, finish_reason: str | None = None) -> TokenChunk:
@@ -327,6 +335,20 @@ class TokenStreamAssembler:
         if start is not None:
             gaps.append(range(start, top + 1))
         return gaps
+
+    def rekey(self, request_id: str) -> int:
+        """Take the rest of the stream from a new attempt, `request_id`, after a failover.
+
+        The chunks delivered in order stay; chunks held beyond a hole are dropped (the new
+        attempt produces them again), and chunks of the old id count as foreign from now on.
+        Returns the seq the new attempt must start from.
+        """
+        self.request_id = request_id
+        self._pending.clear()
+        self._highest = len(self._delivered) - 1
+        if self._finish_seq is not None and self._finish_seq >= len(self._delivered):
+            self._finish_seq = None
+        return len(self._delivered)
 
     def text_so_far(self) -> str:
         """The text of the chunks delivered in order so far."""

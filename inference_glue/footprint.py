@@ -1,0 +1,179 @@
+"""How much memory a model's layers take, read from the safetensors headers alone.
+
+Placement needs to know, before anything is loaded, whether a node can hold a range of
+layers: a failover that moves layers to a node without room for them must fail at once with
+a clear error, not after the node runs out of memory. A safetensors file starts with a JSON
+header giving every tensor's byte range, so the bytes of each layer, of the embedding, the
+final norm and the LM head are known without reading any weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+__all__ = [
+    "ModelDoesNotFitError",
+    "ModelFootprint",
+    "format_bytes",
+    "parse_bytes",
+]
+
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# A header larger than this is not a safetensors header we wrote or mlx-lm would.
+_MAX_HEADER = 100 << 20
+
+
+class ModelDoesNotFitError(RuntimeError):
+    """No placement of the model's layers fits in the memory the nodes offer."""
+
+
+def parse_bytes(text: str) -> int:
+    """'512M' -> 536870912; '2g', '1500000', '64KiB' work too."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (e.g. 512M, 2G, 1500000)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _tensor_sizes(path: Path) -> dict[str, int]:
+    with open(path, "rb") as fd:
+        head = fd.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_HEADER:
+            raise ValueError(f"{path} is not a safetensors file (header of {length} bytes)")
+        header = json.loads(fd.read(length))
+    sizes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        sizes[name] = int(stop) - int(start)
+    return sizes
+
+
+@attrs.frozen
+class ModelFootprint:
+    """Bytes of weights per part of a llama-style mlx-lm model."""
+
+    layers: tuple[int, ...]
+    embedding: int
+    norm: int
+    lm_head: int  # 0 when the embeddings are tied (the last stage then holds the embedding)
+    tied: bool
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelFootprint:
+        """Read the footprint of an mlx-lm model directory (config.json, *.safetensors)."""
+        root = Path(model_dir)
+        config = json.loads((root / "config.json").read_text())
+        num_layers = int(config["num_hidden_layers"])
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{root} has no .safetensors weights")
+        layers = [0] * num_layers
+        embedding = norm = lm_head = 0
+        for path in files:
+            for name, size in _tensor_sizes(path).items():
+                if match := _LAYER.match(name):
+                    index = int(match.group(1))
+                    if index < num_layers:
+                        layers[index] += size
+                elif "embed_tokens" in name:
+                    embedding += size
+                elif name.startswith("lm_head"):
+                    lm_head += size
+                elif "norm" in name:
+                    norm += size
+        tied = bool(config.get("tie_word_embeddings", False)) or lm_head == 0
+        return cls(tuple(layers), embedding, norm, lm_head, tied)
+
+    @property
+    def num_layers(self) -> int:
+        """The model's number of transformer layers."""
+        return len(self.layers)
+
+    @property
+    def total(self) -> int:
+        """Bytes of the whole model on one node."""
+        return self.stage_bytes(range(self.num_layers))
+
+    def stage_bytes(self, layers: range) -> int:
+        """Bytes a node holds to run `layers` (the first stage also embeds; the last one
+        norms and projects to the vocabulary)."""
+        size = sum(self.layers[i] for i in layers)
+        first = layers.start == 0
+        last = layers.stop == self.num_layers
+        if first or (last and self.tied):
+            size += self.embedding
+        if last:
+            size += self.norm + self.lm_head
+        return size
+
+    def place(self, budgets: Sequence[int]) -> list[range]:
+        """Contiguous layer ranges, one per node in order, that fit the nodes' `budgets`
+        (bytes each), as even in bytes as the budgets allow; nodes that get no layers have
+        an empty range.
+
+        Layers are dealt in proportion to the budgets first; where that overfills a node,
+        each node in order takes as many layers as fit instead.
+
+        Raises:
+            ModelDoesNotFitError: no contiguous split fits; says what is needed and offered.
+        """
+        if not budgets:
+            raise ModelDoesNotFitError("no node is left to hold the model")
+        from inference_glue.placement import memory_weighted_counts
+
+        counts = memory_weighted_counts(self.num_layers, [max(b, 1) for b in budgets])
+        ranges = _ranges(counts)
+        if all(self.stage_bytes(r) <= b for r, b in zip(ranges, budgets) if r):
+            return ranges
+        greedy = self._greedy(budgets)
+        if greedy is not None:
+            return greedy
+        offered = ", ".join(format_bytes(b) for b in budgets)
+        raise ModelDoesNotFitError(
+            f"no node can hold the model: its {self.num_layers} layers need "
+            f"{format_bytes(self.total)} on one node (the largest layer "
+            f"{format_bytes(max(self.layers, default=0))}, embedding "
+            f"{format_bytes(self.embedding)}), and the {len(budgets)} node(s) left offer "
+            f"{offered} ({format_bytes(sum(budgets))} in all) with no split that fits"
+        )
+
+    def _greedy(self, budgets: Sequence[int]) -> list[range] | None:
+        ranges: list[range] = []
+        start = 0
+        for budget in budgets:
+            stop = start
+            while stop < self.num_layers and self.stage_bytes(range(start, stop + 1)) <= budget:
+                stop += 1
+            ranges.append(range(start, stop))
+            start = stop
+        return ranges if start == self.num_layers else None
+
+
+def _ranges(counts: Sequence[int]) -> list[range]:
+    out = []
+    start = 0
+    for count in counts:
+        out.append(range(start, start + count))
+        start += count
+    return out

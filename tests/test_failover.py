@@ -1,0 +1,150 @@
+"""Failover across real stage node processes: SIGKILL mid-generation, fallback to one node,
+quarantine after repeated corruption, and an immediate error when nothing can hold the model.
+
+Every generation is compared with mlx-lm's own single-process generation (`run_reference`, in
+a process with the nodes' BLAS set-up), token for token and text for text.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from inference_glue.client import PipelineClient, load_tokenizer
+from inference_glue.cluster import StageCluster
+from inference_glue.failover import FailoverPolicy
+from inference_glue.footprint import ModelDoesNotFitError, ModelFootprint
+from inference_glue.local_pipeline import prompt_token_ids
+from inference_glue.reference import run_reference
+from inference_glue.tiny_model import build_tiny_model
+from inference_glue.tokens import TokenChunk
+
+pytestmark = pytest.mark.multinode
+
+TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Eight layers: three stages of 3/3/2, and room to re-plan them over two nodes or one.
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3, num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def case(tiny_dir: Path) -> dict[str, Any]:
+    prompt = prompt_token_ids(load_tokenizer(tiny_dir), "Once upon a time, far away")
+    # Seeded sampling: a random tiny model would soon repeat one token under greedy decoding.
+    return {"prompt_ids": prompt, "max_tokens": TOKENS, "temp": 0.8, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_dir: Path, case: dict[str, Any]) -> dict[str, Any]:
+    return run_reference(tiny_dir, [case])[0]
+
+
+async def stream_with_kill(
+    cluster: StageCluster,
+    model_dir: Path,
+    case: dict[str, Any],
+    kill: dict[int, int],
+    policy: FailoverPolicy | None = None,
+) -> tuple[list[TokenChunk], PipelineClient, dict[int, float]]:
+    """Stream `case`; when chunk seq k arrives, SIGKILL node `kill[k]`. Returns the chunks,
+    the client (for its records) and the kill times."""
+    chunks: list[TokenChunk] = []
+    killed: dict[int, float] = {}
+    async with PipelineClient.connect(cluster.addrs, model_dir, policy=policy) as client:
+        options = {k: case[k] for k in ("temp", "seed") if k in case}
+        async for chunk in client.stream(case["prompt_ids"], case["max_tokens"], **options):
+            chunks.append(chunk)
+            if chunk.seq in kill:
+                killed[chunk.seq] = cluster.kill(kill[chunk.seq])
+    return chunks, client, killed
+
+
+def assert_same_as_reference(chunks: list[TokenChunk], expected: dict[str, Any]) -> None:
+    assert [c.seq for c in chunks] == list(range(len(chunks))), "a gap or a duplicate"
+    assert [c.token_id for c in chunks] == expected["token_ids"]
+    assert "".join(c.text for c in chunks) == expected["text"]
+
+
+def test_sigkill_of_a_middle_stage_mid_generation_changes_nothing(
+    tiny_dir: Path, case: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    at = random.Random(time.time_ns()).randrange(1, TOKENS - 8)
+    print(f"SIGKILL of the middle stage after token {at}")
+    with StageCluster(tiny_dir, 3) as cluster:
+        middle = cluster.nodes[1].node_id
+        chunks, client, killed = anyio.run(stream_with_kill, cluster, tiny_dir, case, {at: 1})
+    assert_same_as_reference(chunks, expected)
+    assert len(chunks) == TOKENS
+    [recovery] = client.recoveries
+    assert recovery.lost == (middle,)
+    assert recovery.resumed_from >= at + 1
+    assert middle not in recovery.route and len(recovery.route) == 2
+    assert recovery.first_token_at is not None
+    print(
+        f"recovered {recovery.first_token_at - killed[at]:.3f} s after the SIGKILL "
+        f"(detected after {recovery.detected_at - killed[at]:.3f} s, re-planned in "
+        f"{recovery.replan_seconds:.3f} s); new layers {recovery.layers}"
+    )
+    kinds = [(e.peer, e.kind) for e in client.events]
+    assert (middle, "lost") in kinds
+
+
+def test_fallback_to_one_node_when_the_other_dies(
+    tiny_dir: Path, case: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    with StageCluster(tiny_dir, 2) as cluster:
+        first = cluster.nodes[0].node_id
+        chunks, client, _ = anyio.run(stream_with_kill, cluster, tiny_dir, case, {10: 1})
+    assert_same_as_reference(chunks, expected)
+    [recovery] = client.recoveries
+    assert recovery.route == (first,)
+    assert recovery.layers == ((0, 8),)  # the whole model on the one node left
+
+
+def test_repeated_corruption_quarantines_the_peer(
+    tiny_dir: Path, case: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    policy = FailoverPolicy(max_corrupt=3)
+    # Node 1 damages every hidden state it sends, after the checksum: only the next stage's
+    # end-to-end check can catch it.
+    with StageCluster(tiny_dir, 3, node_args={1: ["--corrupt-activations=1"]}) as cluster:
+        bad = cluster.nodes[1].node_id
+        chunks, client, _ = anyio.run(stream_with_kill, cluster, tiny_dir, case, {}, policy)
+    assert_same_as_reference(chunks, expected)
+    corrupt = [e for e in client.events if e.kind == "corrupt"]
+    quarantined = [e for e in client.events if e.kind == "quarantined"]
+    assert [e.peer for e in corrupt] == [bad] * 3
+    assert [(e.peer, e.stage) for e in quarantined] == [(bad, 1)]
+    assert bad in client.corruption.quarantined
+    assert all(bad not in r.route for r in client.recoveries[-1:])
+    # Two retries on the same nodes, then the move.
+    assert len(client.recoveries) == 3
+
+
+def test_no_node_can_hold_the_model_fails_at_once(tiny_dir: Path, case: dict[str, Any]) -> None:
+    footprint = ModelFootprint.from_dir(tiny_dir)
+    # Each node holds its half, neither holds the whole model.
+    budget = str(int(footprint.total * 0.7))
+    with StageCluster(tiny_dir, 2, memory_budget=budget) as cluster:
+
+        async def main() -> tuple[float, float, str]:
+            async with PipelineClient.connect(cluster.addrs, tiny_dir) as client:
+                killed = 0.0
+                with pytest.raises(ModelDoesNotFitError) as caught:
+                    async for chunk in client.stream(case["prompt_ids"], 64, temp=0.8, seed=1):
+                        if chunk.seq == 5:
+                            killed = cluster.kill(1)
+                return killed, time.perf_counter(), str(caught.value)
+
+        killed, failed, message = anyio.run(main)
+    assert "no node can hold the model" in message
+    # At once: well before any timeout (the nodes get 60 s to reconfigure, streams 120 s).
+    assert failed - killed < 10.0
