@@ -66,6 +66,7 @@ from inference_glue.messages import (
     Reconfigure,
     Release,
     RequestMeta,
+    SetFaults,
     StatsQuery,
     StatsReply,
     decode_message,
@@ -74,6 +75,7 @@ from inference_glue.messages import (
 from inference_glue.node import engine_call, router_counters
 from inference_glue.sampling import SamplingParams
 from inference_glue.tokens import (
+    AssemblerStats,
     IncompleteStreamError,
     TextMismatchError,
     TokenChunk,
@@ -253,6 +255,8 @@ class PipelineClient:
         self.excluded: set[str] = set()  # lost or quarantined: never planned again
         self.events: list[PeerEvent] = []
         self.recoveries: list[Recovery] = []
+        # What each finished or failed stream's assembler rejected (duplicates, corrupt…).
+        self.stream_stats: dict[str, AssemblerStats] = {}
         self._health_read = 0.0
 
     # -- connecting ------------------------------------------------------------------------
@@ -541,6 +545,7 @@ class PipelineClient:
             check_stream_text(self.tokenizer, assembler)
         finally:
             self._streams.pop(meta.request_id, None)
+            self.stream_stats[rid] = assembler.stats
             if not assembler.complete:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     await self._release(meta, "abandoned by the client")
@@ -715,6 +720,51 @@ class PipelineClient:
             raise ModelDoesNotFitError("no node is left to hold the model")
         return offers
 
+    async def rebalance(self) -> bool:
+        """Bring nodes that joined since the last plan (a restarted or new node) into the
+        pipeline: re-plan over every reachable node if that set changed. True if it did."""
+        if not self.policy.enabled or self.footprint is None:
+            return False
+        offers = await self._offers()
+        if {o.node_id for o in offers} == {s.node_id for s in self.stages}:
+            return False
+        await self._replan("new nodes joined")
+        return True
+
+    async def set_faults(
+        self,
+        faults: str = "",
+        partitions: dict[str, Sequence[str]] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """Fault injection for chaos runs: give every stage node (started with
+        `--allow-fault-control`) and this client the shim settings `faults` ("" for none);
+        `partitions` maps a node to the peers it is cut from (both ways need both entries).
+
+        Raises `PipelineError` if a node refuses or does not answer."""
+        from router import FaultConfig
+
+        partitions = partitions or {}
+        config = FaultConfig.parse(faults)
+        asks: dict[str, Callable[[int], Message]] = {
+            s.node_id: functools.partial(
+                _set_faults, faults=faults, cut=partitions.get(s.node_id, ())
+            )
+            for s in self.stages
+        }
+        replies = await self._ask(asks, timeout)
+        refused = {
+            p: ("no answer" if r is None else r.error)
+            for p, r in replies.items()
+            if r is None or r.error
+        }
+        if refused:
+            raise PipelineError(f"fault settings refused: {refused}")
+        engine = self.router.engine
+        if engine is not None:
+            engine.submit_faults(config)
+            engine.submit_partition(set(partitions.get(self.router.node_id, ())))
+
     def _stage_of(self, peer: str) -> int | None:
         return next((s.index for s in self.stages if s.node_id == peer), None)
 
@@ -813,6 +863,10 @@ class PipelineClient:
 
 def _reconfigure(nonce: int, *, epoch: int, stage: int, stages: int, layers: range) -> Reconfigure:
     return Reconfigure(nonce, epoch, stage, stages, layers.start, layers.stop)
+
+
+def _set_faults(nonce: int, *, faults: str, cut: Sequence[str]) -> SetFaults:
+    return SetFaults(nonce, faults, tuple(cut))
 
 
 def _raise_incomplete(assembler: TokenStreamAssembler, reason: str) -> NoReturn:

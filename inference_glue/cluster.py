@@ -115,6 +115,7 @@ class StageCluster:
         memory_budget: every node's `--memory-budget` (e.g. "8M"; default: available memory).
         node_args: more command-line arguments for some nodes, by index (fault injection:
             `{1: ["--corrupt-activations=1"]}`).
+        fault_control: the nodes obey `SetFaults` (chaos runs).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class StageCluster:
         model_name: str | None = None,
         memory_budget: str | None = None,
         node_args: dict[int, list[str]] | None = None,
+        fault_control: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.layers = list(layers) if layers is not None else None
@@ -143,6 +145,7 @@ class StageCluster:
         self.model_name = model_name
         self.memory_budget = memory_budget
         self.node_args = dict(node_args or {})
+        self.fault_control = fault_control
         self.nodes: list[NodeHandle] = []
 
     @property
@@ -217,6 +220,8 @@ class StageCluster:
             args.append(f"--model-name={self.model_name}")
         if self.memory_budget:
             args.append(f"--memory-budget={self.memory_budget}")
+        if self.fault_control:
+            args.append("--allow-fault-control")
         args += self.node_args.get(index, [])
         log_path = None
         stderr: Any = subprocess.PIPE

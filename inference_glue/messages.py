@@ -9,7 +9,7 @@ exactly once, per (peer, stream)):
 | `p2pr.infer.act`      | stage i -> stage i+1       | `Activation` (hidden state, codec bytes)  |
 | `p2pr.infer.token`    | last stage -> first stage  | `TokenFeedback` (the sampled token)       |
 | `p2pr.infer.ctl`      | anyone -> a stage          | `Release`, `InfoQuery`, `StatsQuery`,     |
-|                       |                            | `Reconfigure`                             |
+|                       |                            | `Reconfigure`, `SetFaults`                |
 | `p2pr.infer.client`   | a stage -> client          | `Failure`, `InfoReply`, `StatsReply`      |
 | `p2pr.infer.chunks`   | last stage -> client       | `TokenChunk.to_bytes()` (direct delivery) |
 
@@ -57,6 +57,7 @@ __all__ = [
     "Reconfigure",
     "Release",
     "RequestMeta",
+    "SetFaults",
     "StatsQuery",
     "StatsReply",
     "TokenFeedback",
@@ -259,6 +260,19 @@ class InfoReply:
 
 
 @attrs.frozen
+class SetFaults:
+    """Fault injection for chaos runs: the node's fault shim takes `faults` (FaultConfig
+    text, "" for none) and cuts every frame to and from the peers in `partition`. Obeyed
+    only by nodes started with `--allow-fault-control`; answered with `InfoReply`."""
+
+    KIND: ClassVar[str] = "faults"
+
+    nonce: int
+    faults: str
+    partition: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
+
+
+@attrs.frozen
 class StatsQuery:
     """Ask a node for its counters; answered with `StatsReply` carrying the same `nonce`."""
 
@@ -289,6 +303,7 @@ Message: TypeAlias = (
     | Release
     | Failure
     | Reconfigure
+    | SetFaults
     | InfoQuery
     | InfoReply
     | StatsQuery
@@ -304,6 +319,7 @@ _TYPES: dict[str, type[Any]] = {
         Release,
         Failure,
         Reconfigure,
+        SetFaults,
         InfoQuery,
         InfoReply,
         StatsQuery,

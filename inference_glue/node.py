@@ -80,6 +80,7 @@ from inference_glue.messages import (
     Reconfigure,
     Release,
     RequestMeta,
+    SetFaults,
     StatsQuery,
     StatsReply,
     TokenFeedback,
@@ -290,6 +291,8 @@ class StageNode:
         model_dir: the node's copy of the model, where a `Reconfigure` loads layers from
             (without it the node refuses reconfiguration).
         memory_budget: bytes of weights this node may hold (default: available memory).
+        allow_fault_control: obey `SetFaults` (chaos runs; off by default, since any peer
+            could otherwise damage this node's traffic).
         corrupt_activations: fault injection: the fraction of outgoing hidden states to
             damage after their checksum is computed (the next stage must catch them).
     """
@@ -310,6 +313,7 @@ class StageNode:
         memory_budget: int | None = None,
         corrupt_activations: float = 0.0,
         fault_seed: int = 0,
+        allow_fault_control: bool = False,
     ) -> None:
         _check_stage(stage, stage_index, num_stages)
         self.router = router
@@ -326,6 +330,7 @@ class StageNode:
         self.memory_budget = memory_budget if memory_budget is not None else available_memory()
         self.epoch = 0
         self.corrupt_activations = corrupt_activations
+        self.allow_fault_control = allow_fault_control
         self._fault_rng = random.Random(fault_seed)
         self.counters = NodeCounters()
         self._eos = set(tokenizer.eos_token_ids)
@@ -385,12 +390,39 @@ class StageNode:
                     await self._reply(item.peer, self.info(message.nonce))
                 elif isinstance(message, StatsQuery):
                     await self._reply(item.peer, await self.stats(message.nonce))
+                elif isinstance(message, SetFaults):
+                    await self._set_faults(message, item.peer)
                 elif message is not None:
                     self.counters.bad_messages += 1
                     log.warning("unexpected %s from %s on the control stream", message, item.peer)
 
     async def _reply(self, peer: str, message: Message) -> None:
         await self.router.send_to(peer, CLIENT_STREAM, encode_message(message))
+
+    async def _set_faults(self, message: SetFaults, peer: str) -> None:
+        error = ""
+        engine = self.router.engine
+        if not self.allow_fault_control:
+            error = "this node does not take fault settings (no --allow-fault-control)"
+        elif engine is None:
+            error = "the router is not running"
+        else:
+            try:
+                engine.submit_faults(FaultConfig.parse(message.faults))
+                engine.submit_partition(set(message.partition))
+            except ValueError as exc:
+                error = str(exc)
+        if error:
+            self.counters.bad_messages += 1
+            log.warning("%s: fault settings from %s refused: %s", self.name, peer, error)
+        else:
+            log.warning(
+                "%s: faults now %r, partitioned from %s",
+                self.name,
+                message.faults,
+                list(message.partition),
+            )
+        await self._reply(peer, attrs.evolve(self.info(message.nonce), error=error))
 
     def info(self, nonce: int = 0) -> InfoReply:
         """What this node serves."""
@@ -881,6 +913,7 @@ async def _serve_node(
             memory_budget=budget,
             corrupt_activations=args.corrupt_activations,
             fault_seed=args.fault_seed,
+            allow_fault_control=args.allow_fault_control,
         )
         tg.start_soon(node.serve)
         _print(
@@ -926,6 +959,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fault injection: fraction of outgoing hidden states to damage",
     )
     parser.add_argument("--fault-seed", type=int, default=0, help="seed of that injection")
+    parser.add_argument(
+        "--allow-fault-control",
+        action="store_true",
+        help="obey SetFaults messages (chaos runs only: any peer could then inject faults)",
+    )
     parser.add_argument(
         "--detach", action="store_true", help="run until SIGTERM, not until stdin closes"
     )

@@ -12,7 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 # Modules with `add_commands(subparsers, bench_subparsers)`.
-COMMAND_MODULES: list[str] = ["discovery.commands", "inference_glue.commands"]
+COMMAND_MODULES: list[str] = [
+    "discovery.commands",
+    "inference_glue.commands",
+    "inference_glue.chaos_cli",
+]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -184,6 +185,15 @@ class Engine:
     def submit_subscribe(self, topic: str) -> None:
         """Subscribe to `topic` on the network."""
         self._submit(lambda: self._spawn(self._subscribe, topic))
+
+    def submit_faults(self, config: FaultConfig) -> None:
+        """Fault injection: change the shim's settings from now on (chaos runs)."""
+
+        def apply() -> None:
+            self.shim.config = config
+            self.shim.rng = random.Random(config.seed)
+
+        self._submit(apply)
 
     def submit_partition(self, peers: set[str]) -> None:
         """Fault injection: cut every frame to and from `peers` (empty set heals)."""
