@@ -21,7 +21,7 @@ define run_pytest
 	exit $$rc
 endef
 
-.PHONY: venv demo demo-sim test lint bench bench-generate soak clean distclean
+.PHONY: venv demo demo-sim test lint bench bench-generate bench-loss soak clean distclean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -51,6 +51,10 @@ bench: $(STAMP)
 
 bench-generate: $(STAMP)
 	$(VENV)/bin/p2pr bench generate
+
+# Goodput and token latency against the fraction of dropped frames; writes loss-sweep.png.
+bench-loss: $(STAMP)
+	$(VENV)/bin/p2pr bench loss-sweep --png loss-sweep.png
 
 soak: $(STAMP)
 	$(call run_pytest,-m soak $(PYTEST_ARGS))

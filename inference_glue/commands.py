@@ -3,6 +3,7 @@
     p2pr generate "PROMPT" [--nodes N] [--max-tokens K] [--seed S] [--temp T] [--model DIR]
     p2pr verify [--nodes 2|3] [--model DIR] [--json]
     p2pr bench generate [--json]
+    p2pr bench loss-sweep [--rates 0,0.05,0.1] [--png PATH] [--json] [--tokens N] [--model DIR]
     p2pr pipeline up|down|status [--nodes N] [--model DIR]
 
 `--model` takes an mlx-lm directory, `builtin` (the default: SmolLM2-135M-Instruct, converted
@@ -349,6 +350,105 @@ def _cmd_bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench loss-sweep ----------------------------------------------------------------------
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of rates: {text!r}") from None
+    if not rates or any(not 0.0 <= r < 1.0 for r in rates):
+        raise argparse.ArgumentTypeError("loss rates are fractions in [0, 1), e.g. 0,0.05,0.1")
+    return rates
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of bytes: {text!r}") from None
+    if not sizes or min(sizes) < 64:
+        raise argparse.ArgumentTypeError("message sizes are at least 64 bytes")
+    return sizes
+
+
+def _cmd_bench_loss_sweep(args: argparse.Namespace) -> int:
+    from inference_glue.cluster import ClusterStartError
+    from inference_glue.losssweep import (
+        PlotUnavailableError,
+        SweepConfig,
+        percent,
+        require_matplotlib,
+        run_sweep,
+        size_label,
+        write_plot,
+    )
+
+    err = _err()
+    try:
+        require_matplotlib()  # before minutes of measuring, not after
+    except PlotUnavailableError as exc:
+        print(f"p2pr bench loss-sweep: {exc}", file=sys.stderr)
+        return 2
+    model_dir = _model_or_exit(args.model, "bench loss-sweep")
+    try:
+        config = SweepConfig(
+            rates=args.rates,
+            sizes=args.sizes,
+            seconds=args.seconds,
+            nodes=args.nodes,
+            tokens=args.tokens,
+            generations=args.generations,
+        )
+        result = run_sweep(model_dir, config, progress=lambda line: err.print(f"running: {line}"))
+    except (ClusterStartError, ValueError, RuntimeError) as exc:
+        print(f"p2pr bench loss-sweep: {exc}", file=sys.stderr)
+        return 2
+    code = 0 if result["all_complete"] else 1
+    try:
+        result["png"] = str(write_plot(result, args.png).resolve())
+    except OSError as exc:  # the measurements are still printed below
+        print(f"p2pr bench loss-sweep: cannot write {args.png}: {exc}", file=sys.stderr)
+        result["png"] = None
+        code = 2
+    if not args.json:
+        receivers = f"{result['receivers']} receiver{'s' * (result['receivers'] > 1)}"
+        table = Table(
+            title=f"p2pr bench loss-sweep: goodput (1 publisher, {receivers}) and "
+            f"{result['model']} over {result['nodes']} stages ({result['tokens']} tokens, "
+            f"{result['generations']} timed requests) against dropped frames"
+        )
+        table.add_column("loss", justify="right")
+        for size in result["sizes"]:
+            table.add_column(f"{size_label(size)}\nMB/s (msg/s)", justify="right")
+        for column in ("TTFT ms", "token p50 ms", "token p99 ms", "tok/s", "complete, same"):
+            table.add_column(column, justify="right")
+        for row in result["rows"]:
+            same = row["completed"] and row["matches_loss_free"]
+            table.add_row(
+                percent(row["loss_rate"]),
+                *(
+                    f"{g['goodput_mb_per_s']:.2f} ({g['goodput_msg_per_s']:.0f})"
+                    + ("" if g["delivery_ratio"] == 1.0 else f" [red]{g['delivery_ratio']:.1%}[/]")
+                    for g in row["goodput"]
+                ),
+                str(row["ttft_ms"]),
+                str(row["token_latency_p50_ms"]),
+                str(row["token_latency_p99_ms"]),
+                str(row["decode_tokens_per_s"]),
+                "yes" if same else "[red]NO[/]",
+            )
+        _out().print(table)
+        if result["png"]:
+            _out().print(f"plot: {result['png']}")
+        for row in result["rows"]:
+            for error in row["errors"]:
+                err.print(f"[red]loss {percent(row['loss_rate'])}: {error}[/]")
+    print(json.dumps(result))
+    return code
+
+
 # -- pipeline up / down / status -----------------------------------------------------------
 
 
@@ -487,3 +587,36 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
         "--chunks", choices=["direct", "topic"], default="direct", help="token chunk delivery"
     )
     bench.set_defaults(func=_cmd_bench_generate)
+
+    from inference_glue.losssweep import DEFAULT_RATES, DEFAULT_SIZES
+
+    sweep = bench_sub.add_parser(
+        "loss-sweep",
+        help="goodput and token latency against the loss rate; writes a PNG plot",
+    )
+    sweep.add_argument("--json", action="store_true", help="print only the JSON result")
+    sweep.add_argument(
+        "--rates",
+        type=_rates,
+        default=DEFAULT_RATES,
+        help=f"fractions of frames dropped (default {','.join(map(str, DEFAULT_RATES))})",
+    )
+    sweep.add_argument("--png", default="loss-sweep.png", help="where the plot goes")
+    sweep.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (the seeded random test model, the default), 'builtin' or a model directory",
+    )
+    sweep.add_argument("--nodes", type=int, default=2, help="pipeline stages (processes)")
+    sweep.add_argument("--tokens", type=int, default=32, help="tokens per request")
+    sweep.add_argument("--generations", type=int, default=3, help="timed requests per rate")
+    sweep.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=DEFAULT_SIZES,
+        help=f"goodput message sizes in bytes (default {','.join(map(str, DEFAULT_SIZES))})",
+    )
+    sweep.add_argument(
+        "--seconds", type=float, default=2.0, help="target length of one goodput run"
+    )
+    sweep.set_defaults(func=_cmd_bench_loss_sweep)

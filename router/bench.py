@@ -20,21 +20,44 @@ class BenchCase:
     size: int
     mode: str = "topic"
     rate: float = 0.0
+    receivers: int = 2
+    # Fault shim of every node (router.loadtest only), e.g. "drop=0.1": each node gets its own
+    # seed, so that the nodes do not drop in lockstep.
+    faults: str = ""
+    warmup: float = 1.5
+    # How long a node waits for everything to arrive (and to be acknowledged) before it reports.
+    timeout: float = 120.0
 
 
 def run_case(case: BenchCase) -> dict[str, Any]:
-    """Run one case on a fresh 3-process cluster (1 publisher, 2 receivers)."""
-    common = [f"--size={case.size}", "--peers=2"]
-    extra = [f"--mode={case.mode}", f"--rate={case.rate}", "--warmup=1.5"]
+    """Run one case on a fresh cluster (1 publisher, `case.receivers` receivers)."""
+    common = [f"--size={case.size}", f"--peers={case.receivers}"]
+    extra = [
+        f"--mode={case.mode}",
+        f"--rate={case.rate}",
+        f"--warmup={case.warmup}",
+        f"--timeout={case.timeout}",
+    ]
     if case.module == "router.rawgossip":
         extra = []
+
+    def faults(index: int) -> list[str]:
+        return [f"--faults={case.faults},seed={index + 1}"] if case.faults else []
+
     with LocalCluster(module=case.module) as cluster:
-        cluster.start(["--index=0", f"--publish={case.count}", *common, *extra])
-        for index in (1, 2):
+        cluster.start(["--index=0", f"--publish={case.count}", *common, *extra, *faults(0)])
+        for index in range(1, case.receivers + 1):
             cluster.start(
-                [f"--index={index}", "--expect=1", f"--expect-count={case.count}", *common, *extra]
+                [
+                    f"--index={index}",
+                    "--expect=1",
+                    f"--expect-count={case.count}",
+                    *common,
+                    *extra,
+                    *faults(index),
+                ]
             )
-        publisher, *receivers = cluster.results(timeout=600)
+        publisher, *receivers = cluster.results(timeout=max(600, 3 * case.timeout))
     expected = case.count * len(receivers)
     delivered = sum(r["received"] for r in receivers)
     spans = [r["last_arrival"] - publisher["first_send"] for r in receivers if r["last_arrival"]]
@@ -51,6 +74,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         "latency_p50_ms": _ms(max(p50s)),
         "latency_p99_ms": _ms(max(p99s)),
         "retransmits": publisher.get("protocol", {}).get("retransmits"),
+        # Frames the fault shims dropped, on every node (acks and repairs included).
+        "frames_dropped": sum(r.get("shim", {}).get("dropped", 0) for r in [publisher, *receivers]),
     }
 
 

