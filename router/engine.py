@@ -54,6 +54,9 @@ log = logging.getLogger("p2pr.engine")
 # auto-connector reports every second at INFO: both drown what our own logs say.
 for _noisy in ("libp2p.pubsub.gossipsub", "libp2p.network.auto_connector"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
+# Every redial of a peer that is down (a killed node) logs an ERROR there; the dial planner
+# counts failures and backs off, and the health table shows the peer as dead.
+logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
 
 DIRECT_PROTOCOL = TProtocol("/p2pr/direct/1.0.0")
 
