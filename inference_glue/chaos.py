@@ -10,7 +10,9 @@ of the matrix, each compared token for token with mlx-lm's single-process genera
 - partition and heal: stages 1 and 2 cut from each other for a while mid-generation;
 - SIGKILL of the middle stage, SIGKILL of the last stage (each on a fresh pipeline);
 - kill and restart: SIGKILL of the middle stage and a new process in its place, which the
-  client brings back into the pipeline for the next generation.
+  client brings back into the pipeline for the next generation;
+- a hung stage: SIGSTOP of the middle stage; its connections stay open, so only phi accrual
+  (no heartbeats) can tell it is gone.
 
 Per row: protocol messages sent and delivered, retransmissions, corrupt frames rejected by the
 envelope checksum, duplicates delivered to the application (hidden states, tokens or chunks
@@ -68,6 +70,7 @@ ROWS = (
     ChaosRow("SIGKILL middle stage", action="kill", target=1),
     ChaosRow("SIGKILL last stage", action="kill", target=2),
     ChaosRow("kill and restart", action="restart", target=1),
+    ChaosRow("SIGSTOP (hung) middle stage", action="hang", target=1),
 )
 
 
@@ -237,7 +240,8 @@ class _Runner:
 
         async def kill(seq: int) -> None:
             if seq == at:
-                killed.append(cluster.kill(row.target))
+                hang = row.action == "hang"
+                killed.append(cluster.hang(row.target) if hang else cluster.kill(row.target))
 
         if row.action == "restart":
             restarted: dict[str, Any] = {}
@@ -260,15 +264,19 @@ class _Runner:
             result.corrupted_accepted += second.corrupted_accepted
             new_id = restarted.get("node_id", "")
             back = new_id in {s.node_id for s in client.stages}
-            result.notes = (
-                f"restarted node {'rejoined' if back and rejoined else 'did NOT rejoin'} "
+            result.notes += (
+                f"; restarted node {'rejoined' if back and rejoined else 'did NOT rejoin'} "
                 f"({len(client.stages)} stages) after {restarted.get('seconds', 0):.1f} s; "
                 f"second generation {'identical' if second.identical else 'DIFFERENT'}"
             )
             if not back:
                 result.error = "the restarted node was not brought back into the pipeline"
             return
-        await self.generate(client, result, kill)
+        try:
+            await self.generate(client, result, kill)
+        finally:
+            if row.action == "hang":
+                cluster.kill(row.target)
         recovery = client.recoveries[-1] if client.recoveries else None
         self._recovered(result, recovery, killed)
 
@@ -277,8 +285,9 @@ class _Runner:
             result.error = result.error or "no failover happened"
             return
         result.recover_s = round(recovery.first_token_at - killed[0], 3)
+        how = recovery.reason.rsplit(": ", 1)[-1]
         result.notes = (
-            f"detected {recovery.detected_at - killed[0]:.2f} s, re-planned "
+            f"{how}: detected {recovery.detected_at - killed[0]:.2f} s, re-planned "
             f"{recovery.replan_seconds:.2f} s, resumed after {recovery.resumed_from} tokens "
             f"on layers {[list(r) for r in recovery.layers]}"
         )
@@ -339,7 +348,7 @@ def run_chaos(
         [r for r in rows if r.action in ("faults", "partition")]
         + [r for r in rows if r.action == "kill" and r.target == 1],
         [r for r in rows if r.action == "kill" and r.target != 1],
-        [r for r in rows if r.action == "restart"],
+        [r for r in rows if r.action in ("restart", "hang")],
     ]
     started = time.perf_counter()
     results: list[RowResult] = []
@@ -348,7 +357,9 @@ def run_chaos(
     order = {r.name: i for i, r in enumerate(rows)}
     results.sort(key=lambda r: order[r.name])
     recover = [
-        r.recover_s for r in results if r.recover_s is not None and r.faults in ("kill", "restart")
+        r.recover_s
+        for r in results
+        if r.recover_s is not None and r.faults in ("kill", "restart", "hang")
     ]
     return {
         "model": model_dir.name,

@@ -289,6 +289,13 @@ class StageCluster:
         node.proc.wait()
         return at
 
+    def hang(self, index: int) -> float:
+        """SIGSTOP node `index`: its connections stay open but it says nothing more (a hung
+        node, found only by phi accrual); returns the `time.perf_counter()` of the stop.
+        `kill` it afterwards."""
+        self.nodes[index].proc.send_signal(signal.SIGSTOP)
+        return time.perf_counter()
+
     def restart(
         self, index: int, extra_bootstrap: Sequence[str] = (), timeout: float = 120.0
     ) -> NodeHandle:

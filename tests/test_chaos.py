@@ -35,6 +35,10 @@ def test_chaos_matrix_passes_every_row() -> None:
     assert rows["corrupt 5%"]["corrupt_rejected"] > 0
     for name in ("SIGKILL middle stage", "SIGKILL last stage", "kill and restart"):
         assert rows[name]["failovers"] == 1 and rows[name]["recover_s"] is not None, rows[name]
+        assert "connection closed" in rows[name]["notes"]
+    # A hung node keeps its connections: only phi accrual finds it.
+    hung = rows["SIGSTOP (hung) middle stage"]
+    assert hung["failovers"] == 1 and "phi accrual" in hung["notes"], hung
     assert "rejoined" in rows["kill and restart"]["notes"]
     assert report["passed"] and proc.returncode == 0
 
