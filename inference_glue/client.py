@@ -258,6 +258,7 @@ class PipelineClient:
         # What each finished or failed stream's assembler rejected (duplicates, corrupt…).
         self.stream_stats: dict[str, AssemblerStats] = {}
         self._health_read = 0.0
+        self._plan_lock = anyio.Lock()
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -331,7 +332,8 @@ class PipelineClient:
                 raise
             check_pipeline_models(infos)
             self.stages = [StageInfo.from_reply(i) for i in infos]
-            await self._replan("the nodes of the newest plan do not form a pipeline")
+            async with self._plan_lock:
+                await self._replan("the nodes of the newest plan do not form a pipeline")
         await self._await_token_subscription(timeout)
 
     async def _await_token_subscription(self, timeout: float) -> None:
@@ -535,7 +537,7 @@ class PipelineClient:
                         raise StageFailedError(item)
                     _raise_incomplete(assembler, reason)
                 attempt += 1
-                recovery = await self._failover(meta, attempt, assembler, reason, lost)
+                recovery = await self._failover(rid, meta, attempt, assembler, reason, lost)
                 del self._streams[meta.request_id]
                 meta = meta_for(attempt_id(rid, attempt), [c.token_id for c in assembler.chunks])
                 self._streams[meta.request_id] = send
@@ -619,6 +621,7 @@ class PipelineClient:
 
     async def _failover(
         self,
+        rid: str,
         meta: RequestMeta,
         attempt: int,
         assembler: TokenStreamAssembler,
@@ -636,10 +639,13 @@ class PipelineClient:
                     self._event(peer, "lost", reason)
         log.warning("request %r: %s; failing over (attempt %d)", meta.request_id, reason, attempt)
         await self._release(meta, f"failover: {reason}")
-        if lost or set(meta.route) - {s.node_id for s in self.stages}:
-            await self._replan(reason)
+        # One re-plan at a time: requests in flight together all notice a lost node, and the
+        # first to get here re-plans for all of them; the others resume on its plan.
+        async with self._plan_lock:
+            if lost & {s.node_id for s in self.stages}:
+                await self._replan(reason)
         recovery.replanned_at = clock()
-        key = attempt_id(meta.request_id.split("~")[0], attempt)
+        key = attempt_id(rid, attempt)
         recovery.resumed_from = assembler.rekey(key)
         assembler.source = self.stages[-1].label
         recovery.route = tuple(s.node_id for s in self.stages)
@@ -715,6 +721,8 @@ class PipelineClient:
             ):
                 continue
             self.budgets[peer] = reply.memory_budget
+            # A new plan's epoch must be above every node's, spares' included.
+            self.epoch = max(self.epoch, reply.epoch)
             offers.append(NodeOffer(peer, reply.memory_budget or (1 << 40)))
         if not offers:
             raise ModelDoesNotFitError("no node is left to hold the model")
@@ -728,7 +736,8 @@ class PipelineClient:
         offers = await self._offers()
         if {o.node_id for o in offers} == {s.node_id for s in self.stages}:
             return False
-        await self._replan("new nodes joined")
+        async with self._plan_lock:
+            await self._replan("new nodes joined")
         return True
 
     async def set_faults(

@@ -730,6 +730,9 @@ class StageNode:
                 raise RuntimeError("this node was started without a model directory to reload")
             if not 0 <= message.stage < message.num_stages:
                 raise ValueError(f"stage {message.stage} of {message.num_stages} does not exist")
+            if message.epoch <= self.epoch:
+                # A late or replayed plan must not take a node back to an older layout.
+                raise ValueError(f"plan epoch {message.epoch} is not newer than {self.epoch}")
             need = self.footprint.stage_bytes(layers)
             if need > self.memory_budget:
                 raise MemoryError(

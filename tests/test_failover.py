@@ -148,3 +148,42 @@ def test_no_node_can_hold_the_model_fails_at_once(tiny_dir: Path, case: dict[str
     assert "no node can hold the model" in message
     # At once: well before any timeout (the nodes get 60 s to reconfigure, streams 120 s).
     assert failed - killed < 10.0
+
+
+def test_requests_in_flight_together_fail_over_together(tiny_dir: Path) -> None:
+    prompts = ["Once upon a time", "The capital of France is", "In a hole in the ground"]
+    tokenizer = load_tokenizer(tiny_dir)
+    cases = [
+        {"prompt_ids": prompt_token_ids(tokenizer, p), "max_tokens": 40, "temp": 0.7, "seed": i}
+        for i, p in enumerate(prompts)
+    ]
+    expected = run_reference(tiny_dir, cases)
+    got: dict[int, list[TokenChunk]] = {i: [] for i in range(len(cases))}
+
+    async def main(cluster: StageCluster) -> PipelineClient:
+        async with PipelineClient.connect(cluster.addrs, tiny_dir) as client:
+
+            async def one(i: int) -> None:
+                case = cases[i]
+                async for chunk in client.stream(
+                    case["prompt_ids"], 40, temp=case["temp"], seed=case["seed"]
+                ):
+                    got[i].append(chunk)
+                    # The last stage dies while all three requests are in flight.
+                    if i == 0 and chunk.seq == 15:
+                        cluster.kill(2)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(cases)):
+                    tg.start_soon(one, i)
+            return client
+
+    with StageCluster(tiny_dir, 3) as cluster:
+        last = cluster.nodes[2].node_id
+        client = anyio.run(main, cluster)
+    for i, want in enumerate(expected):
+        assert_same_as_reference(got[i], want)
+    # One re-plan served every request that was in flight.
+    assert [e.kind for e in client.events].count("lost") == 1
+    assert len({r.layers for r in client.recoveries}) == 1
+    assert all(last not in r.route for r in client.recoveries)
