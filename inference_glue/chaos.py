@@ -190,7 +190,11 @@ class _Runner:
     async def row(self, client: PipelineClient, cluster: StageCluster, row: ChaosRow) -> RowResult:
         result = RowResult(row.name, row.faults or row.action)
         started = time.perf_counter()
-        before = _totals(await client.stats())
+        try:
+            before = _totals(await client.stats())
+        except Exception as exc:  # e.g. a node an earlier row left hung
+            result.error = f"counters unavailable before the row: {exc}"
+            return result
         try:
             await self._run(client, cluster, row, result)
         except Exception as exc:  # a row that breaks is a failed row, with the reason
@@ -200,7 +204,11 @@ class _Runner:
                 with anyio.move_on_after(10):
                     await client.set_faults("")
         with anyio.move_on_after(30):
-            after = _totals(await client.stats())
+            try:
+                after = _totals(await client.stats())
+            except Exception as exc:  # counters are a report; the row's verdict stands
+                result.notes += f" (counters unavailable: {exc})"
+                after = {}
             for key, value in _delta(before, after).items():
                 if key == "duplicates":
                     result.duplicates_delivered += value

@@ -504,7 +504,8 @@ class PipelineClient:
             await self._submit(meta, prompt_ids)
             while not assembler.complete:
                 item: TokenChunk | Failure | None = None
-                with anyio.move_on_after(0.25):
+                # Short: a closed connection is noticed within this, not a token later.
+                with anyio.move_on_after(0.05):
                     item = await recv.receive()
                 if isinstance(item, TokenChunk):
                     progress = time.monotonic()
@@ -522,7 +523,7 @@ class PipelineClient:
                         continue  # of an attempt given up already
                     trouble = self._failure_trouble(item)
                 else:
-                    trouble = await self._lost_stages(meta.route)
+                    trouble = await self._lost_stages(meta.route, progress)
                     if trouble is None:
                         reason, retry = self._stream_trouble(known_events, progress, idle_timeout)
                         if reason is not None:
@@ -586,19 +587,35 @@ class PipelineClient:
             return f"quarantined {peer} (stage {stage}) for corrupt hidden states", {peer}
         return f"corrupt hidden state from {peer} (stage {stage}); retrying", set()
 
-    async def _lost_stages(self, route: Sequence[str]) -> tuple[str, set[str]] | None:
-        """Stages of `route` whose connection closed, or whose health (phi accrual) says
-        dead; None when all are there."""
+    async def _lost_stages(
+        self, route: Sequence[str], progress: float
+    ) -> tuple[str, set[str]] | None:
+        """Stages of `route` that are gone, or None when all are there.
+
+        A closed connection (a killed process) is enough. Phi accrual alone is not: under
+        heavy loss heartbeats go missing too. A stage whose health says dead while no token
+        has come for `hang_after` seconds gets a probe (`InfoQuery`, carried reliably); only
+        a stage that does not answer it within `probe_timeout` is lost (a hung process)."""
+        policy = self.policy
         lost = {peer for peer in route if peer not in self.router.connected}
         why = "connection closed"
-        if not lost and clock() - self._health_read >= self.policy.health_interval:
-            self._health_read = clock()
-            for row in await self.router.health():
-                if row.get("peer") in route and row.get("state") == "DEAD":
-                    lost.add(str(row["peer"]))
-                    why = "no heartbeat (phi accrual)"
         if not lost:
-            return None
+            if clock() - self._health_read < policy.health_interval:
+                return None
+            if time.monotonic() - progress < policy.hang_after:
+                return None
+            self._health_read = clock()
+            rows = await self.router.health()
+            dead = {
+                str(r["peer"]) for r in rows if r.get("peer") in route and r.get("state") == "DEAD"
+            }
+            if not dead:
+                return None
+            replies = await self._ask({p: InfoQuery for p in sorted(dead)}, policy.probe_timeout)
+            lost = {p for p in dead if replies.get(p) is None}
+            why = f"no heartbeat (phi accrual) and no answer to a probe in {policy.probe_timeout:.0f} s"
+            if not lost:
+                return None
         labels = ", ".join(f"stage {self._stage_of(p)} ({p})" for p in sorted(lost))
         return f"lost {labels}: {why}", lost
 
@@ -826,9 +843,9 @@ class PipelineClient:
         are frames from the peer that failed their checksum here, `retransmits` are
         messages this node sent the peer again, `nacks_sent` holes it asked the peer to fill.
         """
-        replies: list[StatsReply] = await self._query(
-            [s.node_id for s in self.stages], StatsQuery, timeout
-        )
+        # A stage whose connection is gone cannot answer (its counters died with it).
+        live = [s.node_id for s in self.stages if s.node_id in self.router.connected]
+        replies: list[StatsReply] = await self._query(live, StatsQuery, timeout)
         own = await engine_call(self.router, router_counters(self.router))
         names = self.names()
         nodes: list[dict[str, Any]] = [

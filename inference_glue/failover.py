@@ -5,6 +5,10 @@ the tokens delivered so far (the token stream is checksummed and in order), and 
 When a stage is lost (its connection closes: a killed process; or its health turns "dead":
 phi accrual on a hung one) or keeps sending corrupt hidden states, the client
 
+A closed connection marks a stage lost at once; phi accrual only makes it a suspect, which a
+probe (a reliable `InfoQuery` it fails to answer) must confirm, since heartbeats also go
+missing on a lossy but working link.
+
 1. releases the request on the nodes left and marks the lost node excluded,
 2. asks every reachable node what it can hold (`InfoReply.memory_budget`) and re-plans the
    layers over them with `plan_stages` (an error at once when nothing fits: `ModelDoesNotFitError`),
@@ -54,6 +58,9 @@ class FailoverPolicy:
         reconfigure_timeout: seconds the nodes get to load their new layers.
         query_timeout: seconds a node gets to say what it can hold.
         health_interval: how often the stages' health (phi accrual) is read while streaming.
+        hang_after: seconds without a token before a stage that phi accrual calls dead is
+            probed (while tokens flow, the pipeline is evidently alive).
+        probe_timeout: seconds a probed stage gets to answer before it counts as hung.
     """
 
     enabled: bool = True
@@ -61,7 +68,9 @@ class FailoverPolicy:
     max_attempts: int = 8
     reconfigure_timeout: float = 60.0
     query_timeout: float = 3.0
-    health_interval: float = 1.0
+    health_interval: float = 0.5
+    hang_after: float = 1.0
+    probe_timeout: float = 3.0
 
     def __attrs_post_init__(self) -> None:
         if self.max_corrupt < 1 or self.max_attempts < 0:

@@ -88,7 +88,7 @@ from inference_glue.messages import (
     encode_message,
 )
 from inference_glue.sampling import SamplingParams, logprobs_from_logits, sample
-from inference_glue.stage import PipelineStage, load_stage, load_stage_layers
+from inference_glue.stage import PipelineStage, load_stage, restage
 from inference_glue.tensor_codec import TensorDecodeError, decode_tensor, encode_tensor
 from inference_glue.tokens import TokenChunk, TokenStreamWriter
 from router import DirectMessage, EngineConfig, FaultConfig, Router, RouterConfig
@@ -746,7 +746,7 @@ class StageNode:
             if layers != stage.layers:
                 # Loaded before the old stage is let go: a node that cannot load keeps serving
                 # its old layers (and says why), at the price of both in memory for a moment.
-                stage = await self._run(load_stage_layers, self.model_dir, layers)
+                stage = await self._run(restage, stage, self.model_dir, layers)
             _check_stage(stage, message.stage, message.num_stages)
             for rid in self.stage.request_ids:
                 self.stage.release(rid)

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 
-__all__ = ["PipelineStage", "load_stage", "load_stage_layers", "stages_for"]
+__all__ = ["PipelineStage", "load_stage", "load_stage_layers", "restage", "stages_for"]
 
 
 class PipelineStage:
@@ -169,6 +169,27 @@ def load_stage_layers(model_dir: str | Path, layers: range) -> PipelineStage:
     """Load only the weights of `layers` (no tokenizer): what a node does when a failover
     moves layers to it. It reads them from its own copy of the model files."""
     model, _ = mlx_lm.utils.load_model(Path(model_dir), lazy=True)
+    stage = PipelineStage(model, layers)
+    mx.eval(stage.parameters())
+    return stage
+
+
+def restage(current: PipelineStage, model_dir: str | Path, layers: range) -> PipelineStage:
+    """A stage for `layers` that keeps the weights `current` already holds and reads only the
+    others from `model_dir`: what a node does when a failover moves layers to it.
+
+    A fresh lazy model gets `current`'s modules for the layers both serve (and its embedding,
+    norm and head, evaluated or not), so they are not read again; the weights of layers it no
+    longer serves are freed with `current`.
+    """
+    model, _ = mlx_lm.utils.load_model(Path(model_dir), lazy=True)
+    old = current._model
+    for i in set(layers) & set(current.layers):
+        model.model.layers[i] = old.model.layers[i]
+    model.model.embed_tokens = old.model.embed_tokens
+    model.model.norm = old.model.norm
+    if hasattr(old, "lm_head") and hasattr(model, "lm_head"):
+        model.lm_head = old.lm_head
     stage = PipelineStage(model, layers)
     mx.eval(stage.parameters())
     return stage

@@ -25,7 +25,7 @@ from inference_glue.messages import (
     decode_message,
     encode_message,
 )
-from inference_glue.stage import load_stage_layers
+from inference_glue.stage import load_stage_layers, restage
 from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenStreamAssembler, TokenStreamWriter
 
@@ -133,3 +133,18 @@ def test_failover_messages_round_trip_and_are_checked() -> None:
         decode_message(bad)
     with pytest.raises(ValueError):
         RequestMeta("r", 2, 0.0, 1.0, None, 16, ("a",), "c", resume=(1, 2))
+
+
+def test_restage_keeps_held_layers_and_loads_the_rest(tiny_dir: Path) -> None:
+    first = load_stage_layers(tiny_dir, range(0, 2))
+    kept = first._blocks[1]
+    grown = restage(first, tiny_dir, range(0, 4))
+    assert grown._blocks[1] is kept  # not read again
+    fresh = load_stage_layers(tiny_dir, range(0, 4))
+    for a, b in zip(grown.parameters(), fresh.parameters(), strict=True):
+        assert mx.array_equal(a, b).item()
+    moved = restage(grown, tiny_dir, range(3, 6))  # a middle stage becomes the last
+    assert moved.is_last and moved._blocks[0] is grown._blocks[3]
+    last = load_stage_layers(tiny_dir, range(3, 6))
+    for a, b in zip(moved.parameters(), last.parameters(), strict=True):
+        assert mx.array_equal(a, b).item()
