@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 P2PR=.venv/bin/p2pr
 NODES=3
-PROMPT=${DEMO_PROMPT:-"What is the capital of France? Answer in one sentence."}
+PROMPT=${DEMO_PROMPT:-"What is the capital of France, and what is it famous for?"}
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
@@ -27,7 +27,7 @@ fi
 
 step "2/5 p2pr generate: the answer streams in as the last stage samples each token"
 echo "> $PROMPT"
-"$P2PR" generate "$PROMPT" --nodes "$NODES" --max-tokens 48
+"$P2PR" generate "$PROMPT" --nodes "$NODES" --max-tokens 64
 
 step "3/5 p2pr health --once: every stage's view of the others (RTT from the protocol's heartbeats)"
 "$P2PR" health --once
