@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 venv: $(STAMP)
 
-# A local 2-node cluster (two stage processes over the reliable router) answers with the
-# built-in SmolLM2, then the pipeline is checked token for token against mlx-lm.
+# The whole story on one machine (scripts/demo.sh): a kept 3-node pipeline of the built-in
+# SmolLM2 streams an answer, `p2pr health` shows every node's view, the pipeline stops, and a
+# new one is checked token for token against mlx-lm.
 demo: $(STAMP)
-	$(VENV)/bin/p2pr generate "What is the capital of France?" --max-tokens 48
-	$(VENV)/bin/p2pr verify --nodes 2
+	bash scripts/demo.sh
 
 # The protocol alone: 3 simulated nodes through 20% loss and 2% corruption.
 demo-sim: $(STAMP)

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import anyio
+import attrs
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -127,15 +128,33 @@ def _cmd_health(args: argparse.Namespace) -> int:
         print(f"p2pr health: {exc}", file=sys.stderr)
         return 2
     if not (settings.bootstrap or settings.static_peers or settings.mdns):
-        print(
-            "p2pr health: no way to find the cluster: give --bootstrap, --peers-file, "
-            "--mdns or P2PR_BOOTSTRAP_PEERS",
-            file=sys.stderr,
-        )
-        return 2
+        # Nothing given: join the pipelines that `p2pr pipeline up` keeps on this machine.
+        kept = _kept_pipeline_addrs()
+        if not kept:
+            print(
+                "p2pr health: no way to find the cluster: give --bootstrap, --peers-file, "
+                "--mdns or P2PR_BOOTSTRAP_PEERS (or keep a pipeline running with "
+                "`p2pr pipeline up`)",
+                file=sys.stderr,
+            )
+            return 2
+        settings = attrs.evolve(settings, bootstrap=tuple(kept))
+        if not args.json:
+            Console(stderr=True).print(
+                f"[dim]joining the {len(kept)} nodes of the kept pipeline[/]"
+            )
     observer = ClusterNode(settings)
     logging.basicConfig(level=logging.ERROR)
     return int(anyio.run(_observe, observer, args))
+
+
+def _kept_pipeline_addrs() -> list[str]:
+    """Addresses of the running kept pipelines (`p2pr pipeline up`); none without MLX."""
+    try:
+        from inference_glue.cluster import kept_cluster_addrs
+    except ImportError:  # installed without the inference extras
+        return []
+    return kept_cluster_addrs()
 
 
 async def _observe(observer: ClusterNode, args: argparse.Namespace) -> int:
@@ -144,6 +163,9 @@ async def _observe(observer: ClusterNode, args: argparse.Namespace) -> int:
         if args.once:
             await _gather(observer, args.wait)
             _print_once(observer, args)
+            # The snapshot is out: what py-libp2p logs while this observer's connections are
+            # torn down (tasks refused by closing nurseries) says nothing about the cluster.
+            logging.disable(logging.CRITICAL)
         elif args.json:
             while True:  # one JSON document per line, as views change
                 print(json.dumps(observer.views.to_json()), flush=True)
@@ -199,6 +221,12 @@ def _short(peer: str) -> str:
     return f"…{peer[-8:]}" if len(peer) > 12 else peer
 
 
+def _name(node_id: str, labels: dict[str, str]) -> str:
+    """'stage 1 …abcd1234' for a node whose view has a label, else '…abcd1234'."""
+    label = labels.get(node_id)
+    return f"{label} {_short(node_id)}" if label else _short(node_id)
+
+
 def _ms(value: Any) -> str:
     return "-" if value is None else f"{float(value) * 1000:.1f}"
 
@@ -225,15 +253,23 @@ def _table(observer: ClusterNode, args: argparse.Namespace) -> Table:
             justify="right" if column not in ("node", "peer", "address", "state") else "left",
         )
     colors = {"alive": "green", "suspect": "yellow", "dead": "red", "unknown": "dim"}
-    for node_id, view in cluster["nodes"].items():
-        for peer in view["peers"]:
+    labels = {node_id: view.get("label", "") for node_id, view in cluster["nodes"].items()}
+
+    def order(peer_id: str) -> tuple[bool, str, str]:
+        # Labelled nodes (pipeline stages) first, in label order: stage 0, stage 1, ...
+        label = labels.get(peer_id, "")
+        return (not label, label, peer_id)
+
+    for node_id in sorted(cluster["nodes"], key=order):
+        view = cluster["nodes"][node_id]
+        for peer in sorted(view["peers"], key=lambda p: order(p["peer"])):
             if peer.get("observer") and not args.all:
                 continue
             state = str(peer["state"]).lower()
             seen = peer.get("last_seen_s_ago")
             table.add_row(
-                _short(node_id),
-                _short(peer["peer"]),
+                _name(node_id, labels),
+                _name(peer["peer"], labels),
                 _address(peer),
                 f"[{colors.get(state, 'white')}]{state}[/]",
                 f"{_ms(peer.get('rtt_p50'))}/{_ms(peer.get('rtt_p99'))}",

@@ -27,11 +27,12 @@ class HealthView:
 
     node_id: str
     instance: str
-    role: str  # "node" or "observer"
+    role: str  # "node", "observer" (`p2pr health`), "stage" (a pipeline stage) or "exo"
     addrs: list[str]
     sent_at: float  # wall clock, seconds
     peers: list[dict[str, Any]]
     duplicates: list[str] = attrs.Factory(list)
+    label: str = ""  # what the node is, for people: "stage 1" ("" for a plain node)
 
 
 HEALTH_TOPIC = TypedTopic("p2pr/health", PublishPolicy.Always, HealthView)
@@ -87,6 +88,8 @@ class ClusterViews:
             if view.role == "observer":
                 continue
             nodes[view.node_id] = {
+                "role": view.role,
+                "label": view.label,
                 "instance": view.instance,
                 "addrs": view.addrs,
                 "age_s": round(now - view.sent_at, 3),

@@ -39,6 +39,11 @@ class NodeSettings:
     mdns: bool = False
     cluster_secret: bytes | None = None
     role: str = "node"
+    label: str = ""  # shown by `p2pr health` next to the node id
+    # Flag peers that never published a view of their own as observers, as `p2pr health`
+    # sessions are: a pipeline stage's other peers are its clients, which come and go (one
+    # that left is no dead node).
+    silent_peers_observe: bool = False
     health_interval: float = 1.0
     metrics_port: int | None = None
     faults: FaultConfig | None = None  # injected between protocol and libp2p (chaos tests)
@@ -139,6 +144,9 @@ class ClusterNode:
 
     def _view(self) -> HealthView:
         observers = self.views.observers()
+        if self.settings.silent_peers_observe:
+            spoke = set(self.views.views)
+            observers |= {p["peer"] for p in self.peers if p["peer"] not in spoke}
         return HealthView(
             node_id=self.node_id,
             instance=self.identity.instance,
@@ -147,6 +155,7 @@ class ClusterNode:
             sent_at=time.time(),
             peers=[{**p, "observer": p["peer"] in observers} for p in self.peers],
             duplicates=self.views.duplicates(),
+            label=self.settings.label,
         )
 
     def ready_line(self) -> str:

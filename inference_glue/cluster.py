@@ -12,7 +12,8 @@ layers and why.
 
 Kept clusters (`p2pr pipeline up`, `p2pr generate --keep`) run detached, until SIGTERM; their
 process ids and addresses are recorded under the cache folder so that later commands join
-them (`running_cluster`) and `p2pr pipeline down` stops them (`stop_cluster`).
+them (`running_cluster`), `p2pr pipeline down` stops them (`stop_cluster`) and `p2pr health`
+finds them (`kept_cluster_addrs`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "NodeHandle",
     "StageCluster",
     "cluster_state_path",
+    "kept_cluster_addrs",
     "model_num_layers",
     "running_cluster",
     "split_layers",
@@ -458,3 +460,17 @@ def recorded_clusters(cache_dir: Path | None = None) -> list[Path]:
     """Every recorded cluster file."""
     root = (cache_dir if cache_dir is not None else default_cache_dir()) / "clusters"
     return sorted(root.glob("*.json")) if root.is_dir() else []
+
+
+def kept_cluster_addrs(cache_dir: Path | None = None) -> list[str]:
+    """The node addresses of every kept cluster that still runs (for `p2pr health`)."""
+    addrs: list[str] = []
+    for path in recorded_clusters(cache_dir):
+        try:
+            record = json.loads(path.read_text())
+            state = running_cluster(record["model"], record["nodes"], cache_dir)
+        except (OSError, KeyError, json.JSONDecodeError):
+            continue
+        if state is not None:
+            addrs += state["addrs"]
+    return addrs

@@ -888,6 +888,10 @@ async def _serve_node(
         tg.start_soon(router.run)
         with anyio.fail_after(60):
             await router.wait_ready()
+        # Publish this stage's health view on p2pr/health, so that `p2pr health` lists it.
+        from discovery.share import share_health
+
+        tg.start_soon(share_health, router, "stage", f"stage {args.stage}")
         common = {"node_id": router.node_id, "stage": args.stage, "pid": os.getpid()}
         _print({"event": "listening", **common, "addrs": router.listen_addrs})
         start = time.perf_counter()
