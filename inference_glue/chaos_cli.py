@@ -81,6 +81,11 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
                 f"slowest recovery after a SIGKILL: {worst:.2f} s "
                 f"(goal <= {report['recover_goal_s']:.0f} s: {verdict})"
             )
+        hang = report.get("max_hang_recover_s")
+        if hang is not None:
+            out.print(
+                f"recovery from a hung (SIGSTOPped) stage: {hang:.2f} s (phi accrual + probe)"
+            )
         out.print("every row passed" if report["passed"] else "[bold red]some rows FAILED[/]")
     print(json.dumps(report))
     return 0 if report["passed"] else 1
