@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -204,3 +205,15 @@ def test_two_node_pipeline_example(
     printed = capsys.readouterr().out
     assert "stage 0: embedding, layers 0-2" in printed
     assert "stage 1: layers 3-5, norm + LM head + sampling" in printed
+
+
+def test_failover_demo_survives_a_sigkill_mid_answer(tiny_dir: Path, cache_dir: Path) -> None:
+    demo = [sys.executable, str(EXAMPLES / "failover_demo.py"), "--model", str(tiny_dir)]
+    out = run([*demo, "--kill-after", "10", "--max-tokens", "32", "--temp", "0.8"], cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[SIGKILL stage 1]" in out.stdout
+    assert "event: lost: peer=" in out.stdout and "stage=1" in out.stdout
+    # Tokens already on their way when the node died may arrive before the failover.
+    replayed = re.search(r"(\d+) tokens replayed", out.stdout)
+    assert replayed is not None and int(replayed.group(1)) >= 10
+    assert "identical to single-device mlx-lm: yes" in out.stdout
