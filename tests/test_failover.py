@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from inference_glue.client import PipelineClient, load_tokenizer
-from inference_glue.cluster import StageCluster
+from inference_glue.cluster import ClusterStartError, StageCluster
 from inference_glue.failover import FailoverPolicy
 from inference_glue.footprint import ModelDoesNotFitError, ModelFootprint
 from inference_glue.local_pipeline import prompt_token_ids
@@ -187,3 +187,9 @@ def test_requests_in_flight_together_fail_over_together(tiny_dir: Path) -> None:
     assert [e.kind for e in client.events].count("lost") == 1
     assert len({r.layers for r in client.recoveries}) == 1
     assert all(last not in r.route for r in client.recoveries)
+
+
+def test_a_node_whose_layers_exceed_its_budget_refuses_to_start(tiny_dir: Path) -> None:
+    cluster = StageCluster(tiny_dir, 2, memory_budget="64K")
+    with pytest.raises(ClusterStartError, match=r"node 0 .*memory budget of 64\.0 KiB"):
+        cluster.start(timeout=120)
