@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import attrs
@@ -32,7 +32,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import encode_varint_prefixed
+from libp2p.utils.varint import encode_uvarint
 
 from discovery.peers import DialPlanner
 from p2p_reliable import (
@@ -518,9 +518,8 @@ class Engine:
                 # Coalesce whatever is queued, then write it in pieces of one yamux frame and
                 # one Noise message each: py-libp2p's cost is per frame and per message.
                 frames = _take(link.queue, 64)
-                data = b"".join([encode_varint_prefixed(f) for f in frames])
-                for start in range(0, len(data), WRITE_CHUNK):
-                    await stream.write(data[start : start + WRITE_CHUNK])
+                for piece in _pieces(frames, WRITE_CHUNK):
+                    await stream.write(piece)
                 link.queued_bytes -= sum(len(f) for f in frames)
                 self.stats.direct_frames_sent += len(frames)
                 self._transport_drained(peer)
@@ -656,6 +655,29 @@ class Engine:
 
 def _take(queue: deque[bytes], n: int) -> list[bytes]:
     return [queue.popleft() for _ in range(min(n, len(queue)))]
+
+
+def _pieces(frames: list[bytes], size: int) -> Iterator[bytes]:
+    """The varint-prefixed frames back to back, cut into pieces of at most `size` bytes.
+
+    Every byte is copied once, into its piece: no joined buffer of all the frames (megabytes,
+    a fresh allocation each time) is built first.
+    """
+    parts: list[memoryview] = []
+    room = size
+    for frame in frames:
+        for part in (encode_uvarint(len(frame)), frame):
+            view = memoryview(part)
+            while view:
+                take = view[:room]
+                parts.append(take)
+                room -= len(take)
+                view = view[len(take) :]
+                if not room:
+                    yield b"".join(parts)
+                    parts, room = [], size
+    if parts:
+        yield b"".join(parts)
 
 
 class FrameTooLarge(ValueError):
