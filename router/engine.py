@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import attrs
@@ -32,7 +32,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+from libp2p.utils.varint import encode_uvarint
 
 from discovery.peers import DialPlanner
 from p2p_reliable import (
@@ -59,6 +59,19 @@ for _noisy in ("libp2p.pubsub.gossipsub", "libp2p.network.auto_connector"):
 logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
 
 DIRECT_PROTOCOL = TProtocol("/p2pr/direct/1.0.0")
+
+# py-libp2p's cost on a stream is per call, not per byte: every read sends a yamux
+# WINDOW_UPDATE, every yamux frame is at least one Noise message. A yamux frame carries up to
+# 65524 bytes, a Noise message 65519 of plaintext, so a full frame becomes two Noise messages
+# (the second one 17 bytes). Writes of at most WRITE_CHUNK bytes make one frame, one message.
+try:
+    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_PLAINTEXT
+    from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as _YAMUX_HEADER
+except ImportError:  # pragma: no cover - other py-libp2p layouts
+    _NOISE_PLAINTEXT, _YAMUX_HEADER = 65535 - 16, 12
+WRITE_CHUNK = _NOISE_PLAINTEXT - _YAMUX_HEADER
+# Reads take whatever the stream holds, up to this much, and frames are cut from our buffer.
+READ_CHUNK = 4 * 1024 * 1024
 
 
 @attrs.frozen
@@ -502,9 +515,11 @@ class Engine:
                     await link.wake.wait()
                 if stream is None:
                     stream = await self._host.new_stream(ID.from_base58(peer), [DIRECT_PROTOCOL])
-                # Coalesce whatever is queued into one write: yamux and Noise cost per write.
+                # Coalesce whatever is queued, then write it in pieces of one yamux frame and
+                # one Noise message each: py-libp2p's cost is per frame and per message.
                 frames = _take(link.queue, 64)
-                await stream.write(b"".join(encode_varint_prefixed(f) for f in frames))
+                for piece in _pieces(frames, WRITE_CHUNK):
+                    await stream.write(piece)
                 link.queued_bytes -= sum(len(f) for f in frames)
                 self.stats.direct_frames_sent += len(frames)
                 self._transport_drained(peer)
@@ -523,10 +538,20 @@ class Engine:
     async def _on_direct_stream(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
         limit = self.config.protocol.max_frame_bytes + 4096
+        buffer = bytearray()
         try:
             while True:
-                data = await read_varint_prefixed_bytes_limited(stream, limit)
-                self._receive(data, peer)
+                chunk = await stream.read(READ_CHUNK)
+                if not chunk:
+                    return
+                buffer += chunk
+                # One read usually brings several frames (or the rest of a large one).
+                used = 0
+                while (frame := _cut_frame(buffer, used, limit)) is not None:
+                    data, used = frame
+                    self._receive(data, peer)
+                if used:
+                    del buffer[:used]
         except Exception as exc:
             log.debug("direct stream from %s closed: %s", peer, exc)
 
@@ -630,6 +655,63 @@ class Engine:
 
 def _take(queue: deque[bytes], n: int) -> list[bytes]:
     return [queue.popleft() for _ in range(min(n, len(queue)))]
+
+
+def _pieces(frames: list[bytes], size: int) -> Iterator[bytes]:
+    """The varint-prefixed frames back to back, cut into pieces of at most `size` bytes.
+
+    Every byte is copied once, into its piece: no joined buffer of all the frames (megabytes,
+    a fresh allocation each time) is built first.
+    """
+    parts: list[memoryview] = []
+    room = size
+    for frame in frames:
+        for part in (encode_uvarint(len(frame)), frame):
+            view = memoryview(part)
+            while view:
+                take = view[:room]
+                parts.append(take)
+                room -= len(take)
+                view = view[len(take) :]
+                if not room:
+                    yield b"".join(parts)
+                    parts, room = [], size
+    if parts:
+        yield b"".join(parts)
+
+
+class FrameTooLarge(ValueError):
+    """A direct-stream frame announced more bytes than any valid frame has."""
+
+
+def _cut_frame(buffer: bytearray, pos: int, limit: int) -> tuple[bytes, int] | None:
+    """The varint-prefixed frame at `pos` and the position after it, or None if incomplete.
+
+    Raises FrameTooLarge (or ValueError for a varint over 64 bits) as soon as the prefix
+    says so, before any of the body is awaited.
+    """
+    length = 0
+    shift = 0
+    index = pos
+    end = len(buffer)
+    while True:
+        if index >= end:
+            return None
+        byte = buffer[index]
+        index += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint frame length over 64 bits")
+    if length > limit:
+        raise FrameTooLarge(f"frame of {length} bytes exceeds {limit}")
+    stop = index + length
+    if stop > end:
+        return None
+    with memoryview(buffer) as view, view[index:stop] as body:
+        return bytes(body), stop
 
 
 class _ConnectionWatch(INotifee):

@@ -6,10 +6,13 @@
 - Spam, adaptive-gossip and eclipse protection off: with them gossipsub forwards only
   10 msg/s per topic and wants peers on 3 distinct IPs, which loopback clusters never have.
 - A 1 s gossipsub heartbeat instead of 120 s, so meshes form and heal within a second.
+- Yamux credit in batches (go-yamux's rule: a WINDOW_UPDATE once half the window is read)
+  instead of py-libp2p's default of one WINDOW_UPDATE per read; see `YAMUX_ENV`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import multiaddr
@@ -27,6 +30,14 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 
 MESHSUB_V11 = TProtocol("/meshsub/1.1.0")
 
+# py-libp2p 0.8 reads its yamux tuning from PY_YAMUX_* environment variables, at call time.
+# RELEASE_ON_READ (default on) sends a WINDOW_UPDATE for every read of a stream: with 256 KiB
+# messages that is one small frame back per 64 KiB, each a Noise message to encrypt, send,
+# receive, decrypt and parse. Off, credit goes back once half the window has been read, as
+# in go-yamux. Measured: 10% less CPU per 256 KiB message over the three processes of
+# `p2pr bench router`. A value already set in the environment wins.
+YAMUX_ENV = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+
 
 def listen_addrs(host: str, port: int) -> list[multiaddr.Multiaddr]:
     """The TCP multiaddr to listen on."""
@@ -40,6 +51,8 @@ def build_host(
     enable_mdns: bool = False,
 ) -> IHost:
     """A TCP host that speaks Noise only (and a private network when `psk` is given)."""
+    for name, value in YAMUX_ENV.items():
+        os.environ.setdefault(name, value)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
         key_pair=key_pair,

@@ -118,3 +118,33 @@ def test_fault_shim_statistics_match_its_config() -> None:
     assert clean.inbound(frame, "peer") == [] and clean.blocks("peer")
     assert clean.inbound(frame, "other") == [(0.0, frame)]
     assert clean.stats.partitioned == 1
+
+
+def test_direct_stream_frames_are_cut_from_a_buffer() -> None:
+    from libp2p.utils.varint import encode_varint_prefixed
+
+    from router.engine import FrameTooLarge, _cut_frame, _pieces
+
+    frames = [b"", b"a", bytes(range(256)) * 600, b"z" * 127, b"y" * 128]
+    wire = bytearray(b"".join(encode_varint_prefixed(f) for f in frames))
+    # Fed one byte at a time, the frames come out whole, in order, and nothing more.
+    buffer = bytearray()
+    out = []
+    for byte in wire:
+        buffer.append(byte)
+        used = 0
+        while (cut := _cut_frame(buffer, used, 1 << 20)) is not None:
+            frame, used = cut
+            out.append(frame)
+        del buffer[:used]
+    assert out == frames and not buffer
+    # The writer's side: pieces of at most one size, which together are the same bytes.
+    for size in (1, 7, 128, 65507):
+        pieces = list(_pieces(frames, size))
+        assert b"".join(pieces) == wire
+        assert all(0 < len(p) <= size for p in pieces) and len(pieces) == -(-len(wire) // size)
+    # An oversized length is refused from its prefix alone, before the body arrives.
+    with pytest.raises(FrameTooLarge):
+        _cut_frame(bytearray(encode_varint_prefixed(b"x" * 101)[:3]), 0, 100)
+    with pytest.raises(ValueError):
+        _cut_frame(bytearray(b"\xff" * 11), 0, 1 << 62)
