@@ -45,11 +45,17 @@ def test_three_nodes_two_publishers_through_faults() -> None:
     for result in results:
         _check_exact(result, expectations[result["index"]], count)
         shim, proto = result["shim"], result["protocol"]
-        # The faults really happened, and each kind left its trace in the protocol's counters.
-        assert shim["dropped"] > 0 and shim["duplicated"] > 0 and shim["corrupted"] > 0
+        # Every frame the shim damaged was rejected by the protocol.
         assert proto["corrupted"] + proto["malformed"] >= shim["corrupted"]
-        assert proto["duplicates"] > 0
         assert proto["gaps"] == 0 and proto["unrecoverable"] == 0
+    # The faults really happened, and left their traces in the protocol's counters. Summed
+    # over the nodes: a publisher receives few frames (acks coalesce, more so under load),
+    # so one node's shim may damage none of them.
+    shims = [r["shim"] for r in results]
+    assert all(sum(s[kind] for s in shims) > 0 for kind in ("dropped", "duplicated", "corrupted"))
+    assert sum(r["protocol"]["duplicates"] for r in results) > 0
+    receiver = next(r for r in results if r["index"] == 2)  # of both streams: most frames
+    assert receiver["shim"]["corrupted"] > 0
     for result in results[:2]:
         assert result["protocol"]["messages_sent"] == count
         assert result["protocol"]["retransmits"] > 0
