@@ -259,6 +259,7 @@ class PipelineClient:
         self.stream_stats: dict[str, AssemblerStats] = {}
         self._health_read = 0.0
         self._plan_lock = anyio.Lock()
+        self._silent: set[str] = set()  # connected peers that never answered an InfoQuery
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -712,19 +713,25 @@ class PipelineClient:
                 self._event(node, "refused", f"epoch {epoch}: {why}")
         raise PipelineError(f"{reason}; no new plan could be put in place after 3 tries")
 
-    async def _offers(self) -> list[NodeOffer]:
+    async def _offers(self, grace: float = 0.3) -> list[NodeOffer]:
         """Every reachable node that serves this model and is not excluded, with its memory
         budget: the current stages first (in order), then any other connected peer that
-        answers as a stage node of the same model (a restarted or spare node)."""
+        answers as a stage node of the same model (a restarted or spare node). Peers that
+        did not answer before (other clients, observers) are asked again only with a long
+        `grace` (`rebalance`), so that they do not slow every failover down."""
         current = [s.node_id for s in self.stages]
         others = sorted(self.router.connected - set(current) - {self.router.node_id})
+        if grace < self.policy.query_timeout:
+            others = [p for p in others if p not in self._silent]
         peers = [p for p in current + others if p in self.router.connected]
         peers = [p for p in peers if p not in self.excluded]
         replies = await self._ask(
             {p: InfoQuery for p in peers},
             self.policy.query_timeout,
             optional=[p for p in others if p not in self.budgets],
+            grace=grace,
         )
+        self._silent.update(p for p in others if replies.get(p) is None)
         model = self.stages[0] if self.stages else None
         offers = []
         for peer in peers:
@@ -737,6 +744,7 @@ class PipelineClient:
                 model.blas_threads,
             ):
                 continue
+            self._silent.discard(peer)
             self.budgets[peer] = reply.memory_budget
             # A new plan's epoch must be above every node's, spares' included.
             self.epoch = max(self.epoch, reply.epoch)
@@ -750,7 +758,8 @@ class PipelineClient:
         pipeline: re-plan over every reachable node if that set changed. True if it did."""
         if not self.policy.enabled or self.footprint is None:
             return False
-        offers = await self._offers()
+        # Not in a hurry here: a node that just started may take a while to answer.
+        offers = await self._offers(grace=self.policy.query_timeout)
         if {o.node_id for o in offers} == {s.node_id for s in self.stages}:
             return False
         async with self._plan_lock:
