@@ -189,14 +189,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 if first is not None and n > 1 and end > first
                 else None,
                 "counters": stats,
+                "failovers": [r.to_dict() for r in client.recoveries],
+                "events": [e.line() for e in client.events],
             }
 
-    from inference_glue.client import PipelineError, StageFailedError
+    from inference_glue.client import ModelDoesNotFitError, PipelineError, StageFailedError
     from inference_glue.tokens import IncompleteStreamError, TextMismatchError
 
     try:
         result = anyio.run(run)
-    except (PipelineError, StageFailedError, IncompleteStreamError, TextMismatchError) as exc:
+    except (
+        PipelineError,
+        StageFailedError,
+        IncompleteStreamError,
+        TextMismatchError,
+        ModelDoesNotFitError,
+    ) as exc:
         print(f"\np2pr generate: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -211,6 +219,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"[dim]{len(result['token_ids'])} tokens ({result['finish_reason']}), "
         f"first after {result['ttft_ms']:.0f} ms, {result['decode_tokens_per_s']} tokens/s[/]"
     )
+    for failover in result["failovers"]:
+        err.print(
+            f"[yellow]failover: {failover['reason']}; resumed after {failover['resumed_from']} "
+            f"tokens on layers {failover['layers']}, first new token {failover['recover_s']} s "
+            f"after the loss was noticed[/]"
+        )
     if result["counters"] is not None:
         err.print(links_table(result["counters"]))
     return 0
