@@ -184,11 +184,7 @@ class StageCluster:
                 self.nodes.append(self._spawn(index, part, env))
             for node in self.nodes:
                 bootstrap = [a for earlier in self.nodes[: node.index] for a in earlier.addrs[:1]]
-                assert node.proc.stdin is not None
-                node.proc.stdin.write(json.dumps({"bootstrap": bootstrap}) + "\n")
-                node.proc.stdin.flush()
-                event = self._expect(node, "listening", deadline)
-                node.node_id, node.addrs = event["node_id"], event["addrs"]
+                self._introduce(node, bootstrap, deadline)
             for node in self.nodes:
                 node.ready = self._expect(node, "ready", deadline)
                 say(
@@ -255,6 +251,14 @@ class StageCluster:
             ).start()
         return node
 
+    def _introduce(self, node: NodeHandle, bootstrap: list[str], deadline: float) -> None:
+        """Hand a spawned node its bootstrap addresses; wait until it listens."""
+        assert node.proc.stdin is not None
+        node.proc.stdin.write(json.dumps({"bootstrap": bootstrap}) + "\n")
+        node.proc.stdin.flush()
+        event = self._expect(node, "listening", deadline)
+        node.node_id, node.addrs = event["node_id"], event["addrs"]
+
     def _expect(self, node: NodeHandle, event: str, deadline: float) -> dict[str, Any]:
         while True:
             left = deadline - time.monotonic()
@@ -314,12 +318,8 @@ class StageCluster:
             if other is not old and other.proc.poll() is None
             for a in other.addrs[:1]
         ] + list(extra_bootstrap)
-        assert node.proc.stdin is not None
-        node.proc.stdin.write(json.dumps({"bootstrap": bootstrap}) + "\n")
-        node.proc.stdin.flush()
         deadline = time.monotonic() + timeout
-        event = self._expect(node, "listening", deadline)
-        node.node_id, node.addrs = event["node_id"], event["addrs"]
+        self._introduce(node, bootstrap, deadline)
         node.ready = self._expect(node, "ready", deadline)
         self.nodes[index] = node
         return node

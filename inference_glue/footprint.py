@@ -17,6 +17,8 @@ from pathlib import Path
 
 import attrs
 
+from inference_glue.placement import contiguous_ranges, memory_weighted_counts
+
 __all__ = [
     "ModelDoesNotFitError",
     "ModelFootprint",
@@ -140,10 +142,8 @@ class ModelFootprint:
         """
         if not budgets:
             raise ModelDoesNotFitError("no node is left to hold the model")
-        from inference_glue.placement import memory_weighted_counts
-
         counts = memory_weighted_counts(self.num_layers, [max(b, 1) for b in budgets])
-        ranges = _ranges(counts)
+        ranges = contiguous_ranges(counts)
         if all(self.stage_bytes(r) <= b for r, b in zip(ranges, budgets) if r):
             return ranges
         greedy = self._greedy(budgets)
@@ -168,12 +168,3 @@ class ModelFootprint:
             ranges.append(range(start, stop))
             start = stop
         return ranges if start == self.num_layers else None
-
-
-def _ranges(counts: Sequence[int]) -> list[range]:
-    out = []
-    start = 0
-    for count in counts:
-        out.append(range(start, start + count))
-        start += count
-    return out

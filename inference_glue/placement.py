@@ -14,7 +14,13 @@ from fractions import Fraction
 
 import attrs
 
-__all__ = ["NodeMemory", "StagePlacement", "memory_weighted_counts", "place_layers"]
+__all__ = [
+    "NodeMemory",
+    "StagePlacement",
+    "contiguous_ranges",
+    "memory_weighted_counts",
+    "place_layers",
+]
 
 
 @attrs.frozen
@@ -69,6 +75,16 @@ def memory_weighted_counts(num_layers: int, memory: Sequence[float]) -> list[int
     return counts
 
 
+def contiguous_ranges(counts: Sequence[int]) -> list[range]:
+    """[2, 3, 1] -> [range(0, 2), range(2, 5), range(5, 6)]."""
+    ranges = []
+    start = 0
+    for count in counts:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
 def place_layers(
     num_layers: int,
     nodes: Sequence[NodeMemory],
@@ -100,9 +116,5 @@ def place_layers(
             raise ValueError(f"explicit ranges cover {expected_start} of {num_layers} layers")
     else:
         counts = memory_weighted_counts(num_layers, [n.free_memory for n in nodes])
-        ranges = []
-        start = 0
-        for count in counts:
-            ranges.append(range(start, start + count))
-            start += count
+        ranges = contiguous_ranges(counts)
     return [StagePlacement(node.node_id, layers) for node, layers in zip(nodes, ranges) if layers]
