@@ -107,9 +107,9 @@ class PipelineStage:
 
         Returns:
             The hidden state `(B, L, hidden)` for the next stage, or on the last stage the
-            logits `(B, L, vocab)`. Lazily: the KV caches advance when the result (or
-            `cache_state`) is evaluated. The caches of a new request are made on its first
-            call, with mlx-lm's `make_prompt_cache`.
+            logits `(B, L, vocab)`. Its layers are already being computed in the
+            background (`mx.async_eval`); reading the result waits for them. The caches of a
+            new request are made on its first call, with mlx-lm's `make_prompt_cache`.
         """
         caches = self._caches.get(request_id)
         if caches is None:
@@ -144,6 +144,10 @@ class PipelineStage:
         )
         for block, cache, sliding in zip(self._blocks, caches, self._sliding):
             h = block(h, window_mask if sliding else full_mask, cache=cache)
+            # Start computing each layer as soon as it is built, so that building the next
+            # one in Python overlaps the computation (mlx-lm's generate overlaps whole steps
+            # the same way). The same kernels run in the same order: the result is identical.
+            mx.async_eval(h)
 
         if not self.is_last:
             return h
