@@ -69,14 +69,13 @@ class MetricsServer:
                 while b"\r\n\r\n" not in request and len(request) < 8192:
                     request += await client.receive(4096)
                 path = request.split(b" ", 2)[1].decode(errors="replace") if b" " in request else ""
+                peers = await self.node.router.health() if path in ("/metrics", "/health") else []
                 if path == "/metrics":
-                    body = render_metrics(self.node.node_id, self.node.peers).encode()
+                    body = render_metrics(self.node.node_id, peers).encode()
                     kind = "text/plain; version=0.0.4"
                     status = "200 OK"
                 elif path == "/health":
-                    body = json.dumps(
-                        {"node": self.node.node_id, "peers": self.node.peers}
-                    ).encode()
+                    body = json.dumps({"node": self.node.node_id, "peers": peers}).encode()
                     kind, status = "application/json", "200 OK"
                 else:
                     body, kind, status = b"not found\n", "text/plain", "404 Not Found"

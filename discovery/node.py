@@ -133,12 +133,14 @@ class ClusterNode:
         states: dict[str, str] = {}
         last = -math.inf
         while True:
-            self.peers = await self.router.health()
-            now_states = {p["peer"]: p["state"] for p in self.peers}
             # Publish at once on any state change (a death must travel fast), else every
-            # health_interval.
+            # health_interval. States are polled cheaply; the full view (addresses,
+            # counters) only when it is published: an idle node stays nearly idle.
+            now_states = await self.router.health_states()
             if now_states != states or time.monotonic() - last >= self.settings.health_interval:
-                states, last = now_states, time.monotonic()
+                self.peers = await self.router.health()
+                states = {p["peer"]: p["state"] for p in self.peers}
+                last = time.monotonic()
                 await sender.send(self._view())
             await anyio.sleep(0.05)
 

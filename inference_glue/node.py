@@ -166,15 +166,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
 async def engine_call(router: Router, fn: Callable[[], T], timeout: float = 10.0) -> T:
     """Run `fn` on the router's engine loop (where protocol state may be read) and return
     its result."""
-    engine = router.engine
-    if engine is None:
-        raise RuntimeError("the router is not running")
-    future = engine.query(fn)
-    with anyio.fail_after(timeout):
-        while not future.done():
-            await anyio.sleep(0.002)
-    result: T = future.result()
-    return result
+    return await router.query(fn, timeout)
 
 
 def router_counters(router: Router) -> Callable[[], dict[str, Any]]:

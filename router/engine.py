@@ -480,15 +480,20 @@ class Engine:
         assert self._pubsub is not None
         while True:
             now = self._now()
+            changed = False
             for topic in self._topics:
                 current = {p.to_base58() for p in self._pubsub.peer_topics.get(topic, ())}
                 known = self._subscribers.setdefault(topic, set())
+                if current == known:
+                    continue
                 for peer in current - known:
                     self.endpoint.add_subscriber(topic, peer, now)
                 for peer in known - current:
                     self.endpoint.remove_subscriber(topic, peer, now)
                 self._subscribers[topic] = current
-            self._flush()
+                changed = True
+            if changed:
+                self._flush()
             await trio.sleep(self.config.subscriber_poll)
 
     # -- direct streams --------------------------------------------------------------------
@@ -636,6 +641,12 @@ class Engine:
             row["duplicate"] = snapshot.peer in twins
             out.append(row)
         return out
+
+    def health_states(self) -> dict[str, str]:
+        """Every known peer's state name, as in `health_view` (call on the engine's loop)."""
+        return {
+            peer: state.name for peer, state in self.endpoint.healths.states(self._now()).items()
+        }
 
     def _listen_addrs_of(self, peer: str) -> list[str]:
         # Identify fills the peerstore with the addresses a peer listens on: what others need

@@ -10,7 +10,6 @@ publisher's `send` waits. Nothing is dropped on the way.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
 import threading
@@ -226,6 +225,7 @@ class Router:
         self._tg: TaskGroup | None = None
         self._slots: anyio.Semaphore | None = None
         self._ready: anyio.Event | None = None
+        self._post: Callable[..., None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -255,15 +255,36 @@ class Router:
         while True:
             queued = self.config.outbound_slots - int(self._slots.value)
             busy = any(r._local_busy() for r in self.topic_routers.values())
-            if not queued and not busy and await _result(engine.query(engine.idle)):
+            if not queued and not busy and await self.query(engine.idle):
                 return
             await anyio.sleep(0.01)
+
+    async def query(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `fn` on the engine's loop (where protocol state may be read); its result.
+
+        Raises TimeoutError if the engine has not answered within `timeout` seconds.
+        """
+        engine = self._running_engine()
+        post = self._post
+        assert post is not None
+        answered = anyio.Event()
+        future = engine.query(fn)
+        # The engine's thread wakes this loop once: no polling while it works.
+        future.add_done_callback(lambda _: post(answered.set))
+        with anyio.fail_after(timeout):
+            await answered.wait()
+        result: T = future.result()
+        return result
 
     async def health(self) -> list[dict[str, Any]]:
         """This node's view of every peer it knows: state, phi, RTT, loss, counters."""
         engine = self._running_engine()
-        view: list[dict[str, Any]] = await _result(engine.query(engine.health_view))
-        return view
+        return await self.query(engine.health_view)
+
+    async def health_states(self) -> dict[str, str]:
+        """Every known peer's state name (ALIVE, SUSPECT, DEAD, UNKNOWN): a cheap poll."""
+        engine = self._running_engine()
+        return await self.query(engine.health_states)
 
     def add_peer_addr(self, addr: str, source: str = "static") -> None:
         """Dial a peer at this multiaddr; configured sources are redialed for ever, others
@@ -296,7 +317,7 @@ class Router:
 
     async def run(self) -> None:
         """Run the node until cancelled (or shutdown())."""
-        post = _loop_poster()
+        post = self._post = _loop_poster()
         self._slots = anyio.Semaphore(self.config.outbound_slots)
         self._ready = anyio.Event()
         engine = Engine(self.key_pair, self.config.engine, sink=self, post=post)
@@ -447,13 +468,6 @@ class Router:
 class _DirectDelivery:
     event: Delivered
     message: DirectMessage
-
-
-async def _result(future: concurrent.futures.Future[Any]) -> Any:
-    # Polling keeps this backend-neutral; engine queries answer within a loop turn.
-    while not future.done():
-        await anyio.sleep(0.002)
-    return future.result()
 
 
 def _loop_poster() -> Callable[..., None]:
