@@ -235,6 +235,7 @@ class PipelineClient:
         chunks: str = DEFAULT_CHUNKS,
         footprint: ModelFootprint | None = None,
         policy: FailoverPolicy | None = None,
+        split_head: bool = True,
     ) -> None:
         if chunks not in CHUNK_DELIVERY:
             raise ValueError(f"chunks must be one of {CHUNK_DELIVERY}, got {chunks!r}")
@@ -248,6 +249,9 @@ class PipelineClient:
         self._nonces = itertools.count(1)
         self.bad_messages = 0
         self.footprint = footprint
+        # The first stage computes half of the LM head while the last computes the other
+        # half, when the model allows it (see RequestMeta.head_split).
+        self.split_head = split_head
         self.policy = policy or FailoverPolicy()
         self.epoch = 0
         self.budgets: dict[str, int] = {}
@@ -274,11 +278,13 @@ class PipelineClient:
         timeout: float = 60.0,
         chunks: str = DEFAULT_CHUNKS,
         policy: FailoverPolicy | None = None,
+        split_head: bool = True,
     ) -> AsyncIterator[PipelineClient]:
         """Join the pipeline whose nodes listen at `addrs` (one multiaddr per node is
         enough); `model_dir` gives the tokenizer and the layers' sizes. `faults`: this
         client's fault shim. `chunks`: how token chunks come by default, "direct" or
-        "topic". `policy`: failover settings."""
+        "topic". `policy`: failover settings. `split_head`: the first and last stages each
+        compute half of the LM head (when the model's embeddings are tied)."""
         peers = list(dict.fromkeys(peer_id_of(a) for a in addrs))
         config = RouterConfig(
             engine=EngineConfig(faults=FaultConfig.parse(faults) if faults else None)
@@ -290,7 +296,14 @@ class PipelineClient:
         direct_chunks = router.direct_receiver(CHUNK_STREAM)
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, model_dir)
         footprint = await anyio.to_thread.run_sync(ModelFootprint.from_dir, model_dir)
-        client = cls(router, tokenizer, chunks=chunks, footprint=footprint, policy=policy)
+        client = cls(
+            router,
+            tokenizer,
+            chunks=chunks,
+            footprint=footprint,
+            policy=policy,
+            split_head=split_head,
+        )
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(router.run)
@@ -489,6 +502,7 @@ class PipelineClient:
                 chunks or self.chunks,
                 epoch=self.epoch,
                 resume=tuple(resume),
+                head_split=self._head_split(),
             )
 
         meta = meta_for(rid, ())
@@ -799,6 +813,11 @@ class PipelineClient:
         if engine is not None:
             engine.submit_faults(config)
             engine.submit_partition(set(partitions.get(self.router.node_id, ())))
+
+    def _head_split(self) -> int:
+        if not self.split_head or self.footprint is None or len(self.stages) < 2:
+            return 0
+        return self.footprint.head_split
 
     def _stage_of(self, peer: str) -> int | None:
         return next((s.index for s in self.stages if s.node_id == peer), None)

@@ -20,6 +20,7 @@ import attrs
 from inference_glue.placement import contiguous_ranges, memory_weighted_counts
 
 __all__ = [
+    "HEAD_SPLIT_LAST",
     "ModelDoesNotFitError",
     "ModelFootprint",
     "format_bytes",
@@ -71,6 +72,12 @@ def _tensor_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
+# The last stage's share of the LM head's rows when the first stage computes the rest. More
+# than half: the first stage's part comes back two hops later. Measured with SmolLM2 on
+# 2 stages here: 0.5 -> 9.85 tok/s, 0.58 -> 10.05, 0.66 -> 10.02.
+HEAD_SPLIT_LAST = 0.6
+
+
 @attrs.frozen
 class ModelFootprint:
     """Bytes of weights per part of a llama-style mlx-lm model."""
@@ -80,6 +87,8 @@ class ModelFootprint:
     norm: int
     lm_head: int  # 0 when the embeddings are tied (the last stage then holds the embedding)
     tied: bool
+    vocab_size: int = 0
+    quantized: bool = False
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelFootprint:
@@ -105,7 +114,18 @@ class ModelFootprint:
                 elif "norm" in name:
                     norm += size
         tied = bool(config.get("tie_word_embeddings", False)) or lm_head == 0
-        return cls(tuple(layers), embedding, norm, lm_head, tied)
+        vocab = int(config.get("vocab_size", 0))
+        quantized = "quantization" in config
+        return cls(tuple(layers), embedding, norm, lm_head, tied, vocab, quantized)
+
+    @property
+    def head_split(self) -> int:
+        """Vocabulary rows the last stage computes when the first computes the rest of the
+        LM head (`RequestMeta.head_split`): `HEAD_SPLIT_LAST` of them, when the first stage
+        holds the same plain matrix (tied, unquantized embeddings); else 0, no split."""
+        if not self.tied or self.quantized or self.vocab_size < 2:
+            return 0
+        return max(1, min(self.vocab_size - 1, round(self.vocab_size * HEAD_SPLIT_LAST)))
 
     @property
     def num_layers(self) -> int:

@@ -8,10 +8,17 @@ exactly once, per (peer, stream)):
 | `p2pr.infer.request`  | client -> first stage      | `GenerateRequest`                         |
 | `p2pr.infer.act`      | stage i -> stage i+1       | `Activation` (hidden state, codec bytes)  |
 | `p2pr.infer.token`    | last stage -> first stage  | `TokenFeedback` (the sampled token)       |
+| `p2pr.infer.head`     | last stage <-> first stage | `HeadShare` / `HeadPart` (split LM head)  |
 | `p2pr.infer.ctl`      | anyone -> a stage          | `Release`, `InfoQuery`, `StatsQuery`,     |
 |                       |                            | `Reconfigure`, `SetFaults`                |
 | `p2pr.infer.client`   | a stage -> client          | `Failure`, `InfoReply`, `StatsReply`      |
 | `p2pr.infer.chunks`   | last stage -> client       | `TokenChunk.to_bytes()` (direct delivery) |
+
+Split LM head (`RequestMeta.head_split` > 0): to sample, the last stage sends its final
+hidden state to the first stage (`HeadShare`), which holds the same matrix when the
+embeddings are tied; each computes the logits of part of the vocabulary at the same time, and
+the first stage's part comes back (`HeadPart`) to be joined and sampled on the last stage.
+Without it the first stage would sit idle while the last computes the whole head.
 
 The token stream: the last stage makes one `TokenChunk` per generated token and, as the
 request's `RequestMeta.chunks` asks, publishes it on the `TOKENS` topic ("topic": every
@@ -44,12 +51,15 @@ __all__ = [
     "CLIENT_STREAM",
     "CONTROL_STREAM",
     "FAILURE_KINDS",
+    "HEAD_STREAM",
     "REQUEST_STREAM",
     "TOKENS",
     "TOKEN_STREAM",
     "Activation",
     "Failure",
     "GenerateRequest",
+    "HeadPart",
+    "HeadShare",
     "InfoQuery",
     "InfoReply",
     "Message",
@@ -68,6 +78,7 @@ __all__ = [
 REQUEST_STREAM = "p2pr.infer.request"
 ACTIVATION_STREAM = "p2pr.infer.act"
 TOKEN_STREAM = "p2pr.infer.token"
+HEAD_STREAM = "p2pr.infer.head"
 CONTROL_STREAM = "p2pr.infer.ctl"
 CLIENT_STREAM = "p2pr.infer.client"
 CHUNK_STREAM = "p2pr.infer.chunks"
@@ -98,6 +109,8 @@ class RequestMeta:
     `route` lists the peer ids of the stages in pipeline order; `reply_to` is the client's
     peer id (token chunks are published for it, failures are sent to it); `chunks` is how
     the token chunks reach it: "topic" or "direct" (see the module docstring).
+    `head_split` > 0: the last stage computes the logits of vocabulary rows
+    `0 .. head_split - 1` and the first stage the rest (see the module docstring).
     """
 
     KIND: ClassVar[str] = "meta"
@@ -113,6 +126,7 @@ class RequestMeta:
     chunks: str = "topic"
     epoch: int = 0
     resume: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_int)
+    head_split: int = 0
 
     def __attrs_post_init__(self) -> None:
         if len(self.resume) >= self.max_tokens:
@@ -127,6 +141,10 @@ class RequestMeta:
             raise ValueError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
         if not self.route:
             raise ValueError("the route names no stage")
+        if self.head_split < 0 or (self.head_split and len(self.route) < 2):
+            raise ValueError(
+                f"head_split {self.head_split} needs a route of 2 or more stages and >= 0"
+            )
 
 
 @attrs.frozen
@@ -172,6 +190,33 @@ class TokenFeedback:
     position: int
     token_id: int
     done: bool
+
+
+@attrs.frozen
+class HeadShare:
+    """The last stage's final (normed) hidden state for tokens `position ..` of a request,
+    to the first stage, which computes the logits of vocabulary rows `row_start ..` and
+    answers with `HeadPart`. `tensor`: `encode_tensor` bytes, as in `Activation`."""
+
+    KIND: ClassVar[str] = "head?"
+
+    request_id: str
+    position: int
+    row_start: int
+    tensor: bytes
+
+
+@attrs.frozen
+class HeadPart:
+    """The first stage's logits of rows `row_start ..` at the last of the positions of the
+    `HeadShare` it answers (the only ones sampled), as `encode_tensor` bytes."""
+
+    KIND: ClassVar[str] = "head"
+
+    request_id: str
+    position: int
+    row_start: int
+    tensor: bytes
 
 
 @attrs.frozen
@@ -300,6 +345,8 @@ Message: TypeAlias = (
     GenerateRequest
     | Activation
     | TokenFeedback
+    | HeadShare
+    | HeadPart
     | Release
     | Failure
     | Reconfigure
@@ -316,6 +363,8 @@ _TYPES: dict[str, type[Any]] = {
         GenerateRequest,
         Activation,
         TokenFeedback,
+        HeadShare,
+        HeadPart,
         Release,
         Failure,
         Reconfigure,

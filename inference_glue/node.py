@@ -67,12 +67,15 @@ from inference_glue.messages import (
     CHUNK_STREAM,
     CLIENT_STREAM,
     CONTROL_STREAM,
+    HEAD_STREAM,
     REQUEST_STREAM,
     TOKEN_STREAM,
     TOKENS,
     Activation,
     Failure,
     GenerateRequest,
+    HeadPart,
+    HeadShare,
     InfoQuery,
     InfoReply,
     Message,
@@ -252,6 +255,10 @@ class NodeCounters:
     reconfigurations: int = 0
     # Fault injection (--corrupt-activations): hidden states damaged after their checksum.
     activations_corrupted: int = 0
+    # First stage, split LM head: parts of the logits computed for the last stage, and the
+    # time that took (also in compute_seconds).
+    head_parts: int = 0
+    head_seconds: float = 0.0
 
 
 @attrs.define
@@ -260,6 +267,17 @@ class _Request:
     params: SamplingParams
     writer: TokenStreamWriter | None = None
     generated: int = 0
+    # Last stage, split LM head: its own part of the logits (being computed), the input's
+    # position and length, until the first stage's part arrives.
+    head: tuple[mx.array, int, int] | None = None
+
+
+@attrs.frozen
+class _HeadShared:
+    """What the last stage's forward gives when the first stage computes part of the head:
+    the hidden state to send it."""
+
+    hidden: bytes
 
 
 @attrs.frozen
@@ -346,7 +364,7 @@ class StageNode:
         await self.router.wait_ready()
         work_send, work_recv = anyio.create_memory_object_stream[_Work](WORK_QUEUE)
         async with anyio.create_task_group() as tg:
-            for stream in (REQUEST_STREAM, ACTIVATION_STREAM, TOKEN_STREAM):
+            for stream in (REQUEST_STREAM, ACTIVATION_STREAM, TOKEN_STREAM, HEAD_STREAM):
                 tg.start_soon(self._pump, stream, work_send.clone())
             tg.start_soon(self._control, work_send.clone())
             tg.start_soon(self._worker, work_recv)
@@ -470,6 +488,10 @@ class StageNode:
                 await self._activation(message)
             elif isinstance(message, TokenFeedback) and item.stream == TOKEN_STREAM:
                 await self._token(message)
+            elif isinstance(message, HeadShare) and item.stream == HEAD_STREAM:
+                await self._head_share(message, item.peer)
+            elif isinstance(message, HeadPart) and item.stream == HEAD_STREAM:
+                await self._head_part(message)
             elif isinstance(message, Release):
                 self._release(message.request_id)
             elif isinstance(message, Reconfigure):
@@ -503,9 +525,10 @@ class StageNode:
 
     def _compute(
         self, request_id: str, inputs: Sequence[int] | bytes, position: int, sample_it: bool
-    ) -> bytes | int | None:
+    ) -> bytes | int | _HeadShared | None:
         """One forward of this stage: codec bytes for the next stage, a sampled token id
-        (last stage, `sample_it`), or None (last stage, prefill piece: caches only)."""
+        (last stage, `sample_it`), the hidden state for the first stage (last stage,
+        `sample_it`, split head) or None (last stage, prefill piece: caches only)."""
         have = self.stage.offset(request_id)
         if have > position:
             self.counters.duplicate_deliveries += 1
@@ -516,7 +539,9 @@ class StageNode:
             )
         # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
         x = decode_tensor(inputs) if isinstance(inputs, bytes) else mx.array(list(inputs))
-        out = self.stage.forward(request_id, x)
+        state = self._requests[request_id]
+        split = state.meta.head_split if sample_it and self.num_stages > 1 else 0
+        out = self.stage.forward(request_id, x, head=not split)
         self.counters.forwards += 1
         if not self.stage.is_last:
             return encode_tensor(out)
@@ -524,9 +549,27 @@ class StageNode:
             # As generate_step does for prefill pieces: evaluate the caches only.
             mx.eval(self.stage.cache_state(request_id))
             return None
-        state = self._requests[request_id]
+        if split:
+            # The first stage's part starts when it gets this; ours computes meanwhile.
+            shared = _HeadShared(encode_tensor(out))
+            own = self.stage.head_rows(out, range(0, split))
+            mx.async_eval(own)
+            state.head = (own, position, out.shape[1])
+            return shared
         logprobs = logprobs_from_logits(out[:, -1, :])
         return cast(int, sample(logprobs, state.params, position + out.shape[1]).item())
+
+    def _head_rows_last(self, hidden: bytes, row_start: int) -> bytes:
+        """First stage: logits of rows `row_start ..` at the last position, codec bytes."""
+        h = decode_tensor(hidden)
+        logits = self.stage.head_rows(h, range(row_start, self.stage.vocab_size))
+        return encode_tensor(logits[:, -1, :])
+
+    def _sample_joined(self, request_id: str, own: mx.array, other: bytes, position: int) -> int:
+        """Last stage: its part of the logits joined with the first stage's, sampled."""
+        logits = mx.concatenate([own[:, -1, :], decode_tensor(other)], axis=-1)
+        state = self._requests[request_id]
+        return cast(int, sample(logprobs_from_logits(logits), state.params, position).item())
 
     async def _start(self, request: GenerateRequest, peer: str) -> None:
         meta = request.meta
@@ -605,7 +648,7 @@ class StageNode:
     async def _emit(
         self,
         meta: RequestMeta,
-        out: bytes | int | None,
+        out: bytes | int | _HeadShared | None,
         position: int,
         sample_it: bool,
         first: bool,
@@ -623,6 +666,42 @@ class StageNode:
                 self._sent_at[meta.request_id] = time.perf_counter()
         elif isinstance(out, int):
             await self._sampled(meta.request_id, out)
+        elif isinstance(out, _HeadShared):
+            share = HeadShare(meta.request_id, position, meta.head_split, out.hidden)
+            await self.router.send_to(meta.route[0], HEAD_STREAM, encode_message(share))
+
+    async def _head_share(self, share: HeadShare, peer: str) -> None:
+        """First stage: compute the asked part of the head and send it back."""
+        state = self._requests.get(share.request_id)
+        if state is None:
+            self.counters.stale_messages += 1
+            log.info("%s: head share for unknown request %r dropped", self.name, share.request_id)
+            return
+        if peer != state.meta.route[-1] or self.index != 0:
+            raise ValueError(
+                f"a head share from {peer}, which is not the last stage of {share.request_id!r}"
+                f", or to stage {self.index}, which is not the first"
+            )
+        start = time.perf_counter()
+        part = await self._run(self._head_rows_last, share.tensor, share.row_start)
+        self.counters.head_parts += 1
+        self.counters.head_seconds += time.perf_counter() - start
+        reply = HeadPart(share.request_id, share.position, share.row_start, part)
+        await self.router.send_to(peer, HEAD_STREAM, encode_message(reply))
+
+    async def _head_part(self, part: HeadPart) -> None:
+        """Last stage: the first stage's part of the logits arrived; sample the token."""
+        state = self._requests.get(part.request_id)
+        if state is None or state.head is None or state.head[1] != part.position:
+            self.counters.stale_messages += 1
+            log.info("%s: head part for %r dropped (not awaited)", self.name, part.request_id)
+            return
+        own, position, length = state.head
+        state.head = None
+        token = await self._run(
+            self._sample_joined, part.request_id, own, part.tensor, position + length
+        )
+        await self._sampled(part.request_id, token)
 
     async def _sampled(self, request_id: str, token: int) -> None:
         """The last stage sampled `token`: back to the first stage, then to the requester."""

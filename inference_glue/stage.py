@@ -98,12 +98,14 @@ class PipelineStage:
         """Drop the KV caches of `request_id` (no error if it has none)."""
         self._caches.pop(request_id, None)
 
-    def forward(self, request_id: str, inputs: mx.array) -> mx.array:
+    def forward(self, request_id: str, inputs: mx.array, *, head: bool = True) -> mx.array:
         """Run this stage's layers for the next tokens of `request_id`.
 
         Args:
             inputs: on the first stage, token ids `(L,)` or `(B, L)`; on the others, the
                 previous stage's output `(B, L, hidden)`.
+            head: on the last stage, False stops after the final norm: the hidden state
+                whose logits `head_rows` computes in parts.
 
         Returns:
             The hidden state `(B, L, hidden)` for the next stage, or on the last stage the
@@ -152,7 +154,46 @@ class PipelineStage:
         if not self.is_last:
             return h
         h = self._norm(h)
+        if not head:
+            return h
         logits: mx.array = self._embed.as_linear(h) if self._tied else self._model.lm_head(h)
+        return logits
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head (the embedding's rows)."""
+        return int(self._embed.weight.shape[0])
+
+    @property
+    def holds_head(self) -> bool:
+        """Whether `head_rows` works here: on the last stage, or on the first when the
+        embeddings are tied (it holds the matrix for the lookup), and the matrix is a plain
+        one (not quantized, no bias)."""
+        return self._head_matrix() is not None
+
+    def _head_matrix(self) -> mx.array | None:
+        if self._tied and (self.is_first or self.is_last):
+            plain = type(self._embed) is nn.Embedding
+            return self._embed.weight if plain else None
+        if self.is_last and not self._tied:
+            head = self._model.lm_head
+            plain = type(head) is nn.Linear and "bias" not in head
+            return head.weight if plain else None
+        return None
+
+    def head_rows(self, hidden: mx.array, rows: range) -> mx.array:
+        """Logits of vocabulary rows `rows` for final (normed) hidden states `(B, L, hidden)`.
+
+        Bit for bit those columns of the whole head's logits: each logit is the same dot
+        product whatever block of rows it is computed with. So two stages can each compute
+        part of the head, at the same time.
+        """
+        matrix = self._head_matrix()
+        if matrix is None:
+            raise ValueError(f"stage {self.layers} does not hold a plain LM head matrix")
+        if rows.step != 1 or not 0 <= rows.start < rows.stop <= matrix.shape[0]:
+            raise ValueError(f"head rows {rows} are not a part of 0..{matrix.shape[0]}")
+        logits: mx.array = hidden @ matrix[rows.start : rows.stop].T
         return logits
 
 

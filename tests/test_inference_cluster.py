@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 from inference_glue.blas import node_environment
@@ -30,10 +31,13 @@ from inference_glue.client import (
 )
 from inference_glue.cluster import ClusterStartError, StageCluster, split_layers
 from inference_glue.failover import FailoverPolicy
+from inference_glue.footprint import ModelFootprint
 from inference_glue.local_pipeline import prompt_token_ids
 from inference_glue.messages import (
     Activation,
     GenerateRequest,
+    HeadPart,
+    HeadShare,
     MessageDecodeError,
     RequestMeta,
     decode_message,
@@ -103,12 +107,13 @@ def run_pipeline(
     cases: Sequence[dict[str, Any]],
     client_faults: str | None = None,
     chunks: str = "direct",
+    split_head: bool = True,
 ) -> tuple[list[GenerationResult], dict[str, Any]]:
     """Every case at once through the cluster; the results and the counters afterwards."""
 
     async def main() -> tuple[list[GenerationResult], dict[str, Any]]:
         async with PipelineClient.connect(
-            cluster.addrs, model_dir, faults=client_faults, chunks=chunks
+            cluster.addrs, model_dir, faults=client_faults, chunks=chunks, split_head=split_head
         ) as client:
             results = await run_cases(client, cases, concurrent=True)
             return results, await client.stats()
@@ -140,6 +145,11 @@ def test_messages_and_helpers() -> None:
     assert decode_message(encode_message(request)) == request
     act = Activation("r1", 3, True, b"\x00\x01", meta)
     assert decode_message(encode_message(act)) == act
+    for head in (HeadShare("r1", 3, 600, b"\x02"), HeadPart("r1", 3, 600, b"\x03")):
+        assert decode_message(encode_message(head)) == head
+    assert attrs.evolve(meta, head_split=600).head_split == 600
+    with pytest.raises(ValueError, match="head_split"):
+        RequestMeta("r1", 8, 0.5, 0.9, 3, 2048, ["a"], "c", head_split=10)
     for garbage in (b"", b"\x93\x01\x02\x03", encode_message(act)[:-3]):
         with pytest.raises(MessageDecodeError):
             decode_message(garbage)
@@ -185,6 +195,45 @@ def test_builtin_model_two_stages_identical() -> None:
         results, _ = run_pipeline(cluster, model_dir, cases)
     assert_identical(results, reference(model_dir, cases))
     assert [len(r.token_ids) for r in results] == [6, 6]
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tied") / "model", seed=6, tie_word_embeddings=True
+    )
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_split_head_identical_and_computed_on_both_ends(tied_dir: Path, stages: int) -> None:
+    """Tied embeddings: the first stage computes part of the LM head while the last computes
+    the rest. Tokens are identical to mlx-lm's in every sampling mode, with several requests in
+    flight and a prefill in pieces; 3 stages also through dropped and corrupted frames. With
+    split_head=False the last stage computes all of it, and the tokens are the same."""
+    footprint = ModelFootprint.from_dir(tied_dir)
+    assert 0 < footprint.head_split < footprint.vocab_size
+    assert ModelFootprint.from_dir(build_tiny_model(tied_dir.parent / "untied")).head_split == 0
+    cases = cases_for(tied_dir, 12)
+    long_prompt = prompt_token_ids(load_tokenizer(tied_dir), "Each node runs layers. " * 6)
+    cases.append({"prompt_ids": long_prompt, "max_tokens": 12, "prefill_step_size": 5})
+    expected = reference(tied_dir, cases)
+    faults = "corrupt=0.03,drop=0.05,seed=5" if stages == 3 else None
+    with StageCluster(tied_dir, stages, faults=faults, extra_env=NO_HEALTH) as cluster:
+        parts, sampled = [0], []
+        for split in (True, False):
+            results, stats = run_pipeline(cluster, tied_dir, cases, split_head=split)
+            assert_identical(results, expected)
+            sampled.append(sum(len(r.token_ids) for r in results))
+            nodes = {n["name"]: n for n in stats["nodes"]}
+            parts.append(nodes["stage 0"]["work"]["head_parts"])
+            for i in range(stages):
+                protocol = nodes[f"stage {i}"]["protocol"]
+                assert protocol["gaps"] == 0 and protocol["unrecoverable"] == 0, protocol
+    # One part per sampled token with the split, none without it.
+    assert parts[1] - parts[0] == sampled[0]
+    assert parts[2] == parts[1]
+    if faults:
+        assert all(nodes[f"stage {i}"]["shim"]["corrupted"] > 0 for i in range(stages))
 
 
 @pytest.mark.parametrize("chunks", ["direct", "topic"])

@@ -170,6 +170,44 @@ def test_stage_runtime_caches_and_checks(tiny: tuple[Any, Any]) -> None:
         stages_for(model, [range(0, 2), range(3, 6)])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_rows_in_parts_equal_the_whole_head(tmp_path: Path, tied: bool) -> None:
+    """The first and last stages each compute part of the LM head; joined, the parts are
+    the whole head's logits bit for bit (one token and a prefill piece, several splits)."""
+    model_dir = build_tiny_model(tmp_path / "m", seed=7, tie_word_embeddings=tied)
+    model = mlx_lm.load(str(model_dir))[0]
+    first, last = PipelineStage(model, range(0, 2)), PipelineStage(model, range(2, 6))
+    vocab = model.args.vocab_size
+    assert last.vocab_size == vocab and last.holds_head
+    # Only tied embeddings put the head's matrix on the first stage.
+    assert first.holds_head is tied
+    for tokens in ([5], [5, 6, 7, 8, 9]):
+        rid = f"r{len(tokens)}"
+        hidden = first.forward(rid, mx.array(tokens))
+        whole = last.forward(rid, hidden)
+        last.release(rid)
+        normed = last.forward(rid, hidden, head=False)
+        assert normed.shape == (1, len(tokens), 128)
+        other = first if tied else last
+        for split in (1, vocab // 2, round(vocab * 0.6), vocab - 1):
+            parts = mx.concatenate(
+                [
+                    last.head_rows(normed, range(0, split)),
+                    other.head_rows(normed, range(split, vocab)),
+                ],
+                axis=-1,
+            )
+            assert mx.array_equal(parts, whole).item(), (tokens, split)
+        last.release(rid)
+    with pytest.raises(ValueError, match="not a part"):
+        last.head_rows(normed, range(0, vocab + 1))
+    if not tied:
+        with pytest.raises(ValueError, match="does not hold a plain LM head"):
+            first.head_rows(normed, range(0, 10))
+    middle = PipelineStage(model, range(2, 4))
+    assert not middle.holds_head
+
+
 def test_load_stage_loads_its_part_and_still_matches(tiny_dir: Path) -> None:
     (head, tokenizer), (tail, _) = (
         load_stage(tiny_dir, range(0, 2)),
