@@ -1,15 +1,21 @@
 """`p2pr bench generate`: single-process mlx-lm against 2- and 3-stage pipelines.
 
-One prompt, greedy, `max_tokens` tokens. Three configurations run side by side: mlx-lm's
-`stream_generate` in one process (a long-lived `ReferenceServer` with the nodes' BLAS set-up:
-OpenBLAS, one thread), and pipelines of 2 and 3 stage node processes on 127.0.0.1, each driven
-by a `PipelineClient`. After one warm-up run each, the timed runs are interleaved (single,
-2 stages, 3 stages, single, ...) so that a machine whose load drifts treats them alike.
+One prompt, greedy, `max_tokens` tokens. Each configuration runs alone, with only its own
+processes alive: mlx-lm's `stream_generate` in one process (a `ReferenceServer` with the nodes'
+BLAS set-up: OpenBLAS, one thread), then pipelines of 2 and 3 stage node processes on
+127.0.0.1, each driven by a `PipelineClient`, then the single process again. Why alone: on one
+machine every live process competes for the cores and the shared last-level cache, and idle
+nodes are not free (heartbeats, health sharing); an earlier version kept all three
+configurations alive and interleaved their runs, which charged each one for the others' idle
+processes (about 0.5 tokens/s off the 2-stage pipeline here). Measuring the single process
+before and after the pipelines shows whether the machine's load drifted meanwhile
+(`single_drift`, the relative change of its decode tokens/s); the single row uses both.
 
-Reported per configuration (medians over the runs): decode tokens/s (tokens after the first,
-per second from the first to the last), time to first token, end-to-end tokens/s; for the
-pipelines also the stages' own compute time per token and the messaging time per token (what
-the first stage waits for each token beyond the other stages' compute: hops, queues).
+Reported per configuration (medians over the runs, after one warm-up run): decode tokens/s
+(tokens after the first, per second from the first to the last), time to first token,
+end-to-end tokens/s; for the pipelines also the stages' own compute time per token and the
+messaging time per token (what the first stage waits for each token beyond the other stages'
+compute: hops, queues).
 """
 
 from __future__ import annotations
@@ -17,13 +23,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from inference_glue.client import GenerationResult, PipelineClient, load_tokenizer
+from inference_glue.client import PipelineClient, load_tokenizer
 from inference_glue.cluster import StageCluster
 from inference_glue.local_pipeline import prompt_token_ids
 from inference_glue.reference import ReferenceServer
@@ -72,7 +77,9 @@ def _pipeline_costs(
     waited = _work(after, "stage 0", "round_trip_seconds") - _work(
         before, "stage 0", "round_trip_seconds"
     )
-    downstream = sum(compute[n] for n in names[1:])
+    # With a split LM head, stage 0 also computes its part of it inside that round trip.
+    head = _work(after, "stage 0", "head_seconds") - _work(before, "stage 0", "head_seconds")
+    downstream = sum(compute[n] for n in names[1:]) + head
     return {
         "compute_ms_per_token": round(sum(compute.values()) / tokens * 1000, 2),
         "stage_compute_ms_per_token": [round(compute[n] / tokens * 1000, 2) for n in names],
@@ -92,101 +99,120 @@ def bench_generate(
     compute: str = "inline",
     chunks: str = "direct",
     concurrent: int = 4,
+    split_head: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; the JSON-ready result.
 
-    `concurrent`: afterwards, each pipeline also serves that many requests at once, for its
-    aggregate tokens/s (stages work on different requests at the same time); the single
-    process serves requests one after another (its end-to-end tokens/s). 0 skips it.
+    `concurrent`: each pipeline also serves that many requests at once, for its aggregate
+    tokens/s (stages work on different requests at the same time); the single process
+    serves requests one after another (its end-to-end tokens/s). 0 skips it.
+    `split_head`: the pipelines' first and last stages share the LM head (see
+    `RequestMeta.head_split`); False: the last stage computes all of it.
     """
     say = progress or (lambda _: None)
     tokenizer = load_tokenizer(model_dir)
     prompt_ids = prompt_token_ids(tokenizer, prompt)
     case = {"prompt_ids": prompt_ids, "max_tokens": max_tokens}
 
-    with ExitStack() as stack:
-        say("single process: loading the model")
-        reference = stack.enter_context(ReferenceServer(model_dir))
-        clusters = {}
-        for count in stage_counts:
-            cluster = StageCluster(model_dir, count, compute=compute)
-            clusters[count] = stack.enter_context(cluster.start(progress=say))
+    def single(when: str) -> list[dict[str, Any]]:
+        say(f"single process ({when}): loading the model")
+        with ReferenceServer(model_dir) as reference:
+            say(f"single process ({when}): warm-up, then {runs} timed runs")
+            reference.run(case)
+            return [reference.run(case) for _ in range(runs)]
 
-        async def measure() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-            async with AsyncExitStack() as astack:
-                clients = {
-                    count: await astack.enter_async_context(
-                        PipelineClient.connect(cluster.addrs, model_dir, chunks=chunks)
-                    )
-                    for count, cluster in clusters.items()
+    def pipeline(count: int) -> dict[str, Any]:
+        with StageCluster(model_dir, count, compute=compute).start(progress=say) as cluster:
+
+            async def measure() -> dict[str, Any]:
+                async with PipelineClient.connect(
+                    cluster.addrs, model_dir, chunks=chunks, split_head=split_head
+                ) as c:
+                    say(f"{count} stages: warm-up, then {runs} timed runs")
+                    await c.generate(prompt_ids, max_tokens)
+                    before = await c.stats()
+                    results = [await c.generate(prompt_ids, max_tokens) for _ in range(runs)]
+                    after = await c.stats()
+                    aggregate = None
+                    if concurrent >= 1:
+                        say(f"{count} stages: {concurrent} requests at once")
+                        start = time.perf_counter()
+                        together = await run_cases(c, [case] * concurrent, concurrent=True)
+                        wall = time.perf_counter() - start
+                        aggregate = sum(len(r.token_ids) for r in together) / wall
+                return {
+                    "results": results,
+                    "costs": _pipeline_costs(
+                        count, before, after, sum(len(r.token_ids) for r in results)
+                    ),
+                    "aggregate": aggregate,
+                    "layers": [[n.layers.start, n.layers.stop] for n in cluster.nodes],
                 }
-                say("warm-up: one run of each")
-                await anyio.to_thread.run_sync(reference.run, case)
-                for client in clients.values():
-                    await client.generate(prompt_ids, max_tokens)
-                before = {count: await c.stats() for count, c in clients.items()}
-                singles: list[dict[str, Any]] = []
-                piped: dict[int, list[GenerationResult]] = {count: [] for count in clients}
-                for run in range(runs):
-                    say(f"timed run {run + 1} of {runs}: single, then each pipeline")
-                    singles.append(await anyio.to_thread.run_sync(reference.run, case))
-                    for count, client in clients.items():
-                        piped[count].append(await client.generate(prompt_ids, max_tokens))
-                after = {count: await c.stats() for count, c in clients.items()}
-                aggregate: dict[int, float] = {}
-                for count, client in clients.items():
-                    if concurrent < 1:
-                        break
-                    say(f"{concurrent} requests at once through {count} stages")
-                    start = time.perf_counter()
-                    together = await run_cases(client, [case] * concurrent, concurrent=True)
-                    wall = time.perf_counter() - start
-                    aggregate[count] = sum(len(r.token_ids) for r in together) / wall
-            reference_ids = singles[0]["token_ids"]
-            rows = [
-                _row(
-                    "single process (mlx-lm)",
-                    1,
-                    [(r["ttft_s"], r["elapsed_s"], len(r["token_ids"])) for r in singles],
-                    all(r["token_ids"] == reference_ids for r in singles),
-                )
-            ]
-            for count, results in piped.items():
-                row = _row(
-                    f"{count}-stage pipeline",
-                    count,
-                    [(r.ttft_s, r.elapsed_s, len(r.token_ids)) for r in results],
-                    all(list(r.token_ids) == reference_ids for r in results),
-                )
-                tokens = sum(len(r.token_ids) for r in results)
-                row.update(_pipeline_costs(count, before[count], after[count], tokens))
-                if count in aggregate:
-                    row["concurrent_requests"] = concurrent
-                    row["aggregate_tokens_per_s"] = round(aggregate[count], 2)
-                row["layers"] = [[n.layers.start, n.layers.stop] for n in clusters[count].nodes]
-                rows.append(row)
-            return rows, singles
 
-        rows, singles = anyio.run(measure)
+            return anyio.run(measure)
+
+    first = single("before the pipelines")
+    piped = {count: pipeline(count) for count in stage_counts}
+    last = single("after the pipelines")
+    singles = first + last
+    reference_ids = singles[0]["token_ids"]
+
+    rows = [
+        _row(
+            "single process (mlx-lm)",
+            1,
+            [(r["ttft_s"], r["elapsed_s"], len(r["token_ids"])) for r in singles],
+            all(r["token_ids"] == reference_ids for r in singles),
+        )
+    ]
     rows[0]["concurrent_requests"] = 1
     rows[0]["aggregate_tokens_per_s"] = rows[0]["e2e_tokens_per_s"]
+    for count, measured in piped.items():
+        results = measured["results"]
+        row = _row(
+            f"{count}-stage pipeline",
+            count,
+            [(r.ttft_s, r.elapsed_s, len(r.token_ids)) for r in results],
+            all(list(r.token_ids) == reference_ids for r in results),
+        )
+        row.update(measured["costs"])
+        if measured["aggregate"] is not None:
+            row["concurrent_requests"] = concurrent
+            row["aggregate_tokens_per_s"] = round(measured["aggregate"], 2)
+        row["layers"] = measured["layers"]
+        rows.append(row)
 
     base = rows[0]["decode_tokens_per_s"]
     for row in rows:
         value = row["decode_tokens_per_s"]
         row["vs_single"] = round(value / base, 3) if value and base else None
     two = next((r for r in rows if r["stages"] == 2), None)
+    before_rate, after_rate = (_median_decode(part) for part in (first, last))
     return {
         "model": model_dir.name,
         "prompt": prompt,
         "prompt_tokens": len(prompt_ids),
         "max_tokens": max_tokens,
         "runs": runs,
+        "method": "each configuration alone; single process before and after the pipelines",
         "compute_mode": compute,
         "chunk_delivery": chunks,
+        "split_head": split_head,
         "blas": f"{singles[0]['blas']} x{singles[0]['blas_threads']}",
+        "single_drift": round(after_rate / before_rate - 1, 3)
+        if before_rate and after_rate
+        else None,
         "rows": rows,
         "goal": f"2-stage decode tokens/s >= {GOAL_2_STAGE} x single process",
         "goal_met": bool(two and two["vs_single"] is not None and two["vs_single"] >= GOAL_2_STAGE),
     }
+
+
+def _median_decode(runs: Sequence[dict[str, Any]]) -> float | None:
+    rates = [
+        (len(r["token_ids"]) - 1) / (r["elapsed_s"] - r["ttft_s"])
+        for r in runs
+        if len(r["token_ids"]) > 1 and r["elapsed_s"] > r["ttft_s"]
+    ]
+    return statistics.median(rates) if rates else None

@@ -322,6 +322,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> int:
             compute=args.compute,
             chunks=args.chunks,
             concurrent=args.concurrent,
+            split_head=not args.no_split_head,
             progress=lambda line: err.print(f"running: {line}"),
         )
     except (ClusterStartError, ReferenceError, ValueError) as exc:
@@ -330,7 +331,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> int:
     if not args.json:
         table = Table(
             title=f"p2pr bench generate: {result['model']}, {result['max_tokens']} tokens, "
-            f"greedy, median of {result['runs']} runs ({result['blas']})"
+            f"greedy, median of {result['runs']} runs (single: {2 * result['runs']}) ({result['blas']})"
         )
         for column in (
             "configuration",
@@ -359,6 +360,13 @@ def _cmd_bench_generate(args: argparse.Namespace) -> int:
                 "yes" if row["identical_to_single"] else "NO",
             )
         _out().print(table)
+        drift = result["single_drift"]
+        _out().print(
+            f"each configuration ran alone; the single process before and after the "
+            f"pipelines: {drift:+.1%} drift in its decode tok/s"
+            if drift is not None
+            else "each configuration ran alone"
+        )
         _out().print(f"goal: {result['goal']}: {'met' if result['goal_met'] else 'NOT met'}")
     print(json.dumps(result))
     return 0
@@ -599,6 +607,12 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     )
     bench.add_argument(
         "--chunks", choices=["direct", "topic"], default="direct", help="token chunk delivery"
+    )
+    bench.add_argument(
+        "--no-split-head",
+        action="store_true",
+        help="the last stage computes the whole LM head (default: the first stage computes "
+        "part of it meanwhile, when the embeddings are tied)",
     )
     bench.set_defaults(func=_cmd_bench_generate)
 
