@@ -138,7 +138,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, Any]:
         async with PipelineClient.connect(
-            addrs, model_dir, faults=args.client_faults, chunks=args.chunks
+            addrs,
+            model_dir,
+            faults=args.client_faults,
+            chunks=args.chunks,
+            split_head=not args.no_split_head,
         ) as client:
             stages = ", ".join(
                 f"stage {s.index} (…{s.node_id[-6:]}) layers {s.layers.start}-{s.layers.stop - 1}"
@@ -567,6 +571,13 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON result, no streaming")
     gen.add_argument("--faults", default=None, help="fault shim of started nodes (P2PR_FAULTS)")
     gen.add_argument("--client-faults", default=None, help="fault shim of this client")
+    gen.add_argument(
+        "--no-split-head",
+        action="store_true",
+        help="the last stage computes the whole LM head (default: the first stage computes "
+        "part of it meanwhile, when the embeddings are tied; a loss where a hop costs more "
+        "than computing that part)",
+    )
     gen.add_argument(
         "--chunks",
         choices=["direct", "topic"],

@@ -64,7 +64,7 @@ def run_reference(
 
 class ReferenceServer:
     """A long-lived reference process (model loaded once) that runs one case at a time:
-    for benchmarks that interleave it with other configurations."""
+    for benchmarks, which time each run (warm-up and timed runs share one load)."""
 
     def __init__(self, model_dir: str | Path) -> None:
         self.proc = subprocess.Popen(
