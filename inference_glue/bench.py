@@ -147,6 +147,14 @@ def bench_generate(
                         count, before, after, sum(len(r.token_ids) for r in results)
                     ),
                     "aggregate": aggregate,
+                    "head_split": next(
+                        (
+                            n["work"].get("head_split")
+                            for n in after["nodes"]
+                            if n["name"] == f"stage {count - 1}"
+                        ),
+                        None,
+                    ),
                     "layers": [[n.layers.start, n.layers.stop] for n in cluster.nodes],
                 }
 
@@ -177,6 +185,8 @@ def bench_generate(
             all(list(r.token_ids) == reference_ids for r in results),
         )
         row.update(measured["costs"])
+        # Where the last stage's tuner left the cut of the LM head (None: not split).
+        row["head_split"] = measured["head_split"]
         if measured["aggregate"] is not None:
             row["concurrent_requests"] = concurrent
             row["aggregate_tokens_per_s"] = round(measured["aggregate"], 2)

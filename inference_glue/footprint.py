@@ -72,9 +72,10 @@ def _tensor_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
-# The last stage's share of the LM head's rows when the first stage computes the rest. More
-# than half: the first stage's part comes back two hops later. Measured with SmolLM2 on
-# 2 stages here: 0.5 -> 9.85 tok/s, 0.58 -> 10.05, 0.66 -> 10.02.
+# The last stage's first share of the LM head's rows when the first stage computes the rest
+# (its HeadSplitTuner moves the cut from there). More than half: the first stage's part comes
+# back two hops later. Fixed cuts with SmolLM2 on 2 stages here: 0.5 -> 9.85 tok/s,
+# 0.58 -> 10.05, 0.66 -> 10.02.
 HEAD_SPLIT_LAST = 0.6
 
 

@@ -18,7 +18,9 @@ Split LM head (`RequestMeta.head_split` > 0): to sample, the last stage sends it
 hidden state to the first stage (`HeadShare`), which holds the same matrix when the
 embeddings are tied; each computes the logits of part of the vocabulary at the same time, and
 the first stage's part comes back (`HeadPart`) to be joined and sampled on the last stage.
-Without it the first stage would sit idle while the last computes the whole head.
+Without it the first stage would sit idle while the last computes the whole head. The last
+stage picks the cut for each token (`head_split.HeadSplitTuner`) and names it in `HeadShare`;
+it computes the whole head itself where splitting does not pay.
 
 The token stream: the last stage makes one `TokenChunk` per generated token and, as the
 request's `RequestMeta.chunks` asks, publishes it on the `TOKENS` topic ("topic": every

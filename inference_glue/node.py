@@ -61,6 +61,7 @@ import xxhash
 
 from inference_glue.blas import blas_in_use
 from inference_glue.footprint import ModelFootprint, format_bytes, parse_bytes
+from inference_glue.head_split import HeadSplitTuner
 from inference_glue.local_pipeline import prefill_pieces
 from inference_glue.messages import (
     ACTIVATION_STREAM,
@@ -119,6 +120,8 @@ WORK_QUEUE = 256
 # How long the last stage waits for a requester to appear as a subscriber of the token topic
 # before it publishes (a chunk published earlier would not be sent to it).
 SUBSCRIBER_WAIT = 15.0
+# "fixed" in a node's environment: as --head-split fixed (tests that need every token split).
+HEAD_SPLIT_ENV = "P2PR_HEAD_SPLIT"
 
 
 def parse_layers(text: str) -> range:
@@ -267,17 +270,32 @@ class _Request:
     params: SamplingParams
     writer: TokenStreamWriter | None = None
     generated: int = 0
-    # Last stage, split LM head: its own part of the logits (being computed), the input's
-    # position and length, until the first stage's part arrives.
-    head: tuple[mx.array, int, int] | None = None
+    # Last stage, split LM head: its own part, until the first stage's part arrives.
+    head: _PendingHead | None = None
+
+
+@attrs.define
+class _PendingHead:
+    """The last stage's part of a split head: its logits (rows `0 .. rows - 1`, being
+    computed from `started`, perf_counter seconds), the input's position and length, whether
+    the tuner times this token, when the hidden state was sent to the first stage."""
+
+    own: mx.array
+    position: int
+    length: int
+    rows: int
+    started: float
+    tuned: bool = False
+    sent: float = 0.0
 
 
 @attrs.frozen
 class _HeadShared:
     """What the last stage's forward gives when the first stage computes part of the head:
-    the hidden state to send it."""
+    the hidden state to send it, and the rows the last stage computes itself."""
 
     hidden: bytes
+    rows: int
 
 
 @attrs.frozen
@@ -305,6 +323,8 @@ class StageNode:
             could otherwise damage this node's traffic).
         corrupt_activations: fault injection: the fraction of outgoing hidden states to
             damage after their checksum is computed (the next stage must catch them).
+        adaptive_head_split: as the last stage, move the cut of a split LM head with what
+            it measures (`HeadSplitTuner`); False keeps the client's cut for every token.
     """
 
     def __init__(
@@ -324,6 +344,7 @@ class StageNode:
         corrupt_activations: float = 0.0,
         fault_seed: int = 0,
         allow_fault_control: bool = False,
+        adaptive_head_split: bool = True,
     ) -> None:
         _check_stage(stage, stage_index, num_stages)
         self.router = router
@@ -341,6 +362,8 @@ class StageNode:
         self.epoch = 0
         self.corrupt_activations = corrupt_activations
         self.allow_fault_control = allow_fault_control
+        self.adaptive_head_split = adaptive_head_split
+        self._head_tuner: HeadSplitTuner | None = None
         self._fault_rng = random.Random(fault_seed)
         self.counters = NodeCounters()
         self._eos = set(tokenizer.eos_token_ids)
@@ -458,6 +481,8 @@ class StageNode:
         snap = await engine_call(self.router, router_counters(self.router))
         work = attrs.asdict(self.counters)
         work["in_flight"] = len(self._requests)
+        if self._head_tuner is not None:
+            work["head_split"] = self._head_tuner.as_dict()
         work["bad_payloads"] = dict(self.router.bad_payloads)
         return StatsReply(
             nonce=nonce,
@@ -540,8 +565,9 @@ class StageNode:
         # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
         x = decode_tensor(inputs) if isinstance(inputs, bytes) else mx.array(list(inputs))
         state = self._requests[request_id]
-        split = state.meta.head_split if sample_it and self.num_stages > 1 else 0
-        out = self.stage.forward(request_id, x, head=not split)
+        tuned = sample_it and self.stage.is_last and self._tunes_head(state.meta, x)
+        split = self._head_split_rows(state.meta) if sample_it and self.stage.is_last else 0
+        out = self.stage.forward(request_id, x, head=not (split or tuned))
         self.counters.forwards += 1
         if not self.stage.is_last:
             return encode_tensor(out)
@@ -551,13 +577,50 @@ class StageNode:
             return None
         if split:
             # The first stage's part starts when it gets this; ours computes meanwhile.
-            shared = _HeadShared(encode_tensor(out))
+            shared = _HeadShared(encode_tensor(out), split)
             own = self.stage.head_rows(out, range(0, split))
             mx.async_eval(own)
-            state.head = (own, position, out.shape[1])
+            state.head = _PendingHead(
+                own, position, out.shape[1], split, time.perf_counter(), tuned
+            )
             return shared
+        if tuned:
+            # The whole head here, timed as a split one is: from the final hidden state to
+            # the sampled token, for the tuner to compare.
+            mx.eval(out)
+            start = time.perf_counter()
+            logits = self.stage.head(out)
+            token = sample(
+                logprobs_from_logits(logits[:, -1, :]), state.params, position + out.shape[1]
+            )
+            token_id = cast(int, token.item())
+            assert self._head_tuner is not None
+            self._head_tuner.observe_whole(time.perf_counter() - start)
+            return token_id
         logprobs = logprobs_from_logits(out[:, -1, :])
         return cast(int, sample(logprobs, state.params, position + out.shape[1]).item())
+
+    def _tunes_head(self, meta: RequestMeta, inputs: mx.array) -> bool:
+        """Whether this token's head is timed for the tuner: decode steps (one position) of
+        requests that allow a split, on an adaptive last stage."""
+        return (
+            self.adaptive_head_split
+            and bool(meta.head_split)
+            and self.num_stages > 1
+            and inputs.shape[-2] == 1
+        )
+
+    def _head_split_rows(self, meta: RequestMeta) -> int:
+        """Rows of the head the last stage computes for this token; 0: all of them."""
+        if not meta.head_split or self.num_stages < 2:
+            return 0
+        if not self.adaptive_head_split:
+            return meta.head_split
+        # Only the worker calls this and the tuner's observers, one item at a time.
+        if self._head_tuner is None:
+            self._head_tuner = HeadSplitTuner(self.stage.vocab_size, meta.head_split)
+        rows = self._head_tuner.next_rows()
+        return rows if rows < self.stage.vocab_size else 0
 
     def _head_rows_last(self, hidden: bytes, row_start: int) -> bytes:
         """First stage: logits of rows `row_start ..` at the last position, codec bytes."""
@@ -565,11 +628,24 @@ class StageNode:
         logits = self.stage.head_rows(h, range(row_start, self.stage.vocab_size))
         return encode_tensor(logits[:, -1, :])
 
-    def _sample_joined(self, request_id: str, own: mx.array, other: bytes, position: int) -> int:
-        """Last stage: its part of the logits joined with the first stage's, sampled."""
-        logits = mx.concatenate([own[:, -1, :], decode_tensor(other)], axis=-1)
+    def _sample_joined(
+        self, request_id: str, own: mx.array, other: bytes, position: int
+    ) -> tuple[int, float]:
+        """Last stage: its part of the logits joined with the first stage's, sampled; and
+        how long it waited for its own part."""
+        start = time.perf_counter()
+        mx.eval(own)
+        own_wait = time.perf_counter() - start
+        part = decode_tensor(other)
+        if part.shape[-1] + own.shape[-1] != self.stage.vocab_size:
+            raise ValueError(
+                f"the first stage's part of the head has {part.shape[-1]} rows; "
+                f"{self.stage.vocab_size - own.shape[-1]} were asked"
+            )
+        logits = mx.concatenate([own[:, -1, :], part], axis=-1)
         state = self._requests[request_id]
-        return cast(int, sample(logprobs_from_logits(logits), state.params, position).item())
+        token = cast(int, sample(logprobs_from_logits(logits), state.params, position).item())
+        return token, own_wait
 
     async def _start(self, request: GenerateRequest, peer: str) -> None:
         meta = request.meta
@@ -667,8 +743,13 @@ class StageNode:
         elif isinstance(out, int):
             await self._sampled(meta.request_id, out)
         elif isinstance(out, _HeadShared):
-            share = HeadShare(meta.request_id, position, meta.head_split, out.hidden)
+            share = HeadShare(meta.request_id, position, out.rows, out.hidden)
             await self.router.send_to(meta.route[0], HEAD_STREAM, encode_message(share))
+            state = self._requests.get(meta.request_id)
+            pending = state.head if state is not None else None
+            if pending is None:
+                return
+            pending.sent = time.perf_counter()
 
     async def _head_share(self, share: HeadShare, peer: str) -> None:
         """First stage: compute the asked part of the head and send it back."""
@@ -692,15 +773,23 @@ class StageNode:
     async def _head_part(self, part: HeadPart) -> None:
         """Last stage: the first stage's part of the logits arrived; sample the token."""
         state = self._requests.get(part.request_id)
-        if state is None or state.head is None or state.head[1] != part.position:
+        pending = state.head if state is not None else None
+        if pending is None or pending.position != part.position or pending.rows != part.row_start:
             self.counters.stale_messages += 1
             log.info("%s: head part for %r dropped (not awaited)", self.name, part.request_id)
             return
-        own, position, length = state.head
+        assert state is not None
         state.head = None
-        token = await self._run(
-            self._sample_joined, part.request_id, own, part.tensor, position + length
+        token, own_wait = await self._run(
+            self._sample_joined,
+            part.request_id,
+            pending.own,
+            part.tensor,
+            pending.position + pending.length,
         )
+        if pending.tuned and self._head_tuner is not None:
+            elapsed = time.perf_counter() - pending.started
+            self._head_tuner.observe_split(pending.rows, elapsed, own_wait)
         await self._sampled(part.request_id, token)
 
     async def _sampled(self, request_id: str, token: int) -> None:
@@ -992,6 +1081,8 @@ async def _serve_node(
             corrupt_activations=args.corrupt_activations,
             fault_seed=args.fault_seed,
             allow_fault_control=args.allow_fault_control,
+            adaptive_head_split=(args.head_split or os.environ.get(HEAD_SPLIT_ENV, "adaptive"))
+            != "fixed",
         )
         tg.start_soon(node.serve)
         _print(
@@ -1041,6 +1132,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-fault-control",
         action="store_true",
         help="obey SetFaults messages (chaos runs only: any peer could then inject faults)",
+    )
+    parser.add_argument(
+        "--head-split",
+        choices=["adaptive", "fixed"],
+        default=None,
+        help="as the last stage of a split LM head: move the cut with measured times "
+        f"(adaptive, the default), or keep the client's cut (fixed, for tests; or "
+        f"${HEAD_SPLIT_ENV})",
     )
     parser.add_argument(
         "--detach", action="store_true", help="run until SIGTERM, not until stdin closes"

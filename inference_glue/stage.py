@@ -154,9 +154,14 @@ class PipelineStage:
         if not self.is_last:
             return h
         h = self._norm(h)
-        if not head:
-            return h
-        logits: mx.array = self._embed.as_linear(h) if self._tied else self._model.lm_head(h)
+        return self.head(h) if head else h
+
+    def head(self, hidden: mx.array) -> mx.array:
+        """The LM head: logits for final (normed) hidden states, as the whole model computes
+        them."""
+        logits: mx.array = (
+            self._embed.as_linear(hidden) if self._tied else self._model.lm_head(hidden)
+        )
         return logits
 
     @property

@@ -20,6 +20,7 @@ from inference_glue.cluster import ClusterStartError, StageCluster
 from inference_glue.failover import FailoverPolicy
 from inference_glue.footprint import ModelDoesNotFitError, ModelFootprint
 from inference_glue.local_pipeline import prompt_token_ids
+from inference_glue.node import HEAD_SPLIT_ENV
 from inference_glue.reference import run_reference
 from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenChunk
@@ -95,6 +96,30 @@ def test_sigkill_of_a_middle_stage_mid_generation_changes_nothing(
     )
     kinds = [(e.peer, e.kind) for e in client.events]
     assert (middle, "lost") in kinds
+
+
+@pytest.mark.parametrize("victim", [0, 2])
+def test_a_split_head_survives_the_loss_of_either_end(
+    tmp_path_factory: pytest.TempPathFactory, victim: int
+) -> None:
+    """Tied embeddings, every token's LM head split between the first and the last stage (a
+    fixed cut): SIGKILL of either end mid-generation. The request resumes on the two nodes
+    left, its head split between their ends, and the output is identical."""
+    model_dir = build_tiny_model(
+        tmp_path_factory.mktemp("tied") / "model", seed=3, num_layers=8, tie_word_embeddings=True
+    )
+    prompt = prompt_token_ids(load_tokenizer(model_dir), "Once upon a time, far away")
+    case = {"prompt_ids": prompt, "max_tokens": TOKENS, "temp": 0.8, "seed": 11}
+    expected = run_reference(model_dir, [case])[0]
+    at = random.Random(time.time_ns()).randrange(1, TOKENS - 8)
+    print(f"SIGKILL of stage {victim} after token {at}")
+    with StageCluster(model_dir, 3, extra_env={HEAD_SPLIT_ENV: "fixed"}) as cluster:
+        lost = cluster.nodes[victim].node_id
+        chunks, client, _ = anyio.run(stream_with_kill, cluster, model_dir, case, {at: victim})
+    assert_same_as_reference(chunks, expected)
+    assert len(chunks) == TOKENS
+    [recovery] = client.recoveries
+    assert recovery.lost == (lost,) and len(recovery.route) == 2
 
 
 def test_fallback_to_one_node_when_the_other_dies(

@@ -209,7 +209,8 @@ def test_split_head_identical_and_computed_on_both_ends(tied_dir: Path, stages: 
     """Tied embeddings: the first stage computes part of the LM head while the last computes
     the rest. Tokens are identical to mlx-lm's in every sampling mode, with several requests in
     flight and a prefill in pieces; 3 stages also through dropped and corrupted frames. With
-    split_head=False the last stage computes all of it, and the tokens are the same."""
+    split_head=False the last stage computes all of it, and the tokens are the same. The cut
+    is fixed here (on this tiny model splitting loses, and the adaptive cut would stop)."""
     footprint = ModelFootprint.from_dir(tied_dir)
     assert 0 < footprint.head_split < footprint.vocab_size
     assert ModelFootprint.from_dir(build_tiny_model(tied_dir.parent / "untied")).head_split == 0
@@ -218,7 +219,10 @@ def test_split_head_identical_and_computed_on_both_ends(tied_dir: Path, stages: 
     cases.append({"prompt_ids": long_prompt, "max_tokens": 12, "prefill_step_size": 5})
     expected = reference(tied_dir, cases)
     faults = "corrupt=0.03,drop=0.05,seed=5" if stages == 3 else None
-    with StageCluster(tied_dir, stages, faults=faults, extra_env=NO_HEALTH) as cluster:
+    fixed = {i: ["--head-split", "fixed"] for i in range(stages)}
+    with StageCluster(
+        tied_dir, stages, faults=faults, extra_env=NO_HEALTH, node_args=fixed
+    ) as cluster:
         parts, sampled = [0], []
         for split in (True, False):
             results, stats = run_pipeline(cluster, tied_dir, cases, split_head=split)
@@ -228,12 +232,31 @@ def test_split_head_identical_and_computed_on_both_ends(tied_dir: Path, stages: 
             parts.append(nodes["stage 0"]["work"]["head_parts"])
             for i in range(stages):
                 protocol = nodes[f"stage {i}"]["protocol"]
-                assert protocol["gaps"] == 0 and protocol["unrecoverable"] == 0, protocol
+                assert protocol["gaps"] == 0, protocol
+                # After the first client has left, frames still due to it under loss may be
+                # given up on (it is gone): only the first run counts these.
+                assert not split or protocol["unrecoverable"] == 0, protocol
     # One part per sampled token with the split, none without it.
     assert parts[1] - parts[0] == sampled[0]
     assert parts[2] == parts[1]
     if faults:
         assert all(nodes[f"stage {i}"]["shim"]["corrupted"] > 0 for i in range(stages))
+
+
+def test_adaptive_head_split_stops_where_it_loses(tied_dir: Path) -> None:
+    """The tiny model's head costs microseconds and a hop milliseconds: the last stage times
+    both ways, computes the head alone but for a probe now and then, and the tokens stay
+    identical."""
+    cases = cases_for(tied_dir, 16)[:3]
+    with StageCluster(tied_dir, 2, extra_env=NO_HEALTH) as cluster:
+        results, stats = run_pipeline(cluster, tied_dir, cases)
+    assert_identical(results, reference(tied_dir, cases))
+    nodes = {n["name"]: n for n in stats["nodes"]}
+    tuner = nodes["stage 1"]["work"]["head_split"]
+    assert tuner["splitting"] is False and tuner["observations"] >= 2, tuner
+    assert tuner["split_ms"] > tuner["whole_ms"], tuner
+    parts = nodes["stage 0"]["work"]["head_parts"]
+    assert 1 <= parts < sum(len(r.token_ids) for r in results) // 4
 
 
 @pytest.mark.parametrize("chunks", ["direct", "topic"])
