@@ -8,6 +8,7 @@
 | `tensor_codec` | exact tensor bytes with an xxh3-64 checksum; XOR-combinable row fingerprints |
 | `placement` | memory-weighted contiguous layer ranges per node |
 | `stage` | `PipelineStage`: a layer range of a llama-style model with per-request KV caches |
+| `head_split` | `HeadSplitTuner`: where the last stage cuts the LM head it shares with the first |
 | `sampling` | greedy and seeded sampling keyed by (seed, position) |
 | `tokens` | `TokenChunk`, `TokenStreamWriter` and `TokenStreamAssembler` |
 | `local_pipeline` | mlx-lm's single-process reference and an in-process pipeline over codec bytes |
