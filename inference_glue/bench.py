@@ -48,7 +48,7 @@ def _row(
     identical: bool,
 ) -> dict[str, Any]:
     """runs: (ttft_s, elapsed_s, tokens) per run."""
-    decode = [(n - 1) / (e - t) for t, e, n in runs if n > 1 and e > t]
+    decode = _decode_rates(runs)
     return {
         "config": name,
         "stages": stages,
@@ -170,7 +170,7 @@ def bench_generate(
         _row(
             "single process (mlx-lm)",
             1,
-            [(r["ttft_s"], r["elapsed_s"], len(r["token_ids"])) for r in singles],
+            _single_timings(singles),
             all(r["token_ids"] == reference_ids for r in singles),
         )
     ]
@@ -198,7 +198,7 @@ def bench_generate(
         value = row["decode_tokens_per_s"]
         row["vs_single"] = round(value / base, 3) if value and base else None
     two = next((r for r in rows if r["stages"] == 2), None)
-    before_rate, after_rate = (_median_decode(part) for part in (first, last))
+    before_rate, after_rate = (_median_decode(_single_timings(part)) for part in (first, last))
     return {
         "model": model_dir.name,
         "prompt": prompt,
@@ -219,10 +219,15 @@ def bench_generate(
     }
 
 
-def _median_decode(runs: Sequence[dict[str, Any]]) -> float | None:
-    rates = [
-        (len(r["token_ids"]) - 1) / (r["elapsed_s"] - r["ttft_s"])
-        for r in runs
-        if len(r["token_ids"]) > 1 and r["elapsed_s"] > r["ttft_s"]
-    ]
+def _decode_rates(runs: Sequence[tuple[float, float, int]]) -> list[float]:
+    """Tokens after the first, per second from the first to the last, per run."""
+    return [(n - 1) / (e - t) for t, e, n in runs if n > 1 and e > t]
+
+
+def _median_decode(runs: Sequence[tuple[float, float, int]]) -> float | None:
+    rates = _decode_rates(runs)
     return statistics.median(rates) if rates else None
+
+
+def _single_timings(runs: Sequence[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    return [(r["ttft_s"], r["elapsed_s"], len(r["token_ids"])) for r in runs]

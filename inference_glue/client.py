@@ -72,7 +72,7 @@ from inference_glue.messages import (
     decode_message,
     encode_message,
 )
-from inference_glue.node import engine_call, router_counters
+from inference_glue.node import router_counters
 from inference_glue.sampling import SamplingParams
 from inference_glue.tokens import (
     AssemblerStats,
@@ -249,8 +249,8 @@ class PipelineClient:
         self._nonces = itertools.count(1)
         self.bad_messages = 0
         self.footprint = footprint
-        # The first stage computes half of the LM head while the last computes the other
-        # half, when the model allows it (see RequestMeta.head_split).
+        # The first stage computes part of the LM head while the last computes the rest,
+        # when the model allows it (see RequestMeta.head_split).
         self.split_head = split_head
         self.policy = policy or FailoverPolicy()
         self.epoch = 0
@@ -284,7 +284,7 @@ class PipelineClient:
         enough); `model_dir` gives the tokenizer and the layers' sizes. `faults`: this
         client's fault shim. `chunks`: how token chunks come by default, "direct" or
         "topic". `policy`: failover settings. `split_head`: the first and last stages each
-        compute half of the LM head (when the model's embeddings are tied)."""
+        compute part of the LM head (when the model's embeddings are tied)."""
         peers = list(dict.fromkeys(peer_id_of(a) for a in addrs))
         config = RouterConfig(
             engine=EngineConfig(faults=FaultConfig.parse(faults) if faults else None)
@@ -874,7 +874,7 @@ class PipelineClient:
         # A stage whose connection is gone cannot answer (its counters died with it).
         live = [s.node_id for s in self.stages if s.node_id in self.router.connected]
         replies: list[StatsReply] = await self._query(live, StatsQuery, timeout)
-        own = await engine_call(self.router, router_counters(self.router))
+        own = await self.router.query(router_counters(self.router), timeout=10.0)
         names = self.names()
         nodes: list[dict[str, Any]] = [
             {

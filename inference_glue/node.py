@@ -103,7 +103,6 @@ __all__ = [
     "NodeCounters",
     "StageNode",
     "available_memory",
-    "engine_call",
     "main",
     "model_fingerprint",
     "parse_layers",
@@ -167,12 +166,6 @@ def model_fingerprint(model_dir: str | Path) -> str:
             while block := fd.read(1 << 22):
                 digest.update(block)
     return digest.hexdigest()
-
-
-async def engine_call(router: Router, fn: Callable[[], T], timeout: float = 10.0) -> T:
-    """Run `fn` on the router's engine loop (where protocol state may be read) and return
-    its result."""
-    return await router.query(fn, timeout)
 
 
 def router_counters(router: Router) -> Callable[[], dict[str, Any]]:
@@ -277,16 +270,15 @@ class _Request:
 @attrs.define
 class _PendingHead:
     """The last stage's part of a split head: its logits (rows `0 .. rows - 1`, being
-    computed from `started`, perf_counter seconds), the input's position and length, whether
-    the tuner times this token, when the hidden state was sent to the first stage."""
+    computed from `started`, perf_counter seconds), the input's position and length, and
+    whether the tuner times this token."""
 
     own: mx.array
     position: int
     length: int
     rows: int
     started: float
-    tuned: bool = False
-    sent: float = 0.0
+    timed: bool = False
 
 
 @attrs.frozen
@@ -478,7 +470,7 @@ class StageNode:
 
     async def stats(self, nonce: int = 0) -> StatsReply:
         """This node's counters (the router's read on its engine loop)."""
-        snap = await engine_call(self.router, router_counters(self.router))
+        snap = await self.router.query(router_counters(self.router), timeout=10.0)
         work = attrs.asdict(self.counters)
         work["in_flight"] = len(self._requests)
         if self._head_tuner is not None:
@@ -565,9 +557,10 @@ class StageNode:
         # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
         x = decode_tensor(inputs) if isinstance(inputs, bytes) else mx.array(list(inputs))
         state = self._requests[request_id]
-        tuned = sample_it and self.stage.is_last and self._tunes_head(state.meta, x)
-        split = self._head_split_rows(state.meta) if sample_it and self.stage.is_last else 0
-        out = self.stage.forward(request_id, x, head=not (split or tuned))
+        split, timed = (
+            self._head_plan(state.meta, x) if sample_it and self.stage.is_last else (0, False)
+        )
+        out = self.stage.forward(request_id, x, head=not (split or timed))
         self.counters.forwards += 1
         if not self.stage.is_last:
             return encode_tensor(out)
@@ -581,46 +574,36 @@ class StageNode:
             own = self.stage.head_rows(out, range(0, split))
             mx.async_eval(own)
             state.head = _PendingHead(
-                own, position, out.shape[1], split, time.perf_counter(), tuned
+                own, position, out.shape[1], split, time.perf_counter(), timed
             )
             return shared
-        if tuned:
+        start = None
+        if timed:
             # The whole head here, timed as a split one is: from the final hidden state to
             # the sampled token, for the tuner to compare.
             mx.eval(out)
             start = time.perf_counter()
-            logits = self.stage.head(out)
-            token = sample(
-                logprobs_from_logits(logits[:, -1, :]), state.params, position + out.shape[1]
-            )
-            token_id = cast(int, token.item())
+            out = self.stage.head(out)
+        logprobs = logprobs_from_logits(out[:, -1, :])
+        token = cast(int, sample(logprobs, state.params, position + out.shape[1]).item())
+        if start is not None:
             assert self._head_tuner is not None
             self._head_tuner.observe_whole(time.perf_counter() - start)
-            return token_id
-        logprobs = logprobs_from_logits(out[:, -1, :])
-        return cast(int, sample(logprobs, state.params, position + out.shape[1]).item())
+        return token
 
-    def _tunes_head(self, meta: RequestMeta, inputs: mx.array) -> bool:
-        """Whether this token's head is timed for the tuner: decode steps (one position) of
-        requests that allow a split, on an adaptive last stage."""
-        return (
-            self.adaptive_head_split
-            and bool(meta.head_split)
-            and self.num_stages > 1
-            and inputs.shape[-2] == 1
-        )
-
-    def _head_split_rows(self, meta: RequestMeta) -> int:
-        """Rows of the head the last stage computes for this token; 0: all of them."""
+    def _head_plan(self, meta: RequestMeta, inputs: mx.array) -> tuple[int, bool]:
+        """For a token the last stage samples: the rows of the head it computes itself while
+        the first stage computes the rest (0: no split, it computes them all), and whether
+        the tuner times this token's head (decode steps only, on an adaptive node)."""
         if not meta.head_split or self.num_stages < 2:
-            return 0
+            return 0, False
         if not self.adaptive_head_split:
-            return meta.head_split
+            return meta.head_split, False
         # Only the worker calls this and the tuner's observers, one item at a time.
         if self._head_tuner is None:
             self._head_tuner = HeadSplitTuner(self.stage.vocab_size, meta.head_split)
         rows = self._head_tuner.next_rows()
-        return rows if rows < self.stage.vocab_size else 0
+        return (rows if rows < self.stage.vocab_size else 0), inputs.shape[-2] == 1
 
     def _head_rows_last(self, hidden: bytes, row_start: int) -> bytes:
         """First stage: logits of rows `row_start ..` at the last position, codec bytes."""
@@ -745,11 +728,6 @@ class StageNode:
         elif isinstance(out, _HeadShared):
             share = HeadShare(meta.request_id, position, out.rows, out.hidden)
             await self.router.send_to(meta.route[0], HEAD_STREAM, encode_message(share))
-            state = self._requests.get(meta.request_id)
-            pending = state.head if state is not None else None
-            if pending is None:
-                return
-            pending.sent = time.perf_counter()
 
     async def _head_share(self, share: HeadShare, peer: str) -> None:
         """First stage: compute the asked part of the head and send it back."""
@@ -787,7 +765,7 @@ class StageNode:
             part.tensor,
             pending.position + pending.length,
         )
-        if pending.tuned and self._head_tuner is not None:
+        if pending.timed and self._head_tuner is not None:
             elapsed = time.perf_counter() - pending.started
             self._head_tuner.observe_split(pending.rows, elapsed, own_wait)
         await self._sampled(part.request_id, token)
