@@ -2,8 +2,11 @@
 `p2pr health`, which joins as an observer) sees the whole cluster.
 
 A view also says which run of the node sent it (`instance`, random per start): two live
-instances under one node id mean one identity on two machines (a cloned disk), and every
-node that notices says so in its own view.
+instances under one node id, heard interleaved, mean one identity on two machines (a cloned
+disk). A restart (one instance after the other) and a pause (one instance, silent for a
+while) are not. Each node reports only what it heard itself, and the report expires; `p2pr
+health` shows the union of the reports, but no node repeats another's (reports that echo
+each other would never clear).
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ from typing import Any
 
 import attrs
 
+from p2p_reliable.twins import TwinDetector
 from router.topics import PublishPolicy, TypedTopic
 
-# How long a view counts as current, and how long two instances of one id must both be
-# heard from within to count as a duplicate (a restart replaces an instance at once).
+# How long a view counts as current. Two instances of one id count as a duplicate while both
+# were heard within DUPLICATE_WINDOW; views of an instance that stopped may still arrive for
+# up to DUPLICATE_SLACK after its successor's first (gossip delays under load).
 VIEW_TTL = 5.0
-DUPLICATE_WINDOW = 3.0
+DUPLICATE_WINDOW = 10.0
+DUPLICATE_SLACK = 1.5
 
 
 @attrs.frozen
@@ -45,25 +51,28 @@ class ClusterViews:
         self.own_id = own_id
         self.own_instance = own_instance
         self.views: dict[str, HealthView] = {}
-        self._instances: dict[str, dict[str, float]] = {}
+        self._twins = TwinDetector(window=DUPLICATE_WINDOW, slack=DUPLICATE_SLACK)
 
     def add(self, view: HealthView, now: float | None = None) -> None:
-        """Record a received view."""
+        """Record a received view (our own, looped back, included)."""
         now = time.time() if now is None else now
         self.views[view.node_id] = view
-        seen = self._instances.setdefault(view.node_id, {})
-        seen[view.instance] = now
-        for instance in [i for i, t in seen.items() if now - t > DUPLICATE_WINDOW]:
-            del seen[instance]
+        self._twins.heard(view.node_id, view.instance, now)
+        if view.node_id == self.own_id:
+            # We are alive whether or not our own view came back: a view of another
+            # instance of our id interleaves with us, not with a gap in our echoes.
+            self._twins.heard(self.own_id, self.own_instance, now)
+
+    def first_hand(self, now: float | None = None) -> list[str]:
+        """Node ids this node itself heard from two interleaved instances, recently: what
+        it reports in its own view."""
+        return self._twins.twins(time.time() if now is None else now)
 
     def duplicates(self, now: float | None = None) -> list[str]:
-        """Node ids under which two live instances were heard recently (or claim to be us)."""
+        """Every duplicate identity known here: our own evidence and what the current views
+        report (their own evidence, and the peers their routers saw under two epochs)."""
         now = time.time() if now is None else now
-        out = set()
-        for node_id, seen in self._instances.items():
-            live = [i for i, t in seen.items() if now - t <= DUPLICATE_WINDOW]
-            if len(live) > 1 or (node_id == self.own_id and live != [self.own_instance]):
-                out.add(node_id)
+        out = set(self.first_hand(now))
         for view in self.current(now):
             out.update(view.duplicates)
             out.update(p["peer"] for p in view.peers if p.get("duplicate"))

@@ -20,6 +20,8 @@ import attrs
 from router import Router, RouterConfig
 from router.engine import EngineConfig
 from router.faults import FAULTS_ENV, FaultConfig
+from router.membership import Role
+from router.ratelog import RateLimitedLog
 
 from .health import HEALTH_TOPIC, ClusterViews, HealthView
 from .identity import NodeIdentity, ephemeral_identity
@@ -61,6 +63,7 @@ class ClusterNode:
         self.settings = settings
         self.identity = identity or ephemeral_identity()
         engine = EngineConfig(
+            role=Role.OBSERVER if settings.role == "observer" else Role.MEMBER,
             listen_host=settings.listen_host,
             listen_port=settings.listen_port,
             bootstrap=tuple(settings.bootstrap),
@@ -74,6 +77,7 @@ class ClusterNode:
         self.views = ClusterViews(self.identity.node_id, self.identity.instance)
         self.peers: list[dict[str, Any]] = []
         self.ready = False
+        self._log = RateLimitedLog(log, interval=60.0)
 
     @property
     def node_id(self) -> str:
@@ -119,14 +123,16 @@ class ClusterNode:
                 if addr not in dialed:
                     dialed.add(addr)
                     self.router.add_peer_addr(addr, "exchange")
-            for dup in view.duplicates:
-                if dup == self.node_id:
-                    log.error(
-                        "node %s reports another live node using MY identity %s: "
-                        "two machines share one identity file (a cloned disk?)",
-                        view.node_id,
-                        dup,
-                    )
+            if self.node_id in view.duplicates:
+                self._log.log(
+                    logging.ERROR,
+                    view.node_id,
+                    "my identity",
+                    "node %s hears another live node using MY identity %s: "
+                    "two machines share one identity file (a cloned disk?)",
+                    view.node_id,
+                    self.node_id,
+                )
 
     async def _publish_views(self) -> None:
         sender = self.router.sender(HEALTH_TOPIC)
@@ -155,8 +161,8 @@ class ClusterNode:
             role=self.settings.role,
             addrs=self.router.listen_addrs,
             sent_at=time.time(),
-            peers=[{**p, "observer": p["peer"] in observers} for p in self.peers],
-            duplicates=self.views.duplicates(),
+            peers=[{**p, "observer": p["peer"] in observers or p["observer"]} for p in self.peers],
+            duplicates=self.views.first_hand(),
             label=self.settings.label,
         )
 

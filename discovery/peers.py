@@ -24,29 +24,49 @@ class PeerAddressError(ValueError):
     """A configured peer address is not a usable multiaddr."""
 
 
-def peer_of(addr: str) -> str:
-    """The peer id in a multiaddr ending in /p2p/<id>; PeerAddressError if there is none."""
+_NETWORK_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
+
+
+def peer_in(addr: str) -> str | None:
+    """The peer id of a dialable TCP multiaddr, or None when it has no /p2p/<id> part (the
+    id is then learned from the handshake, as exo's networking allowed).
+
+    Raises PeerAddressError for anything that is not `/<ip4|ip6|dns…>/H/tcp/P[/p2p/ID]`.
+    """
     try:
         parsed = multiaddr.Multiaddr(addr)
+        names = [p.name for p in parsed.protocols()]
     except Exception as exc:
         raise PeerAddressError(f"{addr!r} is not a multiaddr: {exc}") from None
+    if len(names) < 2 or names[0] not in _NETWORK_PROTOCOLS or names[1] != "tcp":
+        raise PeerAddressError(f"{addr!r} is not /ip4/ADDRESS/tcp/PORT[/p2p/PEER_ID]")
+    if names[2:] not in ([], ["p2p"]):
+        raise PeerAddressError(f"{addr!r}: only /p2p/<peer id> may follow the TCP port")
+    if not names[2:]:
+        return None
     try:
-        peer = parsed.value_for_protocol("p2p")
-    except Exception:
-        peer = None
-    if not peer:
+        return str(parsed.value_for_protocol("p2p"))
+    except Exception as exc:
+        raise PeerAddressError(f"{addr!r} has a bad /p2p/ part: {exc}") from None
+
+
+def peer_of(addr: str) -> str:
+    """The peer id in a multiaddr ending in /p2p/<id>; PeerAddressError if there is none."""
+    peer = peer_in(addr)
+    if peer is None:
         raise PeerAddressError(f"{addr!r} has no /p2p/<peer id> part")
-    return str(peer)
+    return peer
 
 
 def parse_addrs(values: Iterable[str]) -> list[str]:
-    """Multiaddrs from flags or the environment (comma-separated), validated, deduplicated."""
+    """Multiaddrs from flags or the environment (comma-separated), validated, deduplicated;
+    the /p2p/<id> part is optional."""
     out: list[str] = []
     for value in values:
         for part in value.split(","):
             addr = part.strip()
             if addr and addr not in out:
-                peer_of(addr)
+                peer_in(addr)
                 out.append(addr)
     return out
 
@@ -73,11 +93,12 @@ class AddressState:
     """One address and its dialing history."""
 
     addr: str
-    peer: str
-    source: str  # "bootstrap", "static" or "mdns"
+    peer: str | None  # None until a handshake at an address given without /p2p/ tells it
+    source: str  # "bootstrap", "static", "mdns" or "exchange"
     failures: int = 0
     next_attempt: float = 0.0
     in_flight: bool = False
+    bare: bool = False  # given without /p2p/: whoever answers there is the peer
 
 
 class DialPlanner:
@@ -104,16 +125,16 @@ class DialPlanner:
         self.dropped: list[str] = []
 
     def add(self, addr: str, source: str, now: float) -> bool:
-        """Learn an address; return whether it is new."""
-        peer = peer_of(addr)
-        if peer == self.self_id:
+        """Learn an address; return whether it is new. PeerAddressError if it is not one."""
+        peer = peer_in(addr)
+        if peer is not None and peer == self.self_id:
             return False
         state = self.addresses.get(addr)
         if state is not None:
             if source in CONFIGURED:
                 state.source = source
             return False
-        self.addresses[addr] = AddressState(addr, peer, source, next_attempt=now)
+        self.addresses[addr] = AddressState(addr, peer, source, next_attempt=now, bare=peer is None)
         return True
 
     def due(self, now: float, connected: Iterable[str]) -> list[AddressState]:
@@ -123,7 +144,8 @@ class DialPlanner:
         for state in sorted(self.addresses.values(), key=lambda s: (s.failures, s.addr)):
             if state.peer in skip or state.in_flight or state.next_attempt > now:
                 continue
-            skip.add(state.peer)
+            if state.peer is not None:
+                skip.add(state.peer)
             state.in_flight = True
             out.append(state)
         return out
@@ -139,12 +161,25 @@ class DialPlanner:
             state.next_attempt = now + self.base
             return
         state.failures += 1
+        if state.bare:
+            state.peer = None  # another node may listen there now (a restart, a new key)
         if state.source not in CONFIGURED and state.failures >= self.drop_after:
             del self.addresses[addr]
             self.dropped.append(addr)
             return
         ceiling = min(self.cap, self.base * 2.0 ** min(state.failures, 30))
         state.next_attempt = now + self.rng.uniform(self.base, max(self.base, ceiling))
+
+    def learned(self, addr: str, peer: str) -> None:
+        """A handshake at `addr` (given without /p2p/) met `peer`; forget `addr` if that is
+        this node itself (a bootstrap list that names every node, us included)."""
+        state = self.addresses.get(addr)
+        if state is None:
+            return
+        if peer == self.self_id:
+            del self.addresses[addr]
+        else:
+            state.peer = peer
 
     def on_disconnected(self, peer: str, now: float) -> None:
         """A peer went away: its addresses may be dialed again soon."""

@@ -33,9 +33,9 @@ from .receiver import StreamReceiver
 from .recovery import RttEstimator
 from .sender import StreamSender, WindowFull
 from .stats import EndpointStats
+from .twins import TwinDetector
 
 _InboundKey = tuple[str, str, bool]  # (origin, stream, direct)
-DUPLICATE_WINDOW = 3.0
 
 
 @attrs.frozen
@@ -87,9 +87,9 @@ class Endpoint:
         self._outbox: list[Transmit] = []
         self._events: deque[Event] = deque()
         self._next_heartbeat: float | None = None
-        # origin -> epoch -> last time heard: two epochs alive at once mean two running
-        # nodes with one identity (a cloned key), not a restart.
-        self._epochs: dict[str, dict[int, float]] = {}
+        # Two epochs of one origin heard interleaved mean two running nodes with one identity
+        # (a cloned key); a restart (one epoch after the other) or a pause does not.
+        self._twins = TwinDetector()
 
     # -- membership ------------------------------------------------------------------------
 
@@ -212,19 +212,11 @@ class Endpoint:
             self._dispatch(env, now)
 
     def _note_epoch(self, origin: str, epoch: int, now: float) -> None:
-        seen = self._epochs.setdefault(origin, {})
-        seen[epoch] = now
-        if len(seen) > 1:
-            for old in [e for e, t in seen.items() if now - t > DUPLICATE_WINDOW]:
-                del seen[old]
+        self._twins.heard(origin, epoch, now)
 
     def duplicate_origins(self, now: float) -> list[str]:
-        """Peers heard under two different epochs within the last few seconds."""
-        return sorted(
-            origin
-            for origin, seen in self._epochs.items()
-            if sum(now - t <= DUPLICATE_WINDOW for t in seen.values()) > 1
-        )
+        """Peers heard from two runs (epochs) at once, recently: one identity on two nodes."""
+        return self._twins.twins(now)
 
     def _reject(self, peer: str, exc: DecodeError, now: float) -> None:
         if isinstance(exc, AuthError):

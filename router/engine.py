@@ -29,7 +29,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_uvarint
@@ -39,6 +39,7 @@ from p2p_reliable import (
     Delivered,
     Endpoint,
     Gap,
+    PeerState,
     ProtocolConfig,
     Rejected,
     Unrecoverable,
@@ -46,8 +47,12 @@ from p2p_reliable import (
     WindowOpen,
 )
 
+from .dialer import Dialer
 from .faults import FaultConfig, FaultShim
 from .host import build_host, build_pubsub, listen_addrs
+from .liveness import LivenessConfig
+from .membership import Hello, MembershipChange, Role
+from .peerwatch import PeerWatch
 
 log = logging.getLogger("p2pr.engine")
 # py-libp2p logs per message when gossipsub queues for peers not on a topic, and its
@@ -106,6 +111,11 @@ class EngineConfig:
     bulk_max_subscribers: int = 8
     subscriber_poll: float = 0.05
     redial_interval: float = 1.0
+    # A member takes part in the cluster; an observer (`p2pr health`) only watches: peers
+    # never announce it to their applications (exo would elect a new master on it).
+    role: Role = Role.MEMBER
+    # When a silent peer is found hung and its connection closed (router/liveness.py).
+    liveness: LivenessConfig = attrs.field(factory=LivenessConfig)
 
 
 class AppSink(Protocol):
@@ -159,9 +169,11 @@ class Engine:
             config=config.protocol,
             cluster_secret=config.cluster_secret,
         )
-        self.planner = DialPlanner(self_id=self.node_id)
         self.connected: dict[str, str] = {}  # peer -> the address of its connection
-        self._dial_wake = trio.Event()
+        self.dialer = Dialer(self.node_id, config.redial_interval, lambda: self.connected)
+        self.peers = PeerWatch(
+            config.liveness, self._own_hello, self._apply_membership, self._liveness_input
+        )
         self.shim = FaultShim(config.faults)
         self.stats = EngineStats()
         self.addrs: list[str] = []
@@ -173,7 +185,11 @@ class Engine:
         self._wake_scheduled = False
         self._blocked: dict[tuple[str | None, str], deque[bytes]] = {}
         self._topics: set[str] = set()
-        self._subscribers: dict[str, set[str]] = {}
+        self._hello_seq = 0
+        # Subscribers of each topic: what gossipsub reports, united with what peers' hellos
+        # say (the sets are replaced whole, so other threads may read them).
+        self._subscribers: dict[str, frozenset[str]] = {}
+        self._gossip_subscribers: dict[str, set[str]] = {}
         self._links: dict[str, _PeerLink] = {}
         self._gossip: deque[tuple[str, bytes]] = deque()
         self._gossip_bytes = 0
@@ -279,22 +295,22 @@ class Engine:
         host.get_network().register_notifee(_ConnectionWatch(self))
         async with host.run(addrs), trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.peers.start(host, nursery)
             async with background_trio_service(pubsub), background_trio_service(gossipsub):
                 await pubsub.wait_until_ready()
                 self.addrs = [str(a) for a in host.get_addrs()]
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._gossip_loop)
                 nursery.start_soon(self._subscriber_poll)
-                now = self._now()
                 for source, configured in (
                     ("bootstrap", cfg.bootstrap),
                     ("static", cfg.static_peers),
                 ):
                     for addr in configured:
-                        self.planner.add(addr, source, now)
+                        self.dialer.add(addr, source)
                 if cfg.enable_mdns:
                     peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
-                nursery.start_soon(self._discovery_loop)
+                nursery.start_soon(self.dialer.run, host, nursery)
                 self._run_inbox()
                 self.ready.set()
                 await self._stopping.wait()
@@ -443,7 +459,9 @@ class Engine:
         if topic in self._topics:
             return
         self._topics.add(topic)
+        self._hello_seq += 1
         self.endpoint.subscribe(topic)
+        self.peers.hello_changed()
         subscription = await self._pubsub.subscribe(topic)
         own = self.peer_id.to_bytes()
         # Drain at once, always: py-libp2p's subscription channel holds 32 messages and
@@ -476,25 +494,35 @@ class Engine:
             self._transport_drained(None)
 
     async def _subscriber_poll(self) -> None:
-        # py-libp2p has no subscription callback; its peer_topics map is the truth.
+        # py-libp2p has no subscription callback; its peer_topics map is one source of
+        # subscribers (for peers that never said hello), our peers' hellos the other.
         assert self._pubsub is not None
         while True:
             now = self._now()
             changed = False
             for topic in self._topics:
                 current = {p.to_base58() for p in self._pubsub.peer_topics.get(topic, ())}
-                known = self._subscribers.setdefault(topic, set())
-                if current == known:
-                    continue
-                for peer in current - known:
-                    self.endpoint.add_subscriber(topic, peer, now)
-                for peer in known - current:
-                    self.endpoint.remove_subscriber(topic, peer, now)
-                self._subscribers[topic] = current
-                changed = True
+                if current != self._gossip_subscribers.get(topic, set()):
+                    self._gossip_subscribers[topic] = current
+                    changed |= self._update_subscribers(topic, now)
             if changed:
                 self._flush()
             await trio.sleep(self.config.subscriber_poll)
+
+    def _update_subscribers(self, topic: str, now: float) -> bool:
+        """Recompute `topic`'s subscribers from both sources; tell the endpoint what changed."""
+        current = frozenset(
+            self._gossip_subscribers.get(topic, set()) | self.peers.membership.subscribers(topic)
+        )
+        known = self._subscribers.get(topic, frozenset())
+        if current == known:
+            return False
+        for peer in sorted(current - known):
+            self.endpoint.add_subscriber(topic, peer, now)
+        for peer in sorted(known - current):
+            self.endpoint.remove_subscriber(topic, peer, now)
+        self._subscribers[topic] = current
+        return True
 
     # -- direct streams --------------------------------------------------------------------
 
@@ -563,65 +591,65 @@ class Engine:
     # -- peers -----------------------------------------------------------------------------
 
     def _peer_connected(self, peer: str, address: str | None) -> None:
+        first = peer not in self.connected
         self.connected[peer] = self.connected.get(peer) or address or "?"
-        self.endpoint.add_peer(peer, self._now())
-        self._post(self.sink.connection, peer, True)
+        if first:
+            self.endpoint.add_peer(peer, self._now())
+        self.peers.on_connected(peer, first)
         self._flush()
 
     def _peer_disconnected(self, peer: str) -> None:
         assert self._host is not None
         if self._host.get_network().get_connections(ID.from_base58(peer)):
             return  # another connection to the same peer is still up
-        self.connected.pop(peer, None)
-        self.planner.on_disconnected(peer, self._now())
-        self._dial_wake.set()
+        if self.connected.pop(peer, None) is None:
+            return
+        if self.peers.membership.hello_of(peer) is not None:
+            # A member that was cut (hung, or its link broke) may come back: keep where it
+            # listens among the addresses to dial (forgotten if it keeps failing).
+            for addr in self._listen_addrs_of(peer):
+                self.dialer.add(addr, "exchange")
+        self.dialer.on_disconnected(peer)
         self.endpoint.remove_peer(peer, self._now())
-        self._post(self.sink.connection, peer, False)
+        self.peers.on_disconnected(peer)
         self._flush()
+
+    def _apply_membership(self, change: MembershipChange) -> None:
+        """Act on what Membership decided about one peer."""
+        now = self._now()
+        for topic in change.subscribed | change.unsubscribed:
+            self._update_subscribers(topic, now)
+        if change.announce is not None:
+            self._post(self.sink.connection, change.peer, change.announce)
+        self._flush()
+
+    def _own_hello(self) -> Hello:
+        return Hello(
+            role=self.config.role,
+            topics=frozenset(self._topics),
+            epoch=self.endpoint.epoch,
+            seq=self._hello_seq,
+        )
+
+    def _liveness_input(self) -> tuple[dict[str, float | None], set[str]]:
+        now = self._now()
+        heard = {p: self.endpoint.health(p).last_seen for p in self.connected}
+        dead = {p for p in heard if self.endpoint.health(p).state(now) is PeerState.DEAD}
+        return heard, dead
+
+    @property
+    def planner(self) -> DialPlanner:
+        """Where this engine dials, and when."""
+        return self.dialer.planner
 
     def add_peer_addr(self, addr: str, source: str = "static") -> None:
         """Learn a peer address (thread-safe)."""
-        self._submit(lambda: self._learn_addr(addr, source))
-
-    def _learn_addr(self, addr: str, source: str) -> None:
-        if self.planner.add(addr, source, self._now()):
-            self._dial_wake.set()
+        self._submit(lambda: self.dialer.add(addr, source))
 
     def _on_mdns_peer(self, info: PeerInfo) -> None:
         # Called on zeroconf's thread, for every engine of this process: hop to ours.
         for addr in info.addrs:
             self.add_peer_addr(f"{addr}/p2p/{info.peer_id.to_base58()}", "mdns")
-
-    async def _discovery_loop(self) -> None:
-        while True:
-            now = self._now()
-            for state in self.planner.due(now, self.connected):
-                self._spawn(self._dial, state.addr)
-            # next_time must skip connected peers as due() does, or this loop never sleeps.
-            planned = self.planner.next_time(self.connected)
-            wake_at = max(now + 0.01, min(planned or math.inf, now + self.config.redial_interval))
-            self._dial_wake = trio.Event()
-            with trio.move_on_at(wake_at):
-                await self._dial_wake.wait()
-
-    async def _dial(self, addr: str) -> None:
-        assert self._host is not None
-        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        ok = False
-        try:
-            with trio.fail_after(5):
-                await self._host.connect(info)
-            ok = True
-            self.connected.setdefault(info.peer_id.to_base58(), addr)
-        except Exception as exc:
-            log.info("could not reach %s: %s", addr, exc)
-        self.planner.on_result(addr, ok, self._now())
-        if not ok and addr in self.planner.dropped:
-            log.warning("forgot %s: it kept failing (a stale mDNS entry?)", addr)
-            peer = info.peer_id.to_base58()
-            if not any(s.peer == peer for s in self.planner.addresses.values()):
-                self._host.get_peerstore().clear_addrs(info.peer_id)
-        self._dial_wake.set()
 
     def _app_score(self, peer: ID) -> float:
         return self.endpoint.health(peer.to_base58()).score(self._now())
@@ -639,6 +667,8 @@ class Engine:
             row["connected"] = snapshot.peer in self.connected
             row["listen_addrs"] = self._listen_addrs_of(snapshot.peer)
             row["duplicate"] = snapshot.peer in twins
+            # First-hand: the peer's own hello said it only watches.
+            row["observer"] = self.peers.membership.is_observer(snapshot.peer)
             out.append(row)
         return out
 

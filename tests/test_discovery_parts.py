@@ -75,17 +75,24 @@ def test_bootstrap_from_flags_and_environment() -> None:
     env = {BOOTSTRAP_ENV: f" {B} ,{A}"}
     assert bootstrap_addrs([A], env) == [A, B]
     assert bootstrap_addrs([], {}) == []
-    with pytest.raises(PeerAddressError, match="no /p2p/"):
-        bootstrap_addrs(["/ip4/127.0.0.1/tcp/1"], {})
+    # As exo's networking did, an address without /p2p/ is taken: the handshake tells the id.
+    assert bootstrap_addrs(["/ip4/127.0.0.1/tcp/1"], {}) == ["/ip4/127.0.0.1/tcp/1"]
     with pytest.raises(PeerAddressError, match="not a multiaddr"):
         bootstrap_addrs(["nonsense"], {})
+    for not_tcp in (
+        "/ip4/127.0.0.1/udp/1",
+        "/ip4/127.0.0.1",
+        f"/ip4/1.2.3.4/tcp/1/ws/p2p/{B[-52:]}",
+    ):
+        with pytest.raises(PeerAddressError):
+            bootstrap_addrs([not_tcp], {})
 
 
 def test_static_peers_file(tmp_path: Path) -> None:
     path = tmp_path / "peers"
     path.write_text(f"# the cluster\n{A}\n\n{B}  # the second\n{A}\n")
     assert read_peers_file(path) == [A, B]
-    path.write_text("/ip4/1.2.3.4/tcp/1\n")
+    path.write_text("/ip4/1.2.3.4/udp/1\n")
     with pytest.raises(PeerAddressError, match=str(path)):
         read_peers_file(path)
 
@@ -131,12 +138,40 @@ def _view(node: str, instance: str, sent: float, dups: list[str] | None = None) 
 
 def test_two_live_instances_of_one_id_are_a_duplicate() -> None:
     views = ClusterViews("me", "i0")
-    views.add(_view("x", "run1", 100.0), now=100.0)
-    views.add(_view("x", "run2", 101.0), now=101.0)
-    assert views.duplicates(now=101.0) == ["x"]
-    # A restart: the old instance falls silent and is forgotten.
-    views.add(_view("x", "run2", 100.0 + DUPLICATE_WINDOW + 2), now=100.0 + DUPLICATE_WINDOW + 2)
-    assert views.duplicates(now=100.0 + DUPLICATE_WINDOW + 2) == []
-    # What others report counts too.
-    views.add(_view("y", "r", 200.0, dups=["me"]), now=200.0)
-    assert "me" in views.duplicates(now=200.0)
+    # Two machines with one key: both keep publishing, so their views interleave.
+    for t in range(100, 104):
+        views.add(_view("x", "run1", t), now=t)
+        views.add(_view("x", "run2", t + 0.5), now=t + 0.5)
+    assert views.first_hand(now=104.0) == ["x"]
+    assert views.duplicates(now=104.0) == ["x"]
+    # The evidence expires once one of them stops.
+    later = 104.0 + DUPLICATE_WINDOW + 1
+    views.add(_view("x", "run2", later), now=later)
+    assert views.first_hand(now=later) == []
+
+
+def test_a_restart_or_a_pause_is_not_a_duplicate() -> None:
+    views = ClusterViews("me", "i0")
+    for t in range(100, 104):
+        views.add(_view("x", "run1", t), now=t)
+    # A restart: the old run stops, the new one goes on.
+    for t in range(105, 110):
+        views.add(_view("x", "run2", t), now=t)
+    # A pause: one run falls silent for a while and comes back.
+    for t in [*range(100, 103), *range(110, 115)]:
+        views.add(_view("y", "run", t), now=t)
+    assert views.first_hand(now=115.0) == [] and views.duplicates(now=115.0) == []
+
+
+def test_another_run_of_my_own_identity_is_reported_first_hand_only() -> None:
+    views = ClusterViews("me", "i0")
+    for t in range(100, 104):
+        views.add(_view("me", "i0", t), now=t)  # our own view, looped back
+        views.add(_view("me", "clone", t + 0.5), now=t + 0.5)
+    assert views.first_hand(now=104.0) == ["me"]
+    # What others report is shown (p2pr health), but never repeated as our own evidence:
+    # reports that echo each other would never clear.
+    other = ClusterViews("you", "j0")
+    other.add(_view("z", "r", 200.0, dups=["me"]), now=200.0)
+    assert other.duplicates(now=200.0) == ["me"]
+    assert other.first_hand(now=200.0) == []
