@@ -158,11 +158,19 @@ def _kept_pipeline_addrs() -> list[str]:
 
 
 async def _observe(observer: ClusterNode, args: argparse.Namespace) -> int:
+    code = 0
     async with anyio.create_task_group() as tg:
         await tg.start(observer.run)
         if args.once:
-            await _gather(observer, args.wait)
+            heard = await _gather(observer, args.wait)
             _print_once(observer, args)
+            if not heard:
+                print(
+                    f"p2pr health: no view from any node within {args.wait:g} s "
+                    "(is the cluster reachable, and does it share the cluster secret?)",
+                    file=sys.stderr,
+                )
+                code = 1
             # The snapshot is out: what py-libp2p logs while this observer's connections are
             # torn down (tasks refused by closing nurseries) says nothing about the cluster.
             logging.disable(logging.CRITICAL)
@@ -176,14 +184,19 @@ async def _observe(observer: ClusterNode, args: argparse.Namespace) -> int:
                     await anyio.sleep(0.5)
                     live.update(_table(observer, args))
         tg.cancel_scope.cancel()
-    return 0
+    return code
 
 
-async def _gather(observer: ClusterNode, wait: float) -> None:
-    """Until every connected node has published a view (or `wait` runs out)."""
+async def _gather(observer: ClusterNode, wait: float) -> bool:
+    """Until every node the views mention has published its own view (or `wait` runs out);
+    whether any view from another node arrived at all."""
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        views = observer.views.current()
+    while True:
+        views = [
+            v
+            for v in observer.views.current()
+            if v.node_id != observer.node_id and v.role != "observer"
+        ]
         reported = {v.node_id for v in views}
         # Every node any view mentions as alive should have spoken for itself.
         mentioned = {
@@ -192,8 +205,8 @@ async def _gather(observer: ClusterNode, wait: float) -> None:
             for p in v.peers
             if p.get("connected") and not p.get("observer") and p["peer"] != observer.node_id
         }
-        if reported and mentioned <= reported:
-            return
+        if (reported and mentioned <= reported) or time.monotonic() >= deadline:
+            return bool(reported)
         await anyio.sleep(0.1)
 
 

@@ -59,16 +59,21 @@ def nodes() -> Iterator[list[Node]]:
         node.stop()
 
 
-def health_once(*args: str) -> dict[str, Any]:
-    """What `p2pr health --json --once` prints."""
+def health_once(*args: str, must_hear: bool = True) -> dict[str, Any]:
+    """What `p2pr health --json --once` prints. It exits 1, saying so, when it heard no
+    node's view (`must_hear`: that is a failure here)."""
     out = subprocess.run(
         [sys.executable, "-m", "p2p_reliable.cli", "health", "--once", "--json", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=False,
     )
     result: dict[str, Any] = json.loads(out.stdout)
+    heard = out.returncode == 0
+    assert out.returncode in (0, 1) and heard == bool(result["nodes"]), out.stderr[-2000:]
+    assert heard or "no view from any node" in out.stderr
+    assert heard or not must_hear, out.stderr[-2000:]
     return result
 
 
@@ -180,7 +185,9 @@ def test_wrong_cluster_secret_gets_nothing_in_or_out(nodes: list[Node], tmp_path
                 assert row["received"] == 0  # no envelope of its was accepted
     # And nothing got out to it: an observer with the intruder's secret hears only the
     # intruder itself.
-    theirs = health_once("--bootstrap", a.addr, "--cluster-secret", "theirs", "--wait", "3")
+    theirs = health_once(
+        "--bootstrap", a.addr, "--cluster-secret", "theirs", "--wait", "3", must_hear=False
+    )
     assert set(theirs["nodes"]) <= {m.node_id}
 
 
