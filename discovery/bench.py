@@ -43,8 +43,8 @@ async def _trial(nodes: int) -> dict[str, Any]:
                 out: dict[str, str | None] = {}
                 for view in observer.views.current():
                     for peer in view.peers:
-                        if view.node_id in others and peer["peer"] == victim["ready"]:
-                            out[view.node_id] = peer["state"]
+                        if view.node_id in others and peer.peer == victim["ready"]:
+                            out[view.node_id] = peer.state
                 return out
 
             with anyio.fail_after(30):
@@ -61,8 +61,8 @@ async def _trial(nodes: int) -> dict[str, Any]:
                             if (
                                 view.node_id in others
                                 and view.node_id not in detected
-                                and peer["peer"] == victim["ready"]
-                                and peer["state"] == "DEAD"
+                                and peer.peer == victim["ready"]
+                                and peer.state == "DEAD"
                             ):
                                 # sent_at: the view left that node as soon as it saw the death.
                                 detected[view.node_id] = view.sent_at - killed

@@ -200,10 +200,10 @@ async def _gather(observer: ClusterNode, wait: float) -> bool:
         reported = {v.node_id for v in views}
         # Every node any view mentions as alive should have spoken for itself.
         mentioned = {
-            p["peer"]
+            p.peer
             for v in views
             for p in v.peers
-            if p.get("connected") and not p.get("observer") and p["peer"] != observer.node_id
+            if p.connected and not p.observer and p.peer != observer.node_id
         }
         if (reported and mentioned <= reported) or time.monotonic() >= deadline:
             return bool(reported)

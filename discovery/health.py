@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+from p2p_reliable import schema
+from p2p_reliable.schema import bounded_str, bounded_tuple
 from p2p_reliable.twins import TwinDetector
 from router.topics import PublishPolicy, TypedTopic
 
@@ -27,21 +29,71 @@ DUPLICATE_WINDOW = 10.0
 DUPLICATE_SLACK = 1.5
 
 
+MAX_VIEW_PEERS = 256
+MAX_ADDRS = 16
+_ID = bounded_str(128)
+_ADDR = bounded_str(256)
+_COUNT = attrs.validators.ge(0)
+STATES = ("ALIVE", "SUSPECT", "DEAD", "UNKNOWN")
+
+
+@attrs.frozen
+class PeerRow:
+    """How one node sees one peer (a row of `p2pr health`), as it travels in a view."""
+
+    peer: str = attrs.field(validator=_ID)
+    state: str = attrs.field(validator=attrs.validators.in_(STATES))
+    phi: float
+    rtt_ewma: float | None
+    rtt_p50: float | None
+    rtt_p99: float | None
+    loss_ratio: float
+    retransmit_ratio: float
+    sent: int = attrs.field(validator=_COUNT)
+    retransmits: int = attrs.field(validator=_COUNT)
+    received: int = attrs.field(validator=_COUNT)
+    nacks_sent: int = attrs.field(validator=_COUNT)
+    nacks_received: int = attrs.field(validator=_COUNT)
+    losses: int = attrs.field(validator=_COUNT)
+    checksum_failures: int = attrs.field(validator=_COUNT)
+    decode_errors: int = attrs.field(validator=_COUNT)
+    unrecoverable: int = attrs.field(validator=_COUNT)
+    rejections: dict[str, int] = attrs.field(validator=attrs.validators.max_len(64))
+    last_seen: float | None
+    score: float
+    last_seen_s_ago: float | None = None
+    address: str | None = attrs.field(default=None, validator=attrs.validators.optional(_ADDR))
+    connected: bool = False
+    listen_addrs: tuple[str, ...] = attrs.field(
+        default=(), validator=bounded_tuple(MAX_ADDRS, _ADDR)
+    )
+    duplicate: bool = False
+    observer: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as `p2pr health --json` prints it."""
+        row: dict[str, Any] = schema.unstructure(self)
+        return row
+
+
 @attrs.frozen
 class HealthView:
-    """One node's view of the cluster, as published."""
+    """One node's view of the cluster, as published (validated field by field on receipt;
+    accepted only from the node it names: see HEALTH_TOPIC)."""
 
-    node_id: str
-    instance: str
-    role: str  # "node", "observer" (`p2pr health`), "stage" (a pipeline stage) or "exo"
-    addrs: list[str]
+    node_id: str = attrs.field(validator=_ID)
+    instance: str = attrs.field(validator=bounded_str(64))
+    role: str = attrs.field(validator=bounded_str(32))  # "node", "observer", "stage", "exo"
+    addrs: tuple[str, ...] = attrs.field(validator=bounded_tuple(MAX_ADDRS, _ADDR))
     sent_at: float  # wall clock, seconds
-    peers: list[dict[str, Any]]
-    duplicates: list[str] = attrs.Factory(list)
-    label: str = ""  # what the node is, for people: "stage 1" ("" for a plain node)
+    peers: tuple[PeerRow, ...] = attrs.field(validator=bounded_tuple(MAX_VIEW_PEERS))
+    duplicates: tuple[str, ...] = attrs.field(
+        default=(), validator=bounded_tuple(MAX_VIEW_PEERS, _ID)
+    )
+    label: str = attrs.field(default="", validator=bounded_str(64))  # "stage 1", "" for a node
 
 
-HEALTH_TOPIC = TypedTopic("p2pr/health", PublishPolicy.Always, HealthView)
+HEALTH_TOPIC = TypedTopic("p2pr/health", PublishPolicy.Always, HealthView, origin_field="node_id")
 
 
 class ClusterViews:
@@ -75,7 +127,7 @@ class ClusterViews:
         out = set(self.first_hand(now))
         for view in self.current(now):
             out.update(view.duplicates)
-            out.update(p["peer"] for p in view.peers if p.get("duplicate"))
+            out.update(p.peer for p in view.peers if p.duplicate)
         return sorted(out)
 
     def current(self, now: float | None = None) -> list[HealthView]:
@@ -102,6 +154,6 @@ class ClusterViews:
                 "instance": view.instance,
                 "addrs": view.addrs,
                 "age_s": round(now - view.sent_at, 3),
-                "peers": [p for p in view.peers if p["peer"] not in observers],
+                "peers": [p.to_dict() for p in view.peers if p.peer not in observers],
             }
         return {"time": now, "nodes": nodes, "duplicates": self.duplicates(now)}

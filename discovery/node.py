@@ -17,15 +17,17 @@ from typing import Any
 import anyio
 import attrs
 
+from p2p_reliable import schema
 from router import Router, RouterConfig
 from router.engine import EngineConfig
 from router.faults import FAULTS_ENV, FaultConfig
 from router.membership import Role
 from router.ratelog import RateLimitedLog
 
-from .health import HEALTH_TOPIC, ClusterViews, HealthView
+from .health import HEALTH_TOPIC, MAX_ADDRS, MAX_VIEW_PEERS, ClusterViews, HealthView, PeerRow
 from .identity import NodeIdentity, ephemeral_identity
 from .metrics import MetricsServer
+from .peers import ExchangeBook
 
 log = logging.getLogger("p2pr.node")
 
@@ -78,6 +80,7 @@ class ClusterNode:
         self.peers: list[dict[str, Any]] = []
         self.ready = False
         self._log = RateLimitedLog(log, interval=60.0)
+        self._exchange = ExchangeBook()
 
     @property
     def node_id(self) -> str:
@@ -108,21 +111,20 @@ class ClusterNode:
             task_status.started()
 
     async def _receive_views(self, views: Any) -> None:
-        dialed: set[str] = set()
         async for view in views:
             self.views.add(view)
-            # Peer exchange: nodes that only know a bootstrap node still end up in a full
-            # mesh, which point-to-point acks and repairs need.
             if view.role == "observer" or view.node_id == self.node_id:
                 continue
+            # Peer exchange: nodes that only know a bootstrap node still end up in a full
+            # mesh, which point-to-point acks and repairs need. Each address is handed to
+            # the dialer once, at most MAX_EXCHANGE_PER_VIEW per view (a view is the word
+            # of one node, which may lie), and the dialer forgets it after one failure.
             known = [*view.addrs]
             for peer in view.peers:
-                if not peer.get("observer") and peer["peer"] != self.node_id:
-                    known += peer.get("listen_addrs") or []
-            for addr in known:
-                if addr not in dialed:
-                    dialed.add(addr)
-                    self.router.add_peer_addr(addr, "exchange")
+                if not peer.observer and peer.peer != self.node_id and peer.connected:
+                    known += peer.listen_addrs
+            for addr in self._exchange.fresh(known):
+                self.router.add_peer_addr(addr, "exchange")
             if self.node_id in view.duplicates:
                 self._log.log(
                     logging.ERROR,
@@ -155,14 +157,18 @@ class ClusterNode:
         if self.settings.silent_peers_observe:
             spoke = set(self.views.views)
             observers |= {p["peer"] for p in self.peers if p["peer"] not in spoke}
+        rows = [
+            {**p, "observer": p["peer"] in observers or p["observer"]}
+            for p in self.peers[:MAX_VIEW_PEERS]
+        ]
         return HealthView(
             node_id=self.node_id,
             instance=self.identity.instance,
             role=self.settings.role,
-            addrs=self.router.listen_addrs,
+            addrs=tuple(self.router.listen_addrs[:MAX_ADDRS]),
             sent_at=time.time(),
-            peers=[{**p, "observer": p["peer"] in observers or p["observer"]} for p in self.peers],
-            duplicates=self.views.first_hand(),
+            peers=tuple(schema.structure(row, PeerRow) for row in rows),
+            duplicates=tuple(self.views.first_hand()[:MAX_VIEW_PEERS]),
             label=self.settings.label,
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,11 @@ import multiaddr
 
 BOOTSTRAP_ENV = "P2PR_BOOTSTRAP_PEERS"
 CONFIGURED = frozenset({"bootstrap", "static"})
+# Failures in a row after which an address of each kind is forgotten (configured: never).
+# An address another node told us of is tried once: a lie costs one dial. One found by mDNS
+# is tried a few times (a node restarting there). One of a peer that we cut as hung is tried
+# while it may still come back.
+DROP_AFTER = {"exchange": 1, "mdns": 4, "returning": 6}
 
 
 class PeerAddressError(ValueError):
@@ -106,7 +112,9 @@ class DialPlanner:
 
     Failures back off exponentially with full jitter from `base` up to `cap`. An address
     discovered by mDNS that fails `drop_after` times in a row is forgotten (a restarted node
-    advertises its new port; the old one is dead). Configured addresses are never forgotten.
+    advertises its new port; the old one is dead), one learned by peer exchange after one
+    failure (see DROP_AFTER). Configured addresses are never forgotten. At most
+    `max_addresses` are kept: beyond that, new unconfigured ones are refused.
     """
 
     def __init__(
@@ -117,12 +125,16 @@ class DialPlanner:
         drop_after: int = 4,
         seed: int | None = None,
         self_id: str | None = None,
+        max_addresses: int = 512,
     ) -> None:
-        self.base, self.cap, self.drop_after = base, cap, drop_after
+        self.base, self.cap = base, cap
+        self.drop_after = {**DROP_AFTER, "mdns": drop_after}
         self.rng = random.Random(seed)
         self.self_id = self_id
         self.addresses: dict[str, AddressState] = {}
-        self.dropped: list[str] = []
+        self.dropped: deque[str] = deque(maxlen=256)
+        self.max_addresses = max_addresses
+        self.refused = 0
 
     def add(self, addr: str, source: str, now: float) -> bool:
         """Learn an address; return whether it is new. PeerAddressError if it is not one."""
@@ -133,6 +145,9 @@ class DialPlanner:
         if state is not None:
             if source in CONFIGURED:
                 state.source = source
+            return False
+        if source not in CONFIGURED and len(self.addresses) >= self.max_addresses:
+            self.refused += 1
             return False
         self.addresses[addr] = AddressState(addr, peer, source, next_attempt=now, bare=peer is None)
         return True
@@ -163,7 +178,8 @@ class DialPlanner:
         state.failures += 1
         if state.bare:
             state.peer = None  # another node may listen there now (a restart, a new key)
-        if state.source not in CONFIGURED and state.failures >= self.drop_after:
+        limit = self.drop_after.get(state.source, 1)
+        if state.source not in CONFIGURED and state.failures >= limit:
             del self.addresses[addr]
             self.dropped.append(addr)
             return
@@ -196,3 +212,36 @@ class DialPlanner:
             if not s.in_flight and s.peer not in skip
         ]
         return min(times) if times else None
+
+
+class ExchangeBook:
+    """Addresses learned by peer exchange that were already handed to the dialer: each is
+    passed on once (the dialer forgets it after a failure), at most `per_source` from one
+    view, and the book itself is bounded (oldest forgotten first)."""
+
+    def __init__(self, per_source: int = 16, capacity: int = 1024) -> None:
+        self.per_source = per_source
+        self.capacity = capacity
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.capped = 0
+
+    def fresh(self, addrs: Iterable[str]) -> list[str]:
+        """The addresses of one view not passed on before, well-formed, at most per_source."""
+        out: list[str] = []
+        for addr in addrs:
+            if addr in self._seen or addr in out:
+                continue
+            try:
+                if peer_in(addr) is None:
+                    continue  # exchange entries always name their peer
+            except PeerAddressError:
+                continue
+            if len(out) >= self.per_source:
+                self.capped += 1
+                continue
+            out.append(addr)
+        for addr in out:
+            self._seen[addr] = None
+            while len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
+        return out

@@ -608,7 +608,7 @@ class Engine:
             # A member that was cut (hung, or its link broke) may come back: keep where it
             # listens among the addresses to dial (forgotten if it keeps failing).
             for addr in self._listen_addrs_of(peer):
-                self.dialer.add(addr, "exchange")
+                self.dialer.add(addr, "returning")
         self.dialer.on_disconnected(peer)
         self.endpoint.remove_peer(peer, self._now())
         self.peers.on_disconnected(peer)

@@ -130,6 +130,7 @@ class TopicRouter(Generic[T]):
             if isinstance(item, Delivered):
                 try:
                     value = self.topic.deserialize(item.payload)
+                    self.topic.check_origin(value, item.origin)
                 except TopicDecodeError as exc:
                     self._router._bad_payload(item.origin, str(exc))
                 else:

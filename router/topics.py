@@ -6,7 +6,8 @@ import enum
 from typing import Any, Generic, TypeVar, cast
 
 import attrs
-import msgpack
+
+from p2p_reliable import schema
 
 T = TypeVar("T")
 
@@ -35,20 +36,23 @@ class TypedTopic(Generic[T]):
     """A named topic whose items are `model_type`.
 
     Items are pydantic models (exo's, through their own JSON methods, with no dependency on
-    pydantic here), attrs classes (msgpack of their fields), or plain `bytes`/`str`.
+    pydantic here), attrs classes (msgpack of their fields, decoded strictly by
+    `p2p_reliable.schema`), or plain `bytes`/`str`.
     """
 
     topic: str
     publish_policy: PublishPolicy
     model_type: type[T]
+    # An item that names its author in this field is accepted from the network only when
+    # the author is the peer that published it (the libp2p peer id it signed with).
+    origin_field: str | None = None
 
     def serialize(self, item: T) -> bytes:
         """The bytes that travel for `item`."""
         if _is_pydantic(self.model_type):
             return cast(str, item.model_dump_json()).encode()  # type: ignore[attr-defined]
         if attrs.has(self.model_type):
-            out: bytes = msgpack.packb(attrs.asdict(item), use_bin_type=True)  # type: ignore[arg-type]
-            return out
+            return schema.encode(item)
         if self.model_type is bytes:
             return cast(bytes, item)
         if self.model_type is str:
@@ -61,10 +65,8 @@ class TypedTopic(Generic[T]):
             if _is_pydantic(self.model_type):
                 return cast(T, self.model_type.model_validate_json(data.decode()))  # type: ignore[attr-defined]
             if attrs.has(self.model_type):
-                fields = msgpack.unpackb(data, raw=False)
-                if not isinstance(fields, dict):
-                    raise TypeError("not a field map")
-                return cast(T, self.model_type(**fields))
+                # Strictly typed, every nested field checked (p2p_reliable.schema).
+                return cast(T, schema.decode(data, self.model_type))
             if self.model_type is bytes:
                 return cast(T, bytes(data))
             if self.model_type is str:
@@ -74,6 +76,17 @@ class TypedTopic(Generic[T]):
                 f"topic {self.topic!r}: bytes are not a {self.model_type.__name__}: {exc}"
             ) from None
         raise TopicDecodeError(f"topic {self.topic!r}: no codec for {self.model_type!r}")
+
+    def check_origin(self, item: T, origin: str) -> None:
+        """Raise TopicDecodeError if `item` claims an author other than `origin`."""
+        if self.origin_field is None:
+            return
+        claimed = getattr(item, self.origin_field, None)
+        if claimed != origin:
+            raise TopicDecodeError(
+                f"topic {self.topic!r}: item claims to come from {claimed!r}, "
+                f"but {origin} published it"
+            )
 
 
 @attrs.frozen

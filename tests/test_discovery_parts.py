@@ -133,7 +133,7 @@ def test_dial_planner_skips_connected_and_in_flight_peers() -> None:
 
 
 def _view(node: str, instance: str, sent: float, dups: list[str] | None = None) -> HealthView:
-    return HealthView(node, instance, "node", [], sent, [], dups or [])
+    return HealthView(node, instance, "node", (), sent, (), tuple(dups or ()))
 
 
 def test_two_live_instances_of_one_id_are_a_duplicate() -> None:
