@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -26,13 +26,11 @@ import multiaddr
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
-from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import encode_uvarint
 
 from discovery.peers import DialPlanner
 from p2p_reliable import (
@@ -48,11 +46,15 @@ from p2p_reliable import (
 )
 
 from .dialer import Dialer
+from .directs import DirectLimits, DirectTransport
 from .faults import FaultConfig, FaultShim
 from .host import build_host, build_pubsub, listen_addrs
 from .liveness import LivenessConfig
 from .membership import Hello, MembershipChange, Role
 from .peerwatch import PeerWatch
+from .penalty import PenaltyBox, PenaltyConfig
+from .ratelog import RateLimitedLog
+from .rejections import RejectionCounter
 
 log = logging.getLogger("p2pr.engine")
 # py-libp2p logs per message when gossipsub queues for peers not on a topic, and its
@@ -62,21 +64,6 @@ for _noisy in ("libp2p.pubsub.gossipsub", "libp2p.network.auto_connector"):
 # Every redial of a peer that is down (a killed node) logs an ERROR there; the dial planner
 # counts failures and backs off, and the health table shows the peer as dead.
 logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
-
-DIRECT_PROTOCOL = TProtocol("/p2pr/direct/1.0.0")
-
-# py-libp2p's cost on a stream is per call, not per byte: every read sends a yamux
-# WINDOW_UPDATE, every yamux frame is at least one Noise message. A yamux frame carries up to
-# 65524 bytes, a Noise message 65519 of plaintext, so a full frame becomes two Noise messages
-# (the second one 17 bytes). Writes of at most WRITE_CHUNK bytes make one frame, one message.
-try:
-    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_PLAINTEXT
-    from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as _YAMUX_HEADER
-except ImportError:  # pragma: no cover - other py-libp2p layouts
-    _NOISE_PLAINTEXT, _YAMUX_HEADER = 65535 - 16, 12
-WRITE_CHUNK = _NOISE_PLAINTEXT - _YAMUX_HEADER
-# Reads take whatever the stream holds, up to this much, and frames are cut from our buffer.
-READ_CHUNK = 4 * 1024 * 1024
 
 
 @attrs.frozen
@@ -96,9 +83,13 @@ class EngineConfig:
     # gossipsub's per-peer outbound queue holds 32 RPCs and silently rejects the rest:
     # we publish only while every queue holds at most this many.
     gossip_queue_high_water: int = 8
-    # Frames waiting for one peer's direct stream. Beyond this they are dropped and counted;
-    # the protocol retransmits them (the stream is stuck or the peer gone anyway).
-    peer_queue_frames: int = 4096
+    # Streams (all protocols, both directions) one peer may have open at once: py-libp2p's
+    # stream limit is global, so one peer must not be able to use it up for everyone.
+    max_streams_per_peer: int = 64
+    # What one peer may make this node hold on its direct streams (router/directs.py).
+    direct: DirectLimits = attrs.field(factory=DirectLimits)
+    # A peer that keeps sending refused input is cut off for a while (router/penalty.py).
+    penalty: PenaltyConfig = attrs.field(factory=PenaltyConfig)
     # New messages enter the protocol only while at most this many bytes wait for libp2p
     # (per topic set, per peer stream): retransmission timers start when a message enters,
     # so a long transport queue would make every timer fire early and flood the network.
@@ -129,22 +120,13 @@ class AppSink(Protocol):
 
 @attrs.define
 class EngineStats:
-    """Transport-level counters (the protocol's own are in Endpoint.stats)."""
+    """Transport-level counters (the protocol's own are in Endpoint.stats, the direct
+    streams' in Engine.directs.stats)."""
 
     published_frames: int = 0
-    direct_frames_sent: int = 0
     frames_received: int = 0
-    peer_queue_drops: int = 0
     stream_errors: int = 0
-    oversized_frames: int = 0
-
-
-@attrs.define
-class _PeerLink:
-    queue: deque[bytes] = attrs.Factory(deque)
-    queued_bytes: int = 0
-    wake: trio.Event = attrs.Factory(trio.Event)
-    running: bool = False
+    peers_cut_off: int = 0
 
 
 class Engine:
@@ -172,10 +154,24 @@ class Engine:
         self.connected: dict[str, str] = {}  # peer -> the address of its connection
         self.dialer = Dialer(self.node_id, config.redial_interval, lambda: self.connected)
         self.peers = PeerWatch(
-            config.liveness, self._own_hello, self._apply_membership, self._liveness_input
+            config.liveness,
+            self._own_hello,
+            self._apply_membership,
+            self._liveness_input,
+            reject=lambda peer, kind: self.reject(peer, kind),
         )
         self.shim = FaultShim(config.faults)
         self.stats = EngineStats()
+        self.rejections = RejectionCounter()
+        self.penalties = PenaltyBox(config.penalty)
+        self._events_log = RateLimitedLog(log)
+        self.directs = DirectTransport(
+            config.direct,
+            config.protocol.max_frame_bytes + 4096,
+            receive=self._receive,
+            drained=self._transport_drained,
+            reject=self.reject,
+        )
         self.addrs: list[str] = []
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -190,7 +186,6 @@ class Engine:
         # say (the sets are replaced whole, so other threads may read them).
         self._subscribers: dict[str, frozenset[str]] = {}
         self._gossip_subscribers: dict[str, set[str]] = {}
-        self._links: dict[str, _PeerLink] = {}
         self._gossip: deque[tuple[str, bytes]] = deque()
         self._gossip_bytes = 0
         self._gossip_wake = trio.Event()
@@ -253,7 +248,7 @@ class Engine:
         return (
             not self._gossip
             and not any(self._blocked.values())
-            and not any(link.queue for link in self._links.values())
+            and self.directs.idle()
             and self.endpoint.unacked() == 0
         )
 
@@ -291,11 +286,11 @@ class Engine:
         host = build_host(self.key_pair, addrs, cfg.psk, cfg.enable_mdns)
         pubsub, gossipsub = build_pubsub(host, self._app_score)
         self._host, self._pubsub = host, pubsub
-        host.set_stream_handler(DIRECT_PROTOCOL, self._on_direct_stream)
         host.get_network().register_notifee(_ConnectionWatch(self))
         async with host.run(addrs), trio.open_nursery() as nursery:
             self._nursery = nursery
             self.peers.start(host, nursery)
+            self.directs.start(host, nursery)
             async with background_trio_service(pubsub), background_trio_service(gossipsub):
                 await pubsub.wait_until_ready()
                 self.addrs = [str(a) for a in host.get_addrs()]
@@ -370,10 +365,8 @@ class Engine:
     def _backlog(self, peer: str | None) -> int:
         if peer is None:
             # Topic frames may also travel on direct streams (bulk unicast).
-            links = (link.queued_bytes for link in self._links.values())
-            return self._gossip_bytes + max(links, default=0)
-        link = self._links.get(peer)
-        return link.queued_bytes if link is not None else 0
+            return self._gossip_bytes + self.directs.max_backlog()
+        return self.directs.backlog(peer)
 
     def _transport_drained(self, peer: str | None) -> None:
         """libp2p took frames: admit messages that waited for transport room."""
@@ -401,20 +394,24 @@ class Engine:
                 if bulk:
                     for peer in bulk:
                         if not self.shim.blocks(peer):
-                            self._queue_direct(peer, tx.data)
+                            self.directs.queue(peer, tx.data)
                     continue
                 self._gossip.append((tx.topic, tx.data))
                 self._gossip_bytes += len(tx.data)
                 self._gossip_wake.set()
             elif tx.peer is not None and not self.shim.blocks(tx.peer):
-                self._queue_direct(tx.peer, tx.data)
+                self.directs.queue(tx.peer, tx.data)
         while (event := self.endpoint.next_event()) is not None:
             if isinstance(event, Delivered):
                 self._post(self.sink.delivered, event)
             elif isinstance(event, WindowOpen):
                 self._retry_blocked(event.peer, event.stream)
-            elif isinstance(event, Gap | Unrecoverable | Rejected):
-                log.warning("%s", event)
+            elif isinstance(event, Rejected):
+                self._rejected_envelope(event)
+                self._post(self.sink.protocol_event, event)
+            elif isinstance(event, Gap | Unrecoverable):
+                peer = event.origin if isinstance(event, Gap) else event.peer
+                self._events_log.warning(peer, type(event).__name__, "%s", event)
                 self._post(self.sink.protocol_event, event)
         self._timer_changed.set()
 
@@ -524,73 +521,44 @@ class Engine:
         self._subscribers[topic] = current
         return True
 
-    # -- direct streams --------------------------------------------------------------------
+    # -- refused input -------------------------------------------------------------------
 
-    def _queue_direct(self, peer: str, data: bytes) -> None:
-        link = self._links.setdefault(peer, _PeerLink())
-        if len(link.queue) >= self.config.peer_queue_frames:
-            self.stats.peer_queue_drops += 1
-            return
-        link.queue.append(data)
-        link.queued_bytes += len(data)
-        link.wake.set()
-        if not link.running:
-            link.running = True
-            self._spawn(self._peer_writer, peer, link)
+    def reject(self, peer: str, kind: str) -> None:
+        """Input of `kind` from `peer` was refused: count it, log it (rate-limited), and cut
+        the peer off if it keeps at it."""
+        total = self.rejections.count(peer, kind)
+        self._events_log.warning(
+            peer, kind, "refused input from %s: %s (%d so far)", peer, kind, total
+        )
+        if self.penalties.bad(peer, self._now()):
+            self._cut_off(
+                peer,
+                f"{kind} and more: over {self.config.penalty.max_bad} refusals in {self.config.penalty.window:g} s",
+            )
 
-    async def _peer_writer(self, peer: str, link: _PeerLink) -> None:
+    def _rejected_envelope(self, event: Rejected) -> None:
+        # The endpoint counted it in the peer's health already; damaged envelopes are what a
+        # bad link does, so only the others count towards cutting a peer off.
+        self._events_log.warning(event.peer, event.reason, "%s", event)
+        if "checksum" not in event.reason and self.penalties.bad(event.peer, self._now()):
+            self._cut_off(event.peer, f"{event.reason} and more")
+
+    def _cut_off(self, peer: str, why: str) -> None:
+        self.stats.peers_cut_off += 1
+        log.warning("cutting off %s for %g s: %s", peer, self.config.penalty.ban, why)
+        self._spawn(self._close_peer, peer)
+
+    async def _close_peer(self, peer: str) -> None:
         assert self._host is not None
-        stream: INetStream | None = None
-        try:
-            while True:
-                while not link.queue:
-                    link.wake = trio.Event()
-                    await link.wake.wait()
-                if stream is None:
-                    stream = await self._host.new_stream(ID.from_base58(peer), [DIRECT_PROTOCOL])
-                # Coalesce whatever is queued, then write it in pieces of one yamux frame and
-                # one Noise message each: py-libp2p's cost is per frame and per message.
-                frames = _take(link.queue, 64)
-                for piece in _pieces(frames, WRITE_CHUNK):
-                    await stream.write(piece)
-                link.queued_bytes -= sum(len(f) for f in frames)
-                self.stats.direct_frames_sent += len(frames)
-                self._transport_drained(peer)
-        except Exception as exc:
-            self.stats.stream_errors += 1
-            self.stats.peer_queue_drops += len(link.queue)
-            link.queue.clear()
-            link.queued_bytes = 0
-            log.info("direct stream to %s ended: %s", peer, exc)
-        finally:
-            link.running = False
-            if stream is not None:
-                with trio.move_on_after(1):
-                    await stream.reset()
-
-    async def _on_direct_stream(self, stream: INetStream) -> None:
-        peer = stream.muxed_conn.peer_id.to_base58()
-        limit = self.config.protocol.max_frame_bytes + 4096
-        buffer = bytearray()
-        try:
-            while True:
-                chunk = await stream.read(READ_CHUNK)
-                if not chunk:
-                    return
-                buffer += chunk
-                # One read usually brings several frames (or the rest of a large one).
-                used = 0
-                while (frame := _cut_frame(buffer, used, limit)) is not None:
-                    data, used = frame
-                    self._receive(data, peer)
-                if used:
-                    del buffer[:used]
-        except Exception as exc:
-            log.debug("direct stream from %s closed: %s", peer, exc)
+        with trio.move_on_after(2):
+            await self._host.get_network().close_peer(ID.from_base58(peer))
 
     # -- peers -----------------------------------------------------------------------------
 
     def _peer_connected(self, peer: str, address: str | None) -> None:
+        if self.penalties.banned(peer, self._now()):
+            self._spawn(self._close_peer, peer)  # still cut off: it may not come back yet
+            return
         first = peer not in self.connected
         self.connected[peer] = self.connected.get(peer) or address or "?"
         if first:
@@ -610,6 +578,7 @@ class Engine:
             for addr in self._listen_addrs_of(peer):
                 self.dialer.add(addr, "returning")
         self.dialer.on_disconnected(peer)
+        self.directs.forget(peer)
         self.endpoint.remove_peer(peer, self._now())
         self.peers.on_disconnected(peer)
         self._flush()
@@ -694,67 +663,6 @@ class Engine:
         return out
 
 
-def _take(queue: deque[bytes], n: int) -> list[bytes]:
-    return [queue.popleft() for _ in range(min(n, len(queue)))]
-
-
-def _pieces(frames: list[bytes], size: int) -> Iterator[bytes]:
-    """The varint-prefixed frames back to back, cut into pieces of at most `size` bytes.
-
-    Every byte is copied once, into its piece: no joined buffer of all the frames (megabytes,
-    a fresh allocation each time) is built first.
-    """
-    parts: list[memoryview] = []
-    room = size
-    for frame in frames:
-        for part in (encode_uvarint(len(frame)), frame):
-            view = memoryview(part)
-            while view:
-                take = view[:room]
-                parts.append(take)
-                room -= len(take)
-                view = view[len(take) :]
-                if not room:
-                    yield b"".join(parts)
-                    parts, room = [], size
-    if parts:
-        yield b"".join(parts)
-
-
-class FrameTooLarge(ValueError):
-    """A direct-stream frame announced more bytes than any valid frame has."""
-
-
-def _cut_frame(buffer: bytearray, pos: int, limit: int) -> tuple[bytes, int] | None:
-    """The varint-prefixed frame at `pos` and the position after it, or None if incomplete.
-
-    Raises FrameTooLarge (or ValueError for a varint over 64 bits) as soon as the prefix
-    says so, before any of the body is awaited.
-    """
-    length = 0
-    shift = 0
-    index = pos
-    end = len(buffer)
-    while True:
-        if index >= end:
-            return None
-        byte = buffer[index]
-        index += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift >= 64:
-            raise ValueError("varint frame length over 64 bits")
-    if length > limit:
-        raise FrameTooLarge(f"frame of {length} bytes exceeds {limit}")
-    stop = index + length
-    if stop > end:
-        return None
-    with memoryview(buffer) as view, view[index:stop] as body:
-        return bytes(body), stop
-
-
 class _ConnectionWatch(INotifee):
     """Turns libp2p connection notifications into engine calls."""
 
@@ -762,6 +670,16 @@ class _ConnectionWatch(INotifee):
         self.engine = engine
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        # Counted from the connections' own stream sets, so the count cannot drift.
+        peer = stream.muxed_conn.peer_id
+        streams = sum(len(conn.get_streams()) for conn in network.get_connections(peer))
+        if streams > self.engine.config.max_streams_per_peer:
+            self.engine.reject(peer.to_base58(), "too many streams")
+            with trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
         await trio.lowlevel.checkpoint()
 
     async def closed_stream(self, network: INetwork, stream: INetStream) -> None:

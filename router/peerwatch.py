@@ -46,12 +46,14 @@ class PeerWatch:
         own_hello: Callable[[], Hello],
         apply: Callable[[MembershipChange], None],
         liveness_input: Callable[[], tuple[dict[str, float | None], set[str]]],
+        reject: Callable[[str, str], None],
     ) -> None:
         self.membership = Membership()
         self.hangs = HangDetector(liveness)
         self._own_hello = own_hello
         self._apply = apply
         self._liveness_input = liveness_input
+        self._reject = reject
         self._host: IHost | None = None
         self._nursery: trio.Nursery | None = None
         self._connected: set[str] = set()
@@ -122,7 +124,8 @@ class PeerWatch:
             hello = Hello.decode(data)
         except (HelloError, ValueError, trio.TooSlowError) as exc:
             self.bad_hellos += 1
-            self._log.warning(peer, "bad hello", "bad hello from %s: %s", peer, exc)
+            self._reject(peer, "bad hello")
+            log.debug("bad hello from %s: %s", peer, exc)
             await stream.reset()
             return
         except Exception as exc:

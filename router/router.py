@@ -282,6 +282,16 @@ class Router:
         engine = self._running_engine()
         return await self.query(engine.health_view)
 
+    async def rejections(self) -> dict[tuple[str, str], int]:
+        """Input refused above the protocol, per (peer, kind): payloads of the wrong type,
+        bad hellos, oversized or malformed direct-stream frames, exhausted limits. (The
+        protocol's own rejections are in each peer's health row.)"""
+        engine = self._running_engine()
+        counts = await self.query(engine.rejections.copy)
+        for peer, count in self.bad_payloads.items():
+            counts[(peer, "bad payload")] = counts.get((peer, "bad payload"), 0) + count
+        return counts
+
     async def health_states(self) -> dict[str, str]:
         """Every known peer's state name (ALIVE, SUSPECT, DEAD, UNKNOWN): a cheap poll."""
         engine = self._running_engine()

@@ -123,7 +123,7 @@ def test_fault_shim_statistics_match_its_config() -> None:
 def test_direct_stream_frames_are_cut_from_a_buffer() -> None:
     from libp2p.utils.varint import encode_varint_prefixed
 
-    from router.engine import FrameTooLarge, _cut_frame, _pieces
+    from router.directs import FrameTooLarge, _cut_frame, _pieces
 
     frames = [b"", b"a", bytes(range(256)) * 600, b"z" * 127, b"y" * 128]
     wire = bytearray(b"".join(encode_varint_prefixed(f) for f in frames))
