@@ -54,4 +54,4 @@ async def serve_asgi(
         from hypercorn.asyncio import serve  # type: ignore[assignment]
     sock.detach()  # hypercorn owns the file descriptor from here on
     task_status.started()
-    await serve(app, config, mode="asgi")  # type: ignore[arg-type]
+    await serve(app, config, mode="asgi")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import IO
 
@@ -64,13 +65,27 @@ def load_identity(path: str | os.PathLike[str] = DEFAULT_IDENTITY) -> NodeIdenti
     """Load the identity at `path`, creating it on first use; hold its lock while we run.
 
     Creation is atomic (temp file + rename under the lock), so two nodes starting at once
-    cannot both create a key. A corrupt file is an error, never silently replaced: the id is
-    what the rest of the cluster knows this node by.
+    cannot both create a key, and the key is never readable by others, not even for a
+    moment (the file is created with mode 0600). A corrupt file is an error, never silently
+    replaced: the id is what the rest of the cluster knows this node by. As ssh does with
+    its keys, a key file that others can read is refused. Every problem with the file is an
+    IdentityError with a message that says what to do.
     """
     key_path = Path(path).expanduser()
+    try:
+        return _load_locked(key_path)
+    except IdentityError:
+        raise
+    except OSError as exc:
+        raise IdentityError(f"identity file {key_path}: {exc.strerror or exc}") from None
+
+
+def _load_locked(key_path: Path) -> NodeIdentity:
+    if key_path.is_dir():
+        raise IdentityError(f"identity file {key_path} is a directory; give a file path")
     key_path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = key_path.with_name(key_path.name + ".lock")
-    lock = open(lock_path, "a+b")
+    lock = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "a+b")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -104,6 +119,14 @@ def key_pair_from_bytes(data: bytes) -> KeyPair:
 
 def _read_or_create(key_path: Path) -> KeyPair:
     if key_path.exists():
+        if not key_path.is_file():
+            raise IdentityError(f"identity file {key_path} is not a regular file")
+        mode = stat.S_IMODE(key_path.stat().st_mode)
+        if mode & 0o077:
+            raise IdentityError(
+                f"identity file {key_path} is readable by others (mode {mode:04o}): "
+                f"anyone who reads it can act as this node; run `chmod 600 {key_path}`"
+            )
         try:
             return key_pair_from_bytes(key_path.read_bytes())
         except ValueError as exc:
@@ -112,10 +135,12 @@ def _read_or_create(key_path: Path) -> KeyPair:
             ) from None
     key_pair = create_new_key_pair()
     tmp = key_path.with_name(key_path.name + ".tmp")
-    with open(tmp, "wb") as out:
+    # Created 0600, whatever the umask: the key is never readable by others on disk.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)
         out.write(key_pair.private_key.to_bytes())
         out.flush()
         os.fsync(out.fileno())
-    os.chmod(tmp, 0o600)
     os.replace(tmp, key_path)
     return key_pair

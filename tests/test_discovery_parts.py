@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,52 @@ def test_identity_is_created_once_and_reused(tmp_path: Path) -> None:
 def test_corrupt_identity_is_an_error_not_a_new_id(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     path.write_bytes(b"not a key")
+    path.chmod(0o600)
     with pytest.raises(IdentityError, match="not an ed25519 secret key"):
         load_identity(path)
     assert path.read_bytes() == b"not a key"
+
+
+def test_identity_file_is_private_from_birth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real_replace = os.replace
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        seen.append(os.stat(src).st_mode & 0o777)  # the key, written, before its rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    old_umask = os.umask(0)  # the most permissive umask there is
+    try:
+        load_identity(tmp_path / "node.key").release()
+    finally:
+        os.umask(old_umask)
+    assert seen == [0o600]
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_identity_file_problems_are_identity_errors(tmp_path: Path) -> None:
+    shared = tmp_path / "shared.key"
+    load_identity(shared).release()
+    shared.chmod(0o644)
+    with pytest.raises(IdentityError, match="readable by others"):
+        load_identity(shared)
+    (tmp_path / "dir.key").mkdir()
+    with pytest.raises(IdentityError, match="is a directory"):
+        load_identity(tmp_path / "dir.key")
+    locked_dir = tmp_path / "locked"
+    locked_dir.mkdir()
+    (locked_dir / "node.key").write_bytes(b"x")
+    (locked_dir / "node.key").chmod(0o600)
+    locked_dir.chmod(0o500)
+    try:
+        if os.geteuid() != 0:  # root can write anywhere
+            with pytest.raises(IdentityError):
+                load_identity(locked_dir / "node.key")
+    finally:
+        locked_dir.chmod(0o700)
 
 
 def _race(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
