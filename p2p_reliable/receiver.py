@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Protocol
 
 from .config import ProtocolConfig
-from .control import AckInfo, encode_ack, encode_ranges
+from .control import AckInfo, SyncInfo, encode_ack, encode_ranges
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Delivered, Event, Gap
 from .fragment import MessageCodec, ReassemblyError
@@ -15,6 +16,9 @@ from .rangeset import RangeSet
 from .stats import EndpointStats
 
 _MAX_KNOWN_MARKS = 64
+NOT_REPAIRED = "publisher could not repair"
+EVICTED = "fell out of the publisher's retention before it learned of this subscriber"
+TIMED_OUT = "not repaired within gap_timeout (publisher unreachable)"
 
 
 class ReceiverHost(Protocol):
@@ -37,6 +41,13 @@ class StreamReceiver:
     Until the receiver knows where its stream starts (it saw seq 0 or a SYNC) it only
     buffers. Holes are NACKed after `nack_delay` with exponential backoff; a hole the publisher
     declares lost (GAP) or that outlives `gap_timeout` becomes a Gap event and delivery moves on.
+
+    Join semantics: the receiver is owed every message published after `owed_since` (when
+    both its subscription and its connection to the publisher existed). A SYNC names the
+    oldest message the publisher still holds and marks what fell out of its retention below
+    it; of that, whatever may have been published after `owed_since` is reported as a Gap, the
+    rest was never owed and is skipped silently. Nothing below `resume` (delivered by an
+    earlier receiver of the same stream and epoch) is delivered again.
     """
 
     def __init__(
@@ -48,6 +59,8 @@ class StreamReceiver:
         epoch: int,
         direct: bool,
         now: float,
+        owed_since: float = -math.inf,
+        resume: int = 0,
     ) -> None:
         self.host = host
         self.origin = origin
@@ -59,12 +72,18 @@ class StreamReceiver:
         self.created = now
         self.high_water = 0
         self.consumed = 0  # flow control: what the application has taken, as a seq
+        self.owed_since = owed_since
+        self._resume = resume
         self._advertised = 0
         self._buffer: dict[int, Envelope] = {}
         self._held = RangeSet()
         self._buffered_bytes = 0
         self._abandoned = RangeSet()
-        self._expired = RangeSet()  # the part of _abandoned we gave up ourselves (timeout)
+        # Parts of _abandoned by why: we gave up ourselves (timeout); evicted by the publisher
+        # while owed to us; evicted but published before we were owed it (skipped silently).
+        self._expired = RangeSet()
+        self._evicted = RangeSet()
+        self._unowed = RangeSet()
         self._nacked = RangeSet()
         self._known: deque[tuple[float, int]] = deque()
         self._ack_pending = 0
@@ -103,21 +122,48 @@ class StreamReceiver:
         self._deliver(now)
         self._arm_nack(now)
 
-    def on_sync(self, start: int, now: float) -> None:
-        """The publisher says our part of the stream starts at `start`."""
+    def on_sync(self, start: int, sync: SyncInfo | None, now: float) -> None:
+        """The publisher holds the stream from `start` on; `sync` marks what it evicted below.
+
+        Without `sync` (a peer that keeps no history) `start` is where our part begins.
+        """
+        owed = self._owed_from(start, sync, now)
         if not self.synced:
-            self._sync(start)
+            base = max(owed, self._resume)
+            self._sync(base)
+            self._lose(self._held.missing(base, start), self._evicted)
+        elif start > self.next and sync is None:
+            self._lose(self._held.missing(self.next, start), None)
         elif start > self.next:
-            # It cannot repair what lies below `start`: deliver what we hold, give up the rest.
-            self._abandon(self._held.missing(self.next, start))
+            # It cannot repair what lies below `start`: deliver what we hold; of the rest,
+            # report what we were owed and skip what was published before.
+            cut = min(max(owed, self.next), start)
+            self._lose(self._held.missing(self.next, cut), self._unowed)
+            self._lose(self._held.missing(cut, start), self._evicted)
         self._learn(start, now)
+        if sync is not None:
+            self._learn(sync.next_seq, now)
+        # Tell the publisher at once where we are: it keeps retained messages for us until then.
+        self._schedule_ack(now, immediate=True)
         self._deliver(now)
         self._arm_nack(now)
+
+    def _owed_from(self, start: int, sync: SyncInfo | None, now: float) -> int:
+        """The first evicted seq that may have been published after `owed_since`, or `start`."""
+        if sync is None:
+            return start
+        horizon_us = (now - self.owed_since) * 1e6
+        # Ages were taken when the SYNC was encoded: transit makes them look younger (more
+        # owed), never older, and they only decrease along the marks.
+        for mark in sync.marks:
+            if mark.age_us < horizon_us:
+                return mark.seq
+        return start
 
     def on_gap(self, ranges: RangeSet, now: float) -> None:
         """The publisher declares these sequence numbers lost."""
         for r in ranges:
-            self._abandon(self._held.missing(max(r.start, self.next), r.stop))
+            self._lose(self._held.missing(max(r.start, self.next), r.stop), None)
         self._deliver(now)
         self._arm_nack(now)
 
@@ -163,6 +209,7 @@ class StreamReceiver:
     # -- delivery --------------------------------------------------------------------------
 
     def _sync(self, start: int) -> None:
+        start = max(start, self._resume)
         self.synced = True
         self.next = start
         self.consumed = start
@@ -175,13 +222,11 @@ class StreamReceiver:
             if env is None:
                 if self.next not in self._abandoned:
                     return
-                run = next(r for r in self._abandoned if self.next in r)
-                held_after = [r.start for r in self._held if r.start > self.next]
-                stop = min([run.stop, *held_after])
-                if self.next in self._expired:
-                    self._gap(stop, "not repaired within gap_timeout (publisher unreachable)")
+                stop, reason = self._lost_run()
+                if reason is None:
+                    self._advance(stop)
                 else:
-                    self._gap(stop, "publisher could not repair")
+                    self._gap(stop, reason)
                 continue
             count = env.frag_count
             if env.kind == Kind.FRAGMENT and env.frag_index != 0:
@@ -225,17 +270,39 @@ class StreamReceiver:
                 Delivered(self.origin, self.stream, seq, payload, self.direct, end=span.stop)
             )
 
-    def _gap(self, stop: int, reason: str) -> None:
+    def _lost_run(self) -> tuple[int, str | None]:
+        """Where the lost run at `next` ends and why it was lost (None: it was never owed)."""
+        stop = next(r.stop for r in self._abandoned if self.next in r)
+        stop = min([stop, *(r.start for r in self._held if r.start > self.next)])
+        reason: str | None = NOT_REPAIRED
+        found = False
+        for why, ranges in (
+            (None, self._unowed),
+            (EVICTED, self._evicted),
+            (TIMED_OUT, self._expired),
+        ):
+            for r in ranges:
+                if self.next in r and not found:
+                    found, reason, stop = True, why, min(stop, r.stop)
+                elif r.start > self.next:
+                    stop = min(stop, r.start)
+        return stop, reason
+
+    def _advance(self, stop: int) -> None:
         start = self.next
         # Below the delivery point nothing is asked for again: keep these sets small.
-        self._expired.subtract(0, stop)
-        self._abandoned.subtract(0, stop)
+        for ranges in (self._abandoned, self._expired, self._evicted, self._unowed):
+            ranges.subtract(0, stop)
         for seq in [s for s in self._buffer if start <= s < stop]:
             self._drop(seq)
         self.next = stop
         if self.consumed == start:
             # Nothing of a lost range waits for the application.
             self.consumed = stop
+
+    def _gap(self, stop: int, reason: str) -> None:
+        start = self.next
+        self._advance(stop)
         self.host.stats.gaps += 1
         self.host.stats.gap_seqs += stop - start
         self.host.emit(Gap(self.origin, self.stream, start, stop, reason, self.direct))
@@ -245,9 +312,11 @@ class StreamReceiver:
         self._held.subtract(seq, seq + 1)
         self._buffered_bytes -= len(env.payload)
 
-    def _abandon(self, ranges: RangeSet) -> None:
+    def _lose(self, ranges: RangeSet, why: RangeSet | None) -> None:
         for r in ranges:
             self._abandoned.add(r.start, r.stop)
+            if why is not None:
+                why.add(r.start, r.stop)
 
     # -- holes -----------------------------------------------------------------------------
 
@@ -285,10 +354,7 @@ class StreamReceiver:
         if not self.synced:
             # No SYNC ever came: start from 0 and count everything before what we hold as lost.
             self._sync(0)
-        expired = self._held.missing(self.next, limit)
-        for r in expired:
-            self._expired.add(r.start, r.stop)
-        self._abandon(expired)
+        self._lose(self._held.missing(self.next, limit), self._expired)
         self._deliver(now)
         self._arm_nack(now)
 

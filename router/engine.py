@@ -443,7 +443,7 @@ class Engine:
         if topic in self._topics:
             return
         self._topics.add(topic)
-        self.endpoint.subscribe(topic)
+        self.endpoint.subscribe(topic, self._now())
         subscription = await self._pubsub.subscribe(topic)
         own = self.peer_id.to_bytes()
         # Drain at once, always: py-libp2p's subscription channel holds 32 messages and
