@@ -37,6 +37,7 @@ from .sender import StreamSender, WindowFull
 from .stats import EndpointStats
 
 _InboundKey = tuple[str, str, bool]  # (origin, stream, direct)
+_ResumePoint = tuple[int, int]  # (epoch, next seq) of an unsubscribed stream
 DUPLICATE_WINDOW = 3.0
 # Delivery points of unsubscribed streams, so that a re-subscription delivers nothing twice.
 MAX_RESUME_POINTS = 1024
@@ -85,9 +86,7 @@ class Endpoint:
         self._rtt: dict[str, RttEstimator] = {}
         self._peers: dict[str, float] = {}  # peer -> when the connection came up
         self._subscriptions: dict[str, float] = {}  # topic -> when we subscribed
-        self._resume: dict[
-            tuple[str, str], tuple[int, int]
-        ] = {}  # (origin, topic) -> (epoch, next)
+        self._resume: dict[tuple[str, str], _ResumePoint] = {}  # by (origin, topic)
         self._subscribers: dict[str, set[str]] = {}
         self._topics: dict[str, StreamSender] = {}
         self._directs: dict[tuple[str, str], StreamSender] = {}
@@ -133,8 +132,9 @@ class Endpoint:
     def subscribe(self, topic: str, now: float | None = None) -> None:
         """Accept messages published on `topic`: every one published after `now` is owed to us.
 
-        Without `now` every message a publisher let go before it learned of us is reported as
-        a Gap (nothing is known to predate the subscription).
+        A publisher's messages are owed from the later of `now` and our connection to it
+        (add_peer). Without `now` that is the connection alone: a publisher that learns of us
+        late then reports as lost whatever it let go since the connection.
         """
         self._subscriptions.setdefault(topic, -math.inf if now is None else now)
 

@@ -12,13 +12,11 @@ from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Delivered, Event, Gap
 from .fragment import MessageCodec, ReassemblyError
 from .health import PeerHealth
+from .losses import EVICTED, NOT_OWED, NOT_REPAIRED, TIMED_OUT, Losses
 from .rangeset import RangeSet
 from .stats import EndpointStats
 
 _MAX_KNOWN_MARKS = 64
-NOT_REPAIRED = "publisher could not repair"
-EVICTED = "fell out of the publisher's retention before it learned of this subscriber"
-TIMED_OUT = "not repaired within gap_timeout (publisher unreachable)"
 
 
 class ReceiverHost(Protocol):
@@ -78,12 +76,7 @@ class StreamReceiver:
         self._buffer: dict[int, Envelope] = {}
         self._held = RangeSet()
         self._buffered_bytes = 0
-        self._abandoned = RangeSet()
-        # Parts of _abandoned by why: we gave up ourselves (timeout); evicted by the publisher
-        # while owed to us; evicted but published before we were owed it (skipped silently).
-        self._expired = RangeSet()
-        self._evicted = RangeSet()
-        self._unowed = RangeSet()
+        self._lost = Losses()
         self._nacked = RangeSet()
         self._known: deque[tuple[float, int]] = deque()
         self._ack_pending = 0
@@ -131,15 +124,15 @@ class StreamReceiver:
         if not self.synced:
             base = max(owed, self._resume)
             self._sync(base)
-            self._lose(self._held.missing(base, start), self._evicted)
+            self._lost.add(self._held.missing(base, start), EVICTED)
         elif start > self.next and sync is None:
-            self._lose(self._held.missing(self.next, start), None)
+            self._lost.add(self._held.missing(self.next, start), NOT_REPAIRED)
         elif start > self.next:
             # It cannot repair what lies below `start`: deliver what we hold; of the rest,
             # report what we were owed and skip what was published before.
             cut = min(max(owed, self.next), start)
-            self._lose(self._held.missing(self.next, cut), self._unowed)
-            self._lose(self._held.missing(cut, start), self._evicted)
+            self._lost.add(self._held.missing(self.next, cut), NOT_OWED)
+            self._lost.add(self._held.missing(cut, start), EVICTED)
         self._learn(start, now)
         if sync is not None:
             self._learn(sync.next_seq, now)
@@ -163,7 +156,7 @@ class StreamReceiver:
     def on_gap(self, ranges: RangeSet, now: float) -> None:
         """The publisher declares these sequence numbers lost."""
         for r in ranges:
-            self._lose(self._held.missing(max(r.start, self.next), r.stop), None)
+            self._lost.add(self._held.missing(max(r.start, self.next), r.stop), NOT_REPAIRED)
         self._deliver(now)
         self._arm_nack(now)
 
@@ -220,9 +213,9 @@ class StreamReceiver:
         while self.synced:
             env = self._buffer.get(self.next)
             if env is None:
-                if self.next not in self._abandoned:
+                if self.next not in self._lost:
                     return
-                stop, reason = self._lost_run()
+                stop, reason = self._lost.run_at(self.next, self._held)
                 if reason is None:
                     self._advance(stop)
                 else:
@@ -236,7 +229,7 @@ class StreamReceiver:
                 self._gap(self.next + 1, f"message of {count} fragments exceeds the size limit")
                 continue
             span = range(self.next, self.next + count)
-            if self._abandoned.missing(span.start, span.stop).count() < count:
+            if self._lost.all.missing(span.start, span.stop).count() < count:
                 missing = self._held.missing(span.start, span.stop)
                 if missing:
                     # Part of the message is lost for good: the rest is useless.
@@ -270,29 +263,10 @@ class StreamReceiver:
                 Delivered(self.origin, self.stream, seq, payload, self.direct, end=span.stop)
             )
 
-    def _lost_run(self) -> tuple[int, str | None]:
-        """Where the lost run at `next` ends and why it was lost (None: it was never owed)."""
-        stop = next(r.stop for r in self._abandoned if self.next in r)
-        stop = min([stop, *(r.start for r in self._held if r.start > self.next)])
-        reason: str | None = NOT_REPAIRED
-        found = False
-        for why, ranges in (
-            (None, self._unowed),
-            (EVICTED, self._evicted),
-            (TIMED_OUT, self._expired),
-        ):
-            for r in ranges:
-                if self.next in r and not found:
-                    found, reason, stop = True, why, min(stop, r.stop)
-                elif r.start > self.next:
-                    stop = min(stop, r.start)
-        return stop, reason
-
     def _advance(self, stop: int) -> None:
         start = self.next
         # Below the delivery point nothing is asked for again: keep these sets small.
-        for ranges in (self._abandoned, self._expired, self._evicted, self._unowed):
-            ranges.subtract(0, stop)
+        self._lost.forget_below(stop)
         for seq in [s for s in self._buffer if start <= s < stop]:
             self._drop(seq)
         self.next = stop
@@ -312,12 +286,6 @@ class StreamReceiver:
         self._held.subtract(seq, seq + 1)
         self._buffered_bytes -= len(env.payload)
 
-    def _lose(self, ranges: RangeSet, why: RangeSet | None) -> None:
-        for r in ranges:
-            self._abandoned.add(r.start, r.stop)
-            if why is not None:
-                why.add(r.start, r.stop)
-
     # -- holes -----------------------------------------------------------------------------
 
     def _learn(self, high_water: int, now: float) -> None:
@@ -334,7 +302,7 @@ class StreamReceiver:
             low = min(self._buffer, default=self.high_water)
             return RangeSet([range(0, low)]) if low > 0 else RangeSet()
         missing = self._held.missing(self.next, self.high_water)
-        for r in self._abandoned:
+        for r in self._lost.all:
             missing.subtract(r.start, r.stop)
         return missing
 
@@ -354,7 +322,7 @@ class StreamReceiver:
         if not self.synced:
             # No SYNC ever came: start from 0 and count everything before what we hold as lost.
             self._sync(0)
-        self._lose(self._held.missing(self.next, limit), self._expired)
+        self._lost.add(self._held.missing(self.next, limit), TIMED_OUT)
         self._deliver(now)
         self._arm_nack(now)
 

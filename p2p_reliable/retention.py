@@ -116,9 +116,10 @@ class MessageLog:
     """Messages in sequence order: a retained prefix that nobody waits for, then the rest.
 
     Only the settled prefix (before the first message some receiver still waits for) counts as
-    retained and is bounded by `limits` (and the shared `budget`); from the first owed message
-    on, the per-receiver windows bound the log. Eviction is from the head only, so evicted
-    sequence numbers are exactly those below `floor`.
+    retained and is bounded by `limits` (and the shared `budget`). From the first owed message
+    on, the log holds what receivers wait for (their windows bound it) and what follows until
+    that message is acked or given up (the retry span bounds that). Eviction is from the head
+    only, so the evicted sequence numbers are exactly those below `floor`.
     """
 
     def __init__(self, limits: RetentionLimits, budget: RetentionBudget | None = None) -> None:
@@ -207,5 +208,6 @@ class MessageLog:
         self.retained_messages -= 1
         self.retained_bytes -= msg.size
         if self.budget is not None:
+            # Only topic logs (those in a budget) answer late joiners: direct ones never SYNC.
             self.budget.bytes -= msg.size
-        self.history.note(msg.start, msg.published)
+            self.history.note(msg.start, msg.published)

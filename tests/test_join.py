@@ -21,7 +21,7 @@ from p2p_reliable.control import (
 )
 from p2p_reliable.endpoint import Endpoint
 from p2p_reliable.envelope import Envelope, Kind, encode
-from p2p_reliable.receiver import EVICTED, NOT_REPAIRED
+from p2p_reliable.losses import EVICTED, NOT_REPAIRED
 from p2p_reliable.retention import EvictionHistory
 from p2p_reliable.testing import LinkFaults, SimNetwork
 
@@ -93,7 +93,7 @@ def test_sync_without_payload_has_no_history() -> None:
         msgpack.packb([9, [[2, 9], [1, 5]]]),  # seqs going down
         msgpack.packb([9, [[1, 9], [1, 5]]]),  # a repeated seq
         msgpack.packb([9, [[1, 5], [2, 9]]]),  # ages going up
-        ],
+    ],
 )
 def test_malformed_sync_payload_is_refused(payload: bytes) -> None:
     with pytest.raises(DecodeError):
