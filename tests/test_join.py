@@ -38,7 +38,7 @@ JOIN = ProtocolConfig(
     retain_seconds=RETAIN,
 )
 SETTINGS = settings(
-    max_examples=100,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
