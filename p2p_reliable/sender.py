@@ -82,8 +82,8 @@ class StreamSender:
     Every fragment gets the next sequence number. Each receiver has its own window, retry
     timers and ack state. A direct message leaves the log once its receiver has it; a topic
     message stays `retain_seconds` longer (within the retention bounds) so that a subscriber
-    learned of late starts at the oldest retained message and loses nothing published after
-    it subscribed. Topic receivers that exhaust their retries are marked failed so that one
+    learned of late starts at the oldest retained message: learned of within that time, it
+    loses nothing published after it subscribed. Topic receivers that exhaust their retries are marked failed so that one
     dead subscriber cannot stall the stream; they are revived by any sign of life.
     """
 
@@ -257,11 +257,13 @@ class StreamSender:
                 if budget < 0:
                     break
                 frag = self.log.fragment(seq)
-                if seq < rcv.start or (frag is None and self.dest is None):
+                if seq in rcv.abandoned:
+                    lost.add(seq)
+                elif seq < rcv.start or (frag is None and self.dest is None):
                     # Fell out of retention: the SYNC's marks let the receiver tell whether
                     # it was published before its subscription or is lost to it.
                     need_sync = True
-                elif seq in rcv.abandoned or frag is None:
+                elif frag is None:
                     lost.add(seq)
                 elif seq in rcv.unacked:
                     flight = rcv.unacked[seq]

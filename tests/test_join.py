@@ -234,6 +234,10 @@ class JoinCase:
     gossip_early: bool  # whether C hears the topic before the publisher knows of it
 
 
+def _payload(i: int) -> bytes:
+    return b"m%d:" % i + bytes(i * 37 % 700)  # 0-3 fragments
+
+
 def _run_join(case: JoinCase, config: ProtocolConfig) -> tuple[SimNetwork, float, list[int]]:
     """A publishes on TOPIC to B, C subscribes at `subscribed` and A learns of it late.
 
@@ -247,7 +251,7 @@ def _run_join(case: JoinCase, config: ProtocolConfig) -> tuple[SimNetwork, float
     subscribed = case.before * case.spacing + 0.01
     for i in range(case.before + case.after):
         when = i * case.spacing + (0.02 if i >= case.before else 0.0)
-        net.at(when, lambda i=i: net.publish("A", TOPIC, b"m%d" % i + bytes(i * 37 % 700)))
+        net.at(when, lambda i=i: net.publish("A", TOPIC, _payload(i)))
     net.at(subscribed, lambda: net.subscribe("C", TOPIC, learned_after=case.learned_after))
     if not case.gossip_early:
         net.partition("A", "C", subscribed, subscribed + case.learned_after, one_way=True)
@@ -274,14 +278,14 @@ def _run_join(case: JoinCase, config: ProtocolConfig) -> tuple[SimNetwork, float
 def _check_order_and_payloads(net: SimNetwork) -> tuple[set[int], set[int]]:
     """C's events follow the stream in order, each seq once; returns (delivered, in a Gap)."""
     a, c = net.nodes["A"], net.nodes["C"]
-    payloads = {seq: b"m%d" % i for i, (_, _, _, seq) in enumerate(a.published)}
+    payloads = {seq: _payload(i) for i, (_, _, _, seq) in enumerate(a.published)}
     delivered: set[int] = set()
     gapped: set[int] = set()
     position = -1
     for event in c.events:
         if isinstance(event, Delivered):
             assert event.seq > position
-            assert event.payload.startswith(payloads[event.seq])
+            assert event.payload == payloads[event.seq]
             delivered.add(event.seq)
             position = event.end - 1
         elif isinstance(event, Gap):
