@@ -23,9 +23,19 @@ class ProtocolConfig:
     # About the bandwidth-delay product of a LAN link as py-libp2p drives it (~60 MB/s x
     # ~50 ms): more in flight only queues, and inflated queueing delay makes timers fire early.
     window_bytes: int = 4 * MiB
-    # Messages acked by everyone are kept this long (count/bytes) to repair late joiners.
-    retain_messages: int = 64
-    retain_bytes: int = 16 * MiB
+    # Join semantics: a topic message stays retained retain_seconds after publication, even
+    # once every receiver has it, so a subscriber the publisher learns of late (the router
+    # polls gossipsub every 50 ms, seconds under load) still gets everything published since it
+    # subscribed. 10 s covers that delay with a wide margin and lets memory turn over quickly.
+    retain_seconds: float = 10.0
+    # Per topic stream. 8 MiB is seconds of control traffic (bulk data goes on direct streams,
+    # which retain nothing); 4096 small messages are one receive_window and half the reorder
+    # window, so a late joiner can buffer all it must repair. Past either bound, or past
+    # retain_total_bytes over all topics, the oldest go early, and a late joiner that was owed
+    # them gets a Gap. Messages some receiver still waits for are never evicted.
+    retain_messages: int = 4096
+    retain_bytes: int = 8 * MiB
+    retain_total_bytes: int = 64 * MiB
     # py-libp2p drops RPCs over 1 MiB on the receiving side: stay well under it.
     max_fragment_payload: int = 512 * KiB
     max_message_size: int = 128 * MiB
@@ -61,6 +71,10 @@ class ProtocolConfig:
             self.heartbeat_interval <= 0
         ):
             problems.append("window_messages, ack_every and heartbeat_interval must be positive")
+        if min(self.retain_seconds, self.retain_messages, self.retain_bytes) < 0 or (
+            self.retain_total_bytes < 0
+        ):
+            problems.append("retention bounds must not be negative")
         if self.gap_timeout is not None and self.gap_timeout <= self.retry.max_span():
             problems.append("gap_timeout must exceed retry.max_span()")
         if problems:

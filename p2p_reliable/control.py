@@ -1,4 +1,4 @@
-"""Payloads of the control envelopes (ACK, NACK, GAP, HEARTBEAT) and their strict parsers."""
+"""Payloads of the control envelopes (ACK, NACK, GAP, HEARTBEAT, SYNC) and their strict parsers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .rangeset import RangeSet
 
 MAX_RANGES = 64
 MAX_HEARTBEAT_STREAMS = 256
+MAX_EVICTION_MARKS = 32  # bounds a SYNC to well under 1 KiB
 _U64 = 1 << 64
 _MAX_MARK = MAX_SEQ + MAX_FRAGMENTS + 1  # the largest range end a valid stream produces
 
@@ -35,6 +36,25 @@ class StreamMark:
     epoch: int
     next_seq: int
     limit: int  # the flow-control limit the publisher holds for the heartbeat's recipient
+
+
+@attrs.frozen
+class EvictionMark:
+    """A run of messages that fell out of a publisher's retention, from `seq` to the next mark.
+
+    `age_us`: microseconds between the newest publication in the run and the SYNC's encoding.
+    """
+
+    seq: int
+    age_us: int
+
+
+@attrs.frozen
+class SyncInfo:
+    """The payload of a SYNC, whose envelope seq is the oldest message the publisher holds."""
+
+    next_seq: int  # the publisher's high-water mark: the receiver can NACK up to it at once
+    marks: tuple[EvictionMark, ...]  # runs below the envelope's seq, oldest first
 
 
 def _unpack(data: bytes, what: str) -> Any:
@@ -134,3 +154,40 @@ def decode_heartbeat(data: bytes) -> list[StreamMark]:
             )
         )
     return marks
+
+
+def encode_sync(info: SyncInfo) -> bytes:
+    """Serialise a SYNC payload: [next_seq, [[seq, age_us], ...]]."""
+    # EvictionHistory keeps at most MAX_EVICTION_MARKS: nothing to cut here.
+    return packb([info.next_seq, [[m.seq, min(m.age_us, _U64 - 1)] for m in info.marks]])
+
+
+def decode_sync(data: bytes, floor: int) -> SyncInfo | None:
+    """Parse the payload of a SYNC for `floor` (its envelope seq) or raise `DecodeError`.
+
+    An empty payload is a SYNC without history (the floor is where the receiver's part of the
+    stream starts): None.
+    """
+    if not data:
+        return None
+    fields = _unpack(data, "sync")
+    if type(fields) is not list or len(fields) != 2:
+        raise DecodeError("sync: expected 2 fields")
+    next_seq = _u64(fields[0], "sync next seq", _MAX_MARK)
+    if next_seq < floor:
+        raise DecodeError("sync: next seq below the floor")
+    items = fields[1]
+    if type(items) is not list or len(items) > MAX_EVICTION_MARKS:
+        raise DecodeError("sync: bad mark list")
+    marks: list[EvictionMark] = []
+    for item in items:
+        if type(item) is not list or len(item) != 2:
+            raise DecodeError("sync: bad mark")
+        mark = EvictionMark(_u64(item[0], "sync mark seq", _MAX_MARK), _u64(item[1], "sync age"))
+        if mark.seq >= floor:
+            raise DecodeError("sync: mark at or above the floor")
+        # Runs go up in seq and down in age (newer publications): anything else is forged.
+        if marks and (mark.seq <= marks[-1].seq or mark.age_us > marks[-1].age_us):
+            raise DecodeError("sync: marks out of order")
+        marks.append(mark)
+    return SyncInfo(next_seq=next_seq, marks=tuple(marks))

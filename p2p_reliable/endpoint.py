@@ -8,6 +8,7 @@ of faults can be replayed exactly in tests.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 import attrs
 
 from .config import ProtocolConfig
-from .control import decode_ack, decode_heartbeat, decode_ranges, encode_heartbeat
+from .control import decode_ack, decode_heartbeat, decode_ranges, decode_sync, encode_heartbeat
 from .envelope import (
     AuthError,
     ChecksumError,
@@ -31,11 +32,15 @@ from .fragment import MessageCodec
 from .health import HealthTable, PeerHealth
 from .receiver import StreamReceiver
 from .recovery import RttEstimator
+from .retention import RetentionBudget
 from .sender import StreamSender, WindowFull
 from .stats import EndpointStats
 from .twins import TwinDetector
 
 _InboundKey = tuple[str, str, bool]  # (origin, stream, direct)
+_ResumePoint = tuple[int, int]  # (epoch, next seq) of an unsubscribed stream
+# Delivery points of unsubscribed streams, so that a re-subscription delivers nothing twice.
+MAX_RESUME_POINTS = 1024
 
 
 @attrs.frozen
@@ -77,9 +82,11 @@ class Endpoint:
         self.envelopes = EnvelopeCodec(cluster_secret)
         self.rng = random.Random(seed)
         self.healths = HealthTable(self.config.health)
+        self.retention = RetentionBudget(self.config.retain_total_bytes)
         self._rtt: dict[str, RttEstimator] = {}
-        self._peers: set[str] = set()
-        self._subscriptions: set[str] = set()
+        self._peers: dict[str, float] = {}  # peer -> when the connection came up
+        self._subscriptions: dict[str, float] = {}  # topic -> when we subscribed
+        self._resume: dict[tuple[str, str], _ResumePoint] = {}  # by (origin, topic)
         self._subscribers: dict[str, set[str]] = {}
         self._topics: dict[str, StreamSender] = {}
         self._directs: dict[tuple[str, str], StreamSender] = {}
@@ -95,14 +102,16 @@ class Endpoint:
 
     def add_peer(self, peer: str, now: float) -> None:
         """A transport connection to `peer` exists: heartbeat it and track its health."""
-        self._peers.add(peer)
+        # A subscription cannot reach a publisher before a connection does: its messages are
+        # owed to us from the later of the two (a second connection changes nothing).
+        self._peers.setdefault(peer, now)
         self.healths.get(peer)
         if self._next_heartbeat is None:
             self._next_heartbeat = now
 
     def remove_peer(self, peer: str, now: float) -> None:
         """`peer` is gone: everything still owed to it becomes Unrecoverable at once."""
-        self._peers.discard(peer)
+        self._peers.pop(peer, None)
         self.health(peer).on_stream_reset(now)
         for subscribers in self._subscribers.values():
             subscribers.discard(peer)
@@ -120,15 +129,25 @@ class Endpoint:
         """Known peers."""
         return sorted(self._peers)
 
-    def subscribe(self, topic: str) -> None:
-        """Accept messages published on `topic`."""
-        self._subscriptions.add(topic)
+    def subscribe(self, topic: str, now: float | None = None) -> None:
+        """Accept messages published on `topic`: every one published after `now` is owed to us.
+
+        A publisher's messages are owed from the later of `now` and our connection to it
+        (add_peer). Without `now` that is the connection alone: a publisher that learns of us
+        late then reports as lost whatever it let go since the connection.
+        """
+        self._subscriptions.setdefault(topic, -math.inf if now is None else now)
 
     def unsubscribe(self, topic: str) -> None:
-        """Stop accepting `topic`; its receive state is dropped."""
-        self._subscriptions.discard(topic)
+        """Stop accepting `topic`; its receive state is dropped, its delivery points kept."""
+        self._subscriptions.pop(topic, None)
         for key in [k for k in self._inbound if k[1] == topic and not k[2]]:
-            del self._inbound[key]
+            rcv = self._inbound.pop(key)
+            if rcv.synced:
+                self._resume.pop((key[0], topic), None)
+                self._resume[(key[0], topic)] = (rcv.epoch, rcv.next)
+        while len(self._resume) > MAX_RESUME_POINTS:
+            del self._resume[next(iter(self._resume))]
 
     def add_subscriber(self, topic: str, peer: str, now: float) -> None:
         """`peer` receives our messages on `topic`: wait for its acks from the next message."""
@@ -237,12 +256,13 @@ class Endpoint:
                     rcv.on_data(env, now)
             elif env.kind in (Kind.ACK, Kind.NACK):
                 self._feedback(env, now)
-            elif env.kind in (Kind.SYNC, Kind.GAP):
+            elif env.kind == Kind.SYNC:
+                sync = decode_sync(env.payload, env.seq)
                 if rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now):
-                    if env.kind == Kind.SYNC:
-                        rcv.on_sync(env.seq, now)
-                    else:
-                        rcv.on_gap(decode_ranges(env.payload), now)
+                    rcv.on_sync(env.seq, sync, now)
+            elif env.kind == Kind.GAP:
+                if rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now):
+                    rcv.on_gap(decode_ranges(env.payload), now)
             elif env.kind == Kind.HEARTBEAT:
                 self.health(env.origin).on_heartbeat(now)
                 for mark in decode_heartbeat(env.payload):
@@ -280,6 +300,10 @@ class Endpoint:
         """The receive state of one publisher's stream, if any arrived."""
         return self._inbound.get((origin, stream, direct))
 
+    def outbound(self, topic: str) -> StreamSender | None:
+        """The publishing state of `topic`, once something was published on it."""
+        return self._topics.get(topic)
+
     def _receiver(
         self, origin: str, stream: str, direct: bool, epoch: int, now: float
     ) -> StreamReceiver | None:
@@ -301,8 +325,21 @@ class Endpoint:
             self._events.append(
                 Gap(origin, stream, rcv.next, rcv.high_water, "publisher restarted", direct)
             )
+        owed_since, resume = -math.inf, 0
+        if not direct:
+            owed_since = max(self._subscriptions[stream], self._peers.get(origin, -math.inf))
+            last = self._resume.pop((origin, stream), None)
+            if last is not None and last[0] == epoch:
+                resume = last[1]
         rcv = StreamReceiver(
-            self, origin=origin, stream=stream, epoch=epoch, direct=direct, now=now
+            self,
+            origin=origin,
+            stream=stream,
+            epoch=epoch,
+            direct=direct,
+            now=now,
+            owed_since=owed_since,
+            resume=resume,
         )
         self._inbound[key] = rcv
         return rcv
@@ -356,6 +393,8 @@ class Endpoint:
         return [*self._topics.values(), *self._directs.values(), *self._inbound.values()]
 
     def _heartbeat(self, now: float) -> None:
+        for sender in self._topics.values():
+            sender.expire(now)
         for peer in sorted(self._peers):
             marks = [s.mark(peer) for s in self._topics.values() if peer in s.receivers()]
             marks += [s.mark(peer) for (dest, _), s in self._directs.items() if dest == peer]

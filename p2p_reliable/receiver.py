@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Protocol
 
 from .config import ProtocolConfig
-from .control import AckInfo, encode_ack, encode_ranges
+from .control import AckInfo, SyncInfo, encode_ack, encode_ranges
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Delivered, Event, Gap
 from .fragment import MessageCodec, ReassemblyError
 from .health import PeerHealth
+from .losses import EVICTED, NOT_OWED, NOT_REPAIRED, TIMED_OUT, Losses
 from .rangeset import RangeSet
 from .stats import EndpointStats
 
@@ -37,6 +39,13 @@ class StreamReceiver:
     Until the receiver knows where its stream starts (it saw seq 0 or a SYNC) it only
     buffers. Holes are NACKed after `nack_delay` with exponential backoff; a hole the publisher
     declares lost (GAP) or that outlives `gap_timeout` becomes a Gap event and delivery moves on.
+
+    Join semantics: the receiver is owed every message published after `owed_since` (when
+    both its subscription and its connection to the publisher existed). A SYNC names the
+    oldest message the publisher still holds and marks what fell out of its retention below
+    it; of that, whatever may have been published after `owed_since` is reported as a Gap, the
+    rest was never owed and is skipped silently. Nothing below `resume` (delivered by an
+    earlier receiver of the same stream and epoch) is delivered again.
     """
 
     def __init__(
@@ -48,6 +57,8 @@ class StreamReceiver:
         epoch: int,
         direct: bool,
         now: float,
+        owed_since: float = -math.inf,
+        resume: int = 0,
     ) -> None:
         self.host = host
         self.origin = origin
@@ -59,12 +70,13 @@ class StreamReceiver:
         self.created = now
         self.high_water = 0
         self.consumed = 0  # flow control: what the application has taken, as a seq
+        self.owed_since = owed_since
+        self._resume = resume
         self._advertised = 0
         self._buffer: dict[int, Envelope] = {}
         self._held = RangeSet()
         self._buffered_bytes = 0
-        self._abandoned = RangeSet()
-        self._expired = RangeSet()  # the part of _abandoned we gave up ourselves (timeout)
+        self._lost = Losses()
         self._nacked = RangeSet()
         self._known: deque[tuple[float, int]] = deque()
         self._ack_pending = 0
@@ -103,21 +115,48 @@ class StreamReceiver:
         self._deliver(now)
         self._arm_nack(now)
 
-    def on_sync(self, start: int, now: float) -> None:
-        """The publisher says our part of the stream starts at `start`."""
+    def on_sync(self, start: int, sync: SyncInfo | None, now: float) -> None:
+        """The publisher holds the stream from `start` on; `sync` marks what it evicted below.
+
+        Without `sync` (a peer that keeps no history) `start` is where our part begins.
+        """
+        owed = self._owed_from(start, sync, now)
         if not self.synced:
-            self._sync(start)
+            base = max(owed, self._resume)
+            self._sync(base)
+            self._lost.add(self._held.missing(base, start), EVICTED)
+        elif start > self.next and sync is None:
+            self._lost.add(self._held.missing(self.next, start), NOT_REPAIRED)
         elif start > self.next:
-            # It cannot repair what lies below `start`: deliver what we hold, give up the rest.
-            self._abandon(self._held.missing(self.next, start))
+            # It cannot repair what lies below `start`: deliver what we hold; of the rest,
+            # report what we were owed and skip what was published before.
+            cut = min(max(owed, self.next), start)
+            self._lost.add(self._held.missing(self.next, cut), NOT_OWED)
+            self._lost.add(self._held.missing(cut, start), EVICTED)
         self._learn(start, now)
+        if sync is not None:
+            self._learn(sync.next_seq, now)
+        # Tell the publisher at once where we are: it keeps retained messages for us until then.
+        self._schedule_ack(now, immediate=True)
         self._deliver(now)
         self._arm_nack(now)
+
+    def _owed_from(self, start: int, sync: SyncInfo | None, now: float) -> int:
+        """The first evicted seq that may have been published after `owed_since`, or `start`."""
+        if sync is None:
+            return start
+        horizon_us = (now - self.owed_since) * 1e6
+        # Ages were taken when the SYNC was encoded: transit makes them look younger (more
+        # owed), never older, and they only decrease along the marks.
+        for mark in sync.marks:
+            if mark.age_us < horizon_us:
+                return mark.seq
+        return start
 
     def on_gap(self, ranges: RangeSet, now: float) -> None:
         """The publisher declares these sequence numbers lost."""
         for r in ranges:
-            self._abandon(self._held.missing(max(r.start, self.next), r.stop))
+            self._lost.add(self._held.missing(max(r.start, self.next), r.stop), NOT_REPAIRED)
         self._deliver(now)
         self._arm_nack(now)
 
@@ -163,6 +202,7 @@ class StreamReceiver:
     # -- delivery --------------------------------------------------------------------------
 
     def _sync(self, start: int) -> None:
+        start = max(start, self._resume)
         self.synced = True
         self.next = start
         self.consumed = start
@@ -173,15 +213,13 @@ class StreamReceiver:
         while self.synced:
             env = self._buffer.get(self.next)
             if env is None:
-                if self.next not in self._abandoned:
+                if self.next not in self._lost:
                     return
-                run = next(r for r in self._abandoned if self.next in r)
-                held_after = [r.start for r in self._held if r.start > self.next]
-                stop = min([run.stop, *held_after])
-                if self.next in self._expired:
-                    self._gap(stop, "not repaired within gap_timeout (publisher unreachable)")
+                stop, reason = self._lost.run_at(self.next, self._held)
+                if reason is None:
+                    self._advance(stop)
                 else:
-                    self._gap(stop, "publisher could not repair")
+                    self._gap(stop, reason)
                 continue
             count = env.frag_count
             if env.kind == Kind.FRAGMENT and env.frag_index != 0:
@@ -191,7 +229,7 @@ class StreamReceiver:
                 self._gap(self.next + 1, f"message of {count} fragments exceeds the size limit")
                 continue
             span = range(self.next, self.next + count)
-            if self._abandoned.missing(span.start, span.stop).count() < count:
+            if self._lost.all.missing(span.start, span.stop).count() < count:
                 missing = self._held.missing(span.start, span.stop)
                 if missing:
                     # Part of the message is lost for good: the rest is useless.
@@ -225,17 +263,20 @@ class StreamReceiver:
                 Delivered(self.origin, self.stream, seq, payload, self.direct, end=span.stop)
             )
 
-    def _gap(self, stop: int, reason: str) -> None:
+    def _advance(self, stop: int) -> None:
         start = self.next
         # Below the delivery point nothing is asked for again: keep these sets small.
-        self._expired.subtract(0, stop)
-        self._abandoned.subtract(0, stop)
+        self._lost.forget_below(stop)
         for seq in [s for s in self._buffer if start <= s < stop]:
             self._drop(seq)
         self.next = stop
         if self.consumed == start:
             # Nothing of a lost range waits for the application.
             self.consumed = stop
+
+    def _gap(self, stop: int, reason: str) -> None:
+        start = self.next
+        self._advance(stop)
         self.host.stats.gaps += 1
         self.host.stats.gap_seqs += stop - start
         self.host.emit(Gap(self.origin, self.stream, start, stop, reason, self.direct))
@@ -244,10 +285,6 @@ class StreamReceiver:
         env = self._buffer.pop(seq)
         self._held.subtract(seq, seq + 1)
         self._buffered_bytes -= len(env.payload)
-
-    def _abandon(self, ranges: RangeSet) -> None:
-        for r in ranges:
-            self._abandoned.add(r.start, r.stop)
 
     # -- holes -----------------------------------------------------------------------------
 
@@ -265,7 +302,7 @@ class StreamReceiver:
             low = min(self._buffer, default=self.high_water)
             return RangeSet([range(0, low)]) if low > 0 else RangeSet()
         missing = self._held.missing(self.next, self.high_water)
-        for r in self._abandoned:
+        for r in self._lost.all:
             missing.subtract(r.start, r.stop)
         return missing
 
@@ -285,10 +322,7 @@ class StreamReceiver:
         if not self.synced:
             # No SYNC ever came: start from 0 and count everything before what we hold as lost.
             self._sync(0)
-        expired = self._held.missing(self.next, limit)
-        for r in expired:
-            self._expired.add(r.start, r.stop)
-        self._abandon(expired)
+        self._lost.add(self._held.missing(self.next, limit), TIMED_OUT)
         self._deliver(now)
         self._arm_nack(now)
 

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
 from typing import Protocol
 
 import attrs
 
 from .config import ProtocolConfig
-from .control import AckInfo, StreamMark, encode_ranges
+from .control import AckInfo, StreamMark, SyncInfo, encode_ranges, encode_sync
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Event, PeerUnreachable, Unrecoverable, WindowOpen
 from .fragment import MessageCodec
 from .health import PeerHealth
 from .rangeset import RangeSet
 from .recovery import RttEstimator
+from .retention import (
+    NO_RETENTION,
+    Fragment,
+    MessageLog,
+    RetentionBudget,
+    RetentionLimits,
+)
 from .stats import EndpointStats
 
 
@@ -37,18 +43,12 @@ class SenderHost(Protocol):
     rng: random.Random
     stats: EndpointStats
     envelopes: EnvelopeCodec
+    retention: RetentionBudget
 
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
     def rtt(self, peer: str) -> RttEstimator: ...
     def health(self, peer: str) -> PeerHealth: ...
-
-
-@attrs.define(slots=True)
-class _Fragment:
-    msg_start: int
-    data: bytes
-    size: int
 
 
 @attrs.define(slots=True)
@@ -69,15 +69,22 @@ class _Receiver:
     unacked_bytes: int = 0
     abandoned: RangeSet = attrs.Factory(RangeSet)
     failed: bool = False
+    acked_floor: int = 0  # its cumulative ack: it has everything below
+    # A receiver that joined late may lack the retained messages below pin_stop: until it acks
+    # them (or pin_until passes) they outlive retain_seconds, though not the byte bounds.
+    pin_stop: int = 0
+    pin_until: float = 0.0
 
 
 class StreamSender:
     """One publisher stream: a topic (to every subscriber) or a direct stream (to one peer).
 
     Every fragment gets the next sequence number. Each receiver has its own window, retry
-    timers and ack state; a message leaves the log once every receiver has it (plus a short
-    retention for late joiners). Topic receivers that exhaust their retries are marked failed
-    so that one dead subscriber cannot stall the stream; they are revived by any sign of life.
+    timers and ack state. A direct message leaves the log once its receiver has it; a topic
+    message stays `retain_seconds` longer (within the retention bounds) so that a subscriber
+    learned of late starts at the oldest retained message: learned of within that time, it
+    loses nothing published after it subscribed. Topic receivers that exhaust their retries are marked failed so that one
+    dead subscriber cannot stall the stream; they are revived by any sign of life.
     """
 
     def __init__(
@@ -89,15 +96,22 @@ class StreamSender:
         self.epoch = epoch
         self.dest = dest
         self.flags = Flags.DIRECT if dest is not None else Flags.NONE
-        self.next_seq = 0
-        self._log: dict[int, _Fragment] = {}
-        self._messages: deque[tuple[int, int, int]] = deque()  # (start, n_fragments, bytes)
-        self._retained_bytes = 0
+        cfg = host.config
+        if dest is None:
+            limits = RetentionLimits(cfg.retain_seconds, cfg.retain_messages, cfg.retain_bytes)
+            self.log = MessageLog(limits, host.retention)
+        else:
+            self.log = MessageLog(NO_RETENTION)
         self._receivers: dict[str, _Receiver] = {}
         self._timers: list[tuple[float, str, int]] = []
         self._blocked = False
         if dest is not None:
             self._receivers[dest] = self._new_receiver(dest, 0)
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next message gets."""
+        return self.log.next_seq
 
     # -- receivers -------------------------------------------------------------------------
 
@@ -110,13 +124,28 @@ class StreamSender:
         return [p for p, r in self._receivers.items() if not r.failed]
 
     def add_receiver(self, peer: str, now: float) -> None:
-        """Start tracking `peer` from the next message (and tell it so with SYNC)."""
+        """Track `peer` from the oldest retained message on (and tell it so with SYNC)."""
         rcv = self._receivers.get(peer)
         if rcv is not None:
             rcv.failed = False
             return
-        self._receivers[peer] = self._new_receiver(peer, self.next_seq)
-        self._control(peer, Kind.SYNC, seq=self.next_seq)
+        self._join(peer, now)
+
+    def _join(self, peer: str, now: float) -> _Receiver:
+        floor = self.log.floor
+        rcv = self._new_receiver(peer, floor)
+        if floor < self.next_seq:
+            # It repairs [floor, next_seq) by NACK; it gives up what is not repaired within
+            # gap_timeout, so keeping these longer than that would serve nobody.
+            rcv.pin_stop = self.next_seq
+            rcv.pin_until = now + self.host.config.effective_gap_timeout
+        self._receivers[peer] = rcv
+        self._send_sync(peer, now)
+        return rcv
+
+    def _send_sync(self, peer: str, now: float) -> None:
+        info = SyncInfo(next_seq=self.next_seq, marks=tuple(self.log.history.marks(now)))
+        self._control(peer, Kind.SYNC, seq=self.log.floor, payload=encode_sync(info))
 
     def remove_receiver(self, peer: str, now: float, reason: str) -> None:
         """Stop tracking `peer`; every message it had not acked becomes Unrecoverable."""
@@ -126,7 +155,7 @@ class StreamSender:
         self._abandon(rcv, list(rcv.unacked), now, reason)
         if self.dest is None:
             del self._receivers[peer]
-        self._retire()
+        self._retire(now)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -156,7 +185,7 @@ class StreamSender:
         start = self.next_seq
         count = len(split.pieces)
         kind = Kind.DATA if count == 1 else Kind.FRAGMENT
-        total = 0
+        fragments = []
         for index, piece in enumerate(split.pieces):
             seq = start + index
             data = self.host.envelopes.encode(
@@ -172,15 +201,12 @@ class StreamSender:
                     flags=self.flags | split.flags,
                 )
             )
-            self._log[seq] = _Fragment(msg_start=start, data=data, size=len(piece))
-            total += len(piece)
+            fragments.append(Fragment(msg_start=start, data=data, size=len(piece)))
             self.host.transmit(self.dest, None if self.dest else self.name, data)
-        self.next_seq = start + count
-        self._messages.append((start, count, total))
-        self._retained_bytes += total
-        for rcv in self._receivers.values():
-            if rcv.failed:
-                continue
+        active = [rcv for rcv in self._receivers.values() if not rcv.failed]
+        self.log.append(fragments, published=now, owed=len(active))
+        total = sum(f.size for f in fragments)
+        for rcv in active:
             self.host.health(rcv.peer).on_sent(now, count)
             delay = self._delay(rcv.peer, 0)
             for seq in range(start, start + count):
@@ -188,7 +214,7 @@ class StreamSender:
                 heapq.heappush(self._timers, (now + delay, rcv.peer, seq))
             rcv.pending_per_msg[start] = count
             rcv.unacked_bytes += total
-        self._retire()
+        self._retire(now)
         return start
 
     # -- feedback from receivers -----------------------------------------------------------
@@ -199,6 +225,9 @@ class StreamSender:
         if rcv is None:
             return
         rcv.limit = max(rcv.limit, info.limit)
+        rcv.acked_floor = max(rcv.acked_floor, info.floor)
+        if rcv.acked_floor >= rcv.pin_stop:
+            rcv.pin_stop = 0
         newest: tuple[int, _InFlight] | None = None
         for seq in [s for s in rcv.unacked if s < info.floor or s in info.ranges]:
             flight = self._settle(rcv, seq)
@@ -211,7 +240,7 @@ class StreamSender:
                 sample -= info.ack_delay
             self.host.rtt(peer).on_sample(sample)
             self.host.health(peer).on_rtt_sample(sample, now)
-        self._retire()
+        self._retire(now)
 
     def on_nack(self, peer: str, ranges: RangeSet, now: float) -> None:
         """Repair what `peer` reports missing, or tell it what cannot be repaired."""
@@ -227,9 +256,14 @@ class StreamSender:
                 budget -= 1
                 if budget < 0:
                     break
-                if seq < rcv.start:
+                frag = self.log.fragment(seq)
+                if seq in rcv.abandoned:
+                    lost.add(seq)
+                elif seq < rcv.start or (frag is None and self.dest is None):
+                    # Fell out of retention: the SYNC's marks let the receiver tell whether
+                    # it was published before its subscription or is lost to it.
                     need_sync = True
-                elif seq in rcv.abandoned or seq not in self._log:
+                elif frag is None:
                     lost.add(seq)
                 elif seq in rcv.unacked:
                     flight = rcv.unacked[seq]
@@ -237,12 +271,12 @@ class StreamSender:
                     if now - flight.last_sent >= self.host.rtt(peer).rto / 2:
                         self._retransmit(rcv, seq, flight, now)
                 else:
-                    self.host.transmit(peer, None, self._log[seq].data)
+                    self.host.transmit(peer, None, frag.data)
                     self.host.health(peer).on_retransmit(now)
                     self.host.stats.retransmits += 1
         self.host.health(peer).on_nack_received(now, ranges.count())
         if need_sync:
-            self._control(peer, Kind.SYNC, seq=rcv.start)
+            self._send_sync(peer, now)
         if lost:
             self._control(peer, Kind.GAP, payload=encode_ranges(lost))
 
@@ -252,10 +286,7 @@ class StreamSender:
             if self.dest is not None:
                 return None  # only the destination can ack a direct stream
             # A subscriber we had not heard of: serve it from the oldest message we keep.
-            start = self._messages[0][0] if self._messages else self.next_seq
-            rcv = self._new_receiver(peer, start)
-            self._receivers[peer] = rcv
-            self._control(peer, Kind.SYNC, seq=start)
+            rcv = self._join(peer, now)
         rcv.failed = False
         return rcv
 
@@ -287,14 +318,18 @@ class StreamSender:
             if flight.attempt + 1 < max_attempts:
                 self._retransmit(rcv, seq, flight, now)
             elif self.dest is not None:
-                msg = self._log[seq].msg_start
-                seqs = [s for s in rcv.unacked if self._log[s].msg_start == msg]
+                msg = self._fragment(seq).msg_start
+                seqs = [s for s in rcv.unacked if self._fragment(s).msg_start == msg]
                 self._abandon(rcv, seqs, now, "retries exhausted")
             else:
                 self._abandon(rcv, list(rcv.unacked), now, "retries exhausted")
                 rcv.failed = True
                 self.host.emit(PeerUnreachable(peer=peer, stream=self.name))
-        self._retire()
+        self._retire(now)
+
+    def expire(self, now: float) -> None:
+        """Evict retained messages whose time is up (called periodically by the endpoint)."""
+        self._retire(now)
 
     def mark(self, peer: str) -> StreamMark:
         """This stream's high-water mark and `peer`'s limit as we know it, for heartbeats."""
@@ -320,31 +355,38 @@ class StreamSender:
         flight.last_sent = now
         flight.deadline = now + self._delay(rcv.peer, flight.attempt)
         heapq.heappush(self._timers, (flight.deadline, rcv.peer, seq))
-        self.host.transmit(rcv.peer, None, self._log[seq].data)
+        self.host.transmit(rcv.peer, None, self._fragment(seq).data)
         self.host.health(rcv.peer).on_retransmit(now)
         self.host.stats.retransmits += 1
 
+    def _fragment(self, seq: int) -> Fragment:
+        # Only for sequence numbers some receiver waits for: those are never evicted.
+        frag = self.log.fragment(seq)
+        assert frag is not None, f"unacked seq {seq} of {self.name!r} left the log"
+        return frag
+
     def _settle(self, rcv: _Receiver, seq: int) -> _InFlight:
         flight = rcv.unacked.pop(seq)
-        frag = self._log[seq]
+        frag = self._fragment(seq)
         rcv.unacked_bytes -= frag.size
         left = rcv.pending_per_msg[frag.msg_start] - 1
         if left:
             rcv.pending_per_msg[frag.msg_start] = left
         else:
             del rcv.pending_per_msg[frag.msg_start]
+            self.log.settle(frag.msg_start)
         return flight
 
     def _abandon(self, rcv: _Receiver, seqs: list[int], now: float, reason: str) -> None:
         if not seqs:
             return
-        messages = sorted({self._log[s].msg_start for s in seqs})
-        for seq in seqs:
-            self._settle(rcv, seq)
+        messages = sorted({self._fragment(s).msg_start for s in seqs})
         lost = RangeSet()
         for start in messages:
-            count = next(c for s, c, _ in self._messages if s == start)
-            lost.add(start, start + count)
+            lost.add(start, start + self.log.message(start).count)
+        for seq in seqs:
+            self._settle(rcv, seq)
+        for start in messages:
             self.host.emit(Unrecoverable(stream=self.name, seq=start, peer=rcv.peer, reason=reason))
         for r in lost:
             rcv.abandoned.add(r.start, r.stop)
@@ -363,21 +405,14 @@ class StreamSender:
         )
         self.host.transmit(peer, None, self.host.envelopes.encode(env))
 
-    def _retire(self) -> None:
-        cfg = self.host.config
-        while self._messages:
-            start, count, size = self._messages[0]
-            if any(start in r.pending_per_msg for r in self._receivers.values()):
-                break
-            if (
-                len(self._messages) <= cfg.retain_messages
-                and self._retained_bytes <= cfg.retain_bytes
-            ):
-                break
-            self._messages.popleft()
-            self._retained_bytes -= size
-            for seq in range(start, start + count):
-                del self._log[seq]
+    def _pinned(self, start: int, now: float) -> bool:
+        return any(
+            rcv.acked_floor <= start < rcv.pin_stop and now < rcv.pin_until and not rcv.failed
+            for rcv in self._receivers.values()
+        )
+
+    def _retire(self, now: float) -> None:
+        self.log.evict_due(now, lambda start: self._pinned(start, now))
         if self._blocked and not self.blocking_receivers(0):
             self._blocked = False
             self.host.emit(WindowOpen(stream=self.name, peer=self.dest))

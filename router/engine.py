@@ -457,7 +457,7 @@ class Engine:
             return
         self._topics.add(topic)
         self._hello_seq += 1
-        self.endpoint.subscribe(topic)
+        self.endpoint.subscribe(topic, self._now())
         self.peers.hello_changed()
         subscription = await self._pubsub.subscribe(topic)
         own = self.peer_id.to_bytes()

@@ -75,6 +75,8 @@ class SimNode:
         self.endpoint = endpoint
         self.outgoing: deque[tuple[str | None, str, bytes]] = deque()  # (peer, stream, payload)
         self.events: list[Event] = []
+        # (time, peer, stream, seq) of every message the endpoint accepted, in order.
+        self.published: list[tuple[float, str | None, str, int]] = []
         self.alive = True
         # With flow control, report each delivery as consumed at once (an eager application).
         self.auto_consume = True
@@ -110,11 +112,12 @@ class SimNode:
             peer, stream, payload = self.outgoing[0]
             try:
                 if peer is None:
-                    self.endpoint.publish(stream, payload, now)
+                    seq = self.endpoint.publish(stream, payload, now)
                 else:
-                    self.endpoint.send(peer, stream, payload, now)
+                    seq = self.endpoint.send(peer, stream, payload, now)
             except WindowFull:
                 return
+            self.published.append((now, peer, stream, seq))
             self.outgoing.popleft()
 
 
@@ -133,6 +136,7 @@ class SimNetwork:
         self.subscriptions: dict[str, set[str]] = {}
         self.stats = LinkStats()
         self._queue: list[tuple[float, int, str, str, bytes]] = []
+        self._actions: list[tuple[float, int, Callable[[], None]]] = []
         self._order = 0
         self.steps = 0
 
@@ -153,13 +157,27 @@ class SimNetwork:
                 endpoint.add_subscriber(topic, member, self.now)
         return node
 
-    def subscribe(self, node_id: str, topic: str) -> None:
-        """`node_id` joins `topic`; every other node learns it has a new subscriber."""
+    def subscribe(self, node_id: str, topic: str, learned_after: float = 0.0) -> None:
+        """`node_id` joins `topic` (its frames reach it at once, as gossipsub's would); every
+        other node learns it has a new subscriber `learned_after` seconds later."""
         self.subscriptions.setdefault(topic, set()).add(node_id)
-        self.nodes[node_id].endpoint.subscribe(topic)
+        self.nodes[node_id].endpoint.subscribe(topic, self.now)
         for other in self.nodes.values():
             if other.node_id != node_id:
-                other.endpoint.add_subscriber(topic, node_id, self.now)
+                endpoint = other.endpoint
+
+                def learn(endpoint: Endpoint = endpoint) -> None:
+                    endpoint.add_subscriber(topic, node_id, self.now)
+
+                if learned_after > 0:
+                    self.at(self.now + learned_after, learn)
+                else:
+                    learn()
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        """Run `action` (e.g. a membership change) at virtual time `when`."""
+        self._order += 1
+        heapq.heappush(self._actions, (when, self._order, action))
 
     def set_link(self, src: str, dst: str, faults: LinkFaults) -> None:
         """Override the faults of the directed link src -> dst."""
@@ -209,6 +227,8 @@ class SimNetwork:
 
     def _next_time(self) -> float | None:
         times = [self._queue[0][0]] if self._queue else []
+        if self._actions:
+            times.append(self._actions[0][0])
         for node in self.nodes.values():
             if node.alive:
                 timer = node.endpoint.get_timer()
@@ -223,6 +243,8 @@ class SimNetwork:
             node = self.nodes.get(dst)
             if node is not None and node.alive:
                 node.endpoint.receive(data, src, self.now)
+        while self._actions and self._actions[0][0] <= self.now:
+            heapq.heappop(self._actions)[2]()
         for node in self.nodes.values():
             if not node.alive:
                 continue
