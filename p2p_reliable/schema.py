@@ -11,12 +11,21 @@ given limits, so a hostile document cannot make it allocate much either.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, MutableSequence, MutableSet, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Any, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
 import msgpack
+from cattrs.cols import (
+    homogenous_tuple_structure_factory,
+    is_any_set,
+    is_mapping,
+    is_sequence,
+    list_structure_factory,
+    mapping_structure_factory,
+)
 from cattrs.errors import BaseValidationError
 
 T = TypeVar("T")
@@ -43,11 +52,51 @@ def _number(value: Any, _: Any) -> float:
     return float(value)
 
 
+def _only(
+    accepted: tuple[type[Any], ...], hook: Callable[[Any, Any], Any]
+) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, kind: Any) -> Any:
+        if type(value) not in accepted:
+            names = " or ".join(t.__name__ for t in accepted)
+            raise TypeError(f"expected {names}, got {type(value).__name__}")
+        return hook(value, kind)
+
+    return structure
+
+
+def _sequence_hook(cls: Any, converter: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    # cattrs' own element-wise hooks, built on this (strict) converter, behind a check of
+    # the container itself: a string is iterable, and must not become a tuple of characters.
+    origin = get_origin(cls) or cls
+    if origin in (list, Sequence, MutableSequence):
+        return _only((list, tuple), list_structure_factory(cls, converter))
+    if origin in (set, frozenset, AbstractSet, MutableSet):
+        (member,) = get_args(cls) or (Any,)
+        as_tuple = homogenous_tuple_structure_factory(tuple[member, ...], converter)  # type: ignore[valid-type]
+        return _only((list, tuple), lambda v, _: origin(as_tuple(v, None)))
+    return _only((list, tuple), homogenous_tuple_structure_factory(cls, converter))
+
+
+def _mapping_hook(cls: Any, converter: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    return _only((dict,), mapping_structure_factory(cls, converter))
+
+
+def _is_homogenous_container(cls: Any) -> bool:
+    if is_mapping(cls):
+        return False
+    if (get_origin(cls) or cls) is tuple:
+        args = get_args(cls)
+        return len(args) == 2 and args[1] is Ellipsis
+    return bool(is_sequence(cls) or is_any_set(cls))
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     for kind in (int, str, bytes, bool):
         converter.register_structure_hook(kind, _exact(kind))
     converter.register_structure_hook(float, _number)
+    converter.register_structure_hook_factory(_is_homogenous_container, _sequence_hook)
+    converter.register_structure_hook_factory(is_mapping, _mapping_hook)
     return converter
 
 

@@ -213,6 +213,10 @@ class Engine:
         """Subscribe to `topic` on the network."""
         self._submit(lambda: self._spawn(self._subscribe, topic))
 
+    def submit_call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine's loop (thread-safe; its result is not returned)."""
+        self._submit(fn)
+
     def submit_faults(self, config: FaultConfig) -> None:
         """Fault injection: change the shim's settings from now on (chaos runs)."""
 
@@ -530,6 +534,11 @@ class Engine:
         self._events_log.warning(
             peer, kind, "refused input from %s: %s (%d so far)", peer, kind, total
         )
+        self.penalize(peer, kind)
+
+    def penalize(self, peer: str, kind: str) -> None:
+        """One more refusal of `peer`'s input (counted elsewhere): cut it off if it keeps
+        at it."""
         if self.penalties.bad(peer, self._now()):
             self._cut_off(
                 peer,

@@ -31,6 +31,7 @@ from p2p_reliable import Delivered, Gap, MessageTooLarge, Rejected, Unrecoverabl
 
 from .channels import DEFAULT_BUFFER, Receiver, Sender, channel
 from .engine import Engine, EngineConfig
+from .ratelog import RateLimitedLog
 from .topics import (
     CONNECTION_MESSAGES,
     ConnectionMessage,
@@ -221,6 +222,7 @@ class Router:
         self._direct: dict[str, TopicRouter[DirectMessage]] = {}
         self.engine: Engine | None = None
         self.bad_payloads: Counter[str] = Counter()
+        self._log = RateLimitedLog(log)
         self.protocol_events: deque[Gap | Unrecoverable | Rejected] = deque(maxlen=1000)
         self.connected: set[str] = set()
         self._tg: TaskGroup | None = None
@@ -472,7 +474,11 @@ class Router:
 
     def _bad_payload(self, peer: str, reason: str) -> None:
         self.bad_payloads[peer] += 1
-        log.warning("dropped a message from %s: %s", peer, reason)
+        self._log.warning(peer, "bad payload", "dropped a message from %s: %s", peer, reason)
+        if self.engine is not None:
+            # Bad payloads count towards cutting the peer off, as bad envelopes do.
+            engine = self.engine
+            engine.submit_call(lambda: engine.penalize(peer, "bad payload"))
 
 
 @attrs.frozen
