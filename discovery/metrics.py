@@ -91,7 +91,9 @@ def render_metrics(
     return generate_latest(registry).decode()
 
 
-def rejection_counts(peers: list[dict[str, Any]], extra: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+def rejection_counts(
+    peers: list[dict[str, Any]], extra: dict[tuple[str, str], int]
+) -> dict[tuple[str, str], int]:
     """Every rejection kind per peer: the protocol's (health rows) and the layers' above."""
     out: dict[tuple[str, str], int] = dict(extra)
     for row in peers:
