@@ -36,7 +36,9 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
         default="~/.p2pr/identity.key",
         help="ed25519 key file, created on first use ('none': a new identity each run)",
     )
-    node.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
+    node.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus /metrics (0: any free port)"
+    )
     node.set_defaults(func=_cmd_node)
 
     health = sub.add_parser("health", help="live table of every peer's health in the cluster")

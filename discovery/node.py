@@ -81,6 +81,7 @@ class ClusterNode:
         self.ready = False
         self._log = RateLimitedLog(log, interval=60.0)
         self._exchange = ExchangeBook()
+        self.metrics: MetricsServer | None = None
 
     @property
     def node_id(self) -> str:
@@ -105,8 +106,8 @@ class ClusterNode:
             tg.start_soon(self._receive_views, views)
             tg.start_soon(self._publish_views)
             if self.settings.metrics_port is not None:
-                server = MetricsServer(self, self.settings.metrics_port)
-                await tg.start(server.serve)
+                self.metrics = MetricsServer(self, self.settings.metrics_port)
+                await tg.start(self.metrics.serve)
             self.ready = True
             task_status.started()
 
@@ -174,7 +175,10 @@ class ClusterNode:
 
     def ready_line(self) -> str:
         """The JSON line a node process prints once it listens."""
-        return json.dumps({"ready": self.node_id, "addrs": self.router.listen_addrs})
+        line: dict[str, Any] = {"ready": self.node_id, "addrs": self.router.listen_addrs}
+        if self.metrics is not None:
+            line["metrics_port"] = self.metrics.port  # the one bound, if 0 was asked for
+        return json.dumps(line)
 
 
 def settings_from(
