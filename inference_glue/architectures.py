@@ -37,6 +37,7 @@ ALLOW_UNTESTED_ENV = "P2PR_ALLOW_UNTESTED_ARCHITECTURE"
 # Formats of the tests (tiny_architectures.FORMATS): float32, bfloat16, float16 weights;
 # affine quantization with 4 or 8 bits per weight in groups of 32 or 64.
 F32 = "f32"
+NOTHING = "nothing more than embed, norm, head"
 
 
 @attrs.frozen
@@ -78,13 +79,13 @@ SUPPORTED: dict[str, Architecture] = {
             formats=(F32, "bf16", "f16", "q4g64", "q8g32"),
         ),
         _arch("mistral", "(llama's code)"),
-        _arch("qwen2", "-"),
-        _arch("qwen3", "-", formats=(F32, "bf16", "q4g64", "q4g32")),
-        _arch("qwen3_moe", "-", formats=(F32, "q4g64")),
-        _arch("mixtral", "-", formats=(F32, "q8g64")),
-        _arch("phi3", "-"),
-        _arch("olmo2", "-"),
-        _arch("starcoder2", "-"),
+        _arch("qwen2", NOTHING),
+        _arch("qwen3", NOTHING, formats=(F32, "bf16", "q4g64", "q4g32")),
+        _arch("qwen3_moe", NOTHING, formats=(F32, "q4g64")),
+        _arch("mixtral", NOTHING, formats=(F32, "q8g64")),
+        _arch("phi3", NOTHING),
+        _arch("olmo2", NOTHING),
+        _arch("starcoder2", NOTHING),
         _arch("gemma", "embedding × √hidden"),
         _arch("gemma2", "embedding × √hidden; logits soft-capped", plain_head=False),
         _arch(
@@ -105,6 +106,14 @@ SUPPORTED: dict[str, Architecture] = {
             plain_head=False,
         ),
         _arch("cohere", "logits × `logit_scale`", plain_head=False),
+        _arch("qwen2_moe", NOTHING),
+        _arch(
+            "cohere2",
+            "sliding-window layers by pattern; logits × `logit_scale`",
+            plain_head=False,
+        ),
+        _arch("olmo3", "sliding-window layers (`layer_types`) get their own mask"),
+        _arch("smollm3", "(llama's code; no RoPE in every n-th layer)"),
     )
 }
 
@@ -188,6 +197,6 @@ def supported_table() -> str:
     ]
     for arch in SUPPORTED.values():
         formats = ", ".join(FORMAT_NAMES[f] for f in arch.formats)
-        split = "yes (tied)" if arch.plain_head else "no"
+        split = "yes (tied, unquantized)" if arch.plain_head else "no"
         lines.append(f"| `{arch.model_type}` | {arch.outside_layers} | {split} | {formats} |")
     return "\n".join(lines)

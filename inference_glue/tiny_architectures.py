@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from inference_glue.tiny_model import save_seeded_model, write_tokenizer
 
-__all__ = ["FORMATS", "VARIANTS", "TinyVariant", "build_architecture", "cases"]
+__all__ = ["FORMATS", "UNSUPPORTED", "VARIANTS", "TinyVariant", "build_architecture", "cases"]
 
 # Format name -> (floating dtype, quantization (bits, group size) or None).
 FORMATS: dict[str, tuple[mx.Dtype, tuple[int, int] | None]] = {
@@ -127,8 +127,56 @@ VARIANTS: dict[str, TinyVariant] = {
             "cohere",
             {"layer_norm_eps": 1e-5, "logit_scale": 0.0625, "use_qk_norm": True},
         ),
+        TinyVariant(
+            "qwen2_moe",
+            "qwen2_moe",
+            {
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "shared_expert_intermediate_size": 128,
+            },
+        ),
+        TinyVariant(
+            "cohere2",
+            "cohere2",
+            {
+                "head_dim": 16,
+                "layer_norm_eps": 1e-5,
+                "logit_scale": 0.0625,
+                "sliding_window": WINDOW,
+                "sliding_window_pattern": 3,
+            },
+        ),
+        TinyVariant(
+            "olmo3",
+            "olmo3",
+            {
+                "sliding_window": WINDOW,
+                "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            },
+        ),
+        TinyVariant(
+            "smollm3", "smollm3", {"no_rope_layer_interval": 3, "tie_word_embeddings": True}
+        ),
     )
 }
+
+
+# Not supported: mlx-lm runs it, a stage refuses it (granite's code with experts).
+UNSUPPORTED = TinyVariant(
+    "granitemoe",
+    "granitemoe",
+    {
+        "logits_scaling": 4.0,
+        "attention_multiplier": 0.25,
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "attention_bias": False,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+)
 
 
 def build_architecture(

@@ -4,7 +4,7 @@ The same prompts go through mlx-lm's `stream_generate` in one process (`referenc
 nodes' BLAS set-up) and through a pipeline of N stage node processes, greedy and seeded, one
 case with chunked prefill; the pipeline runs every case concurrently (several requests in
 flight). Each row says whether the token ids are identical and, if not, the first position
-where they differ.
+where they differ; a request that fails is a row with its error (stage and peer).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import attrs
@@ -22,7 +22,14 @@ from inference_glue.cluster import StageCluster
 from inference_glue.local_pipeline import DEFAULT_PREFILL_STEP_SIZE, prompt_token_ids
 from inference_glue.reference import run_reference
 
-__all__ = ["VerifyCase", "default_cases", "first_divergence", "run_cases", "run_verify"]
+__all__ = [
+    "VerifyCase",
+    "default_cases",
+    "first_divergence",
+    "run_cases",
+    "run_cases_or_errors",
+    "run_verify",
+]
 
 PROMPTS = (
     "The capital of France is",
@@ -94,6 +101,51 @@ async def run_cases(
     return [r for r in results if r is not None]
 
 
+async def run_cases_or_errors(
+    client: PipelineClient, requests: Sequence[dict[str, Any]]
+) -> list[GenerationResult | str]:
+    """`run_cases`, all at once, where a request that fails gives its one-line error (which
+    names the stage and peer, e.g. `StageFailedError`) instead of ending the others."""
+    results: list[GenerationResult | str] = ["not run"] * len(requests)
+
+    async def one(i: int) -> None:
+        r = dict(requests[i])
+        try:
+            results[i] = await client.generate(r.pop("prompt_ids"), r.pop("max_tokens"), **r)
+        except Exception as exc:  # any failure of one request is that request's row
+            results[i] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(requests)):
+            tg.start_soon(one, i)
+    return results
+
+
+def _row(
+    case: VerifyCase, prompt_tokens: int, ref: dict[str, Any], got: GenerationResult | str
+) -> dict[str, Any]:
+    error = got if isinstance(got, str) else None
+    tokens: Sequence[int] = () if isinstance(got, str) else got.token_ids
+    divergence = first_divergence(ref["token_ids"], tokens)
+    return {
+        "prompt": case.name,
+        "mode": case.mode,
+        "temp": case.temp,
+        "top_p": case.top_p,
+        "seed": case.seed,
+        "prefill_step_size": case.prefill_step_size,
+        "prompt_tokens": prompt_tokens,
+        "reference_tokens": len(ref["token_ids"]),
+        "pipeline_tokens": len(tokens),
+        "identical": error is None and divergence is None,
+        "first_divergence": divergence,
+        "text_identical": not isinstance(got, str) and ref["text"] == got.text,
+        "finish_reason": None if isinstance(got, str) else got.finish_reason,
+        "text": "" if isinstance(got, str) else got.text,
+        "error": error,
+    }
+
+
 def run_verify(
     model_dir: Path,
     nodes: int,
@@ -123,9 +175,11 @@ def run_verify(
     reference = run_reference(model_dir, requests)
     reference_s = time.perf_counter() - start
 
-    async def distributed(cluster: StageCluster) -> tuple[list[GenerationResult], list[str]]:
+    async def distributed(
+        cluster: StageCluster,
+    ) -> tuple[list[GenerationResult | str], list[str]]:
         async with PipelineClient.connect(cluster.addrs, model_dir) as client:
-            results = await run_cases(client, requests, concurrent=True)
+            results = await run_cases_or_errors(client, requests)
             return results, [s.label for s in client.stages]
 
     say(f"pipeline: {nodes} stage processes, {len(cases)} requests in flight at once")
@@ -135,27 +189,10 @@ def run_verify(
         layers = [[n.layers.start, n.layers.stop] for n in cluster.nodes]
     pipeline_s = time.perf_counter() - start
 
-    rows = []
-    for case, ref, got in zip(cases, reference, results):
-        divergence = first_divergence(ref["token_ids"], got.token_ids)
-        rows.append(
-            {
-                "prompt": case.name,
-                "mode": case.mode,
-                "temp": case.temp,
-                "top_p": case.top_p,
-                "seed": case.seed,
-                "prefill_step_size": case.prefill_step_size,
-                "prompt_tokens": len(got.prompt_ids),
-                "reference_tokens": len(ref["token_ids"]),
-                "pipeline_tokens": len(got.token_ids),
-                "identical": divergence is None,
-                "first_divergence": divergence,
-                "text_identical": ref["text"] == got.text,
-                "finish_reason": got.finish_reason,
-                "text": got.text,
-            }
-        )
+    rows = [
+        _row(case, len(cast(list[int], request["prompt_ids"])), ref, got)
+        for case, request, ref, got in zip(cases, requests, reference, results)
+    ]
     return {
         "model": model_label or model_dir.name,
         "model_dir": str(model_dir),

@@ -33,9 +33,9 @@ from inference_glue.local_pipeline import generate_pipelined, generate_single, p
 from inference_glue.stage import PipelineStage, load_stage, load_stage_layers, stages_for
 from inference_glue.tiny_architectures import (
     FORMATS,
+    UNSUPPORTED,
     VARIANTS,
     WINDOW,
-    TinyVariant,
     build_architecture,
     cases,
 )
@@ -49,21 +49,6 @@ SPLITS = {
 }
 TOKENS = 20
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-# Not supported: mlx-lm runs it, a stage refuses it (granite's code with experts).
-UNSUPPORTED = TinyVariant(
-    "granitemoe",
-    "granitemoe",
-    {
-        "logits_scaling": 4.0,
-        "attention_multiplier": 0.25,
-        "embedding_multiplier": 12.0,
-        "residual_multiplier": 0.22,
-        "attention_bias": False,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-    },
-)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +199,7 @@ def test_split_head_only_where_the_head_is_a_plain_product(built: Any, variant: 
 
 def test_an_unsupported_architecture_is_refused_clearly(tmp_path: Path) -> None:
     path = build_architecture(tmp_path / "moe", UNSUPPORTED)
-    message = r"model_type 'granitemoe' is not supported.*cohere, gemma, gemma2.*untested"
+    message = r"model_type 'granitemoe' is not supported.*: cohere, cohere2, gemma, .*, starcoder2 .*untested"
     with pytest.raises(UnsupportedArchitectureError, match=message):
         check_model_dir(path)
     with pytest.raises(UnsupportedArchitectureError, match=message):
