@@ -139,7 +139,9 @@ def poisoned(model_path: Path, keep: set[str]) -> Any:
 
 @pytest.mark.parametrize(
     ("variant", "fmt"),
-    [(v, "f32") for v in VARIANTS] + [("gemma3_text tied", "q4g32"), ("qwen3_moe", "q4g64")],
+    [(v, "f32") for v in VARIANTS]
+    + [("llama", f) for f in ("bf16", "f16", "q8g32")]
+    + [("gemma3_text tied", "q4g32"), ("qwen3_moe", "q4g64"), ("mixtral", "q8g64")],
 )
 def test_a_stage_uses_its_own_weights_and_the_footprint_counts_them(
     built: Any, variant: str, fmt: str
@@ -159,7 +161,7 @@ def test_a_stage_uses_its_own_weights_and_the_footprint_counts_them(
         loaded = load_stage_layers(path, layers)
         assert footprint.stage_bytes(layers) == sum(p.nbytes for p in loaded.parameters())
         x = out
-    assert footprint.quantized is (fmt != "f32")
+    assert footprint.quantized is fmt.startswith("q")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
