@@ -9,7 +9,8 @@
 | `tensor_codec` | exact tensor bytes with an xxh3-64 checksum; XOR-combinable row fingerprints |
 | `placement` | memory-weighted contiguous layer ranges per node |
 | `architectures` | the mlx-lm `model_type`s a stage runs (checked bit for bit), and the refusal of others |
-| `stage` | `PipelineStage`: a layer range of a model, run by the model's own mlx-lm code, with per-request KV caches |
+| `model_view` | `LayerRangeView`: a range of a model's layers run by the model's own mlx-lm `__call__` |
+| `stage` | `PipelineStage`: a layer range of a model of a supported architecture, with per-request KV caches |
 | `head_split` | `HeadSplitTuner`: where the last stage cuts the LM head it shares with the first |
 | `sampling` | greedy and seeded sampling keyed by (seed, position) |
 | `tokens` | `TokenChunk`, `TokenStreamWriter` and `TokenStreamAssembler` |

@@ -285,40 +285,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return code
 
 
-# Tokens of an untested architecture's output checked against single-process mlx-lm.
-UNTESTED_CHECK_TOKENS = 16
-
-
 def _check_untested(
     model_dir: Path, prompt_ids: list[int], args: argparse.Namespace, result: dict[str, Any]
 ) -> int:
     """For a model outside the tested architectures: its first tokens against mlx-lm's own
-    single-process generation (in a process with the nodes' BLAS set-up). Says loudly
-    whether they are identical; 1 if not (or if the check itself fails)."""
-    from inference_glue.reference import ReferenceError, run_reference
-    from inference_glue.verify import first_divergence
+    single-process generation. Says loudly whether they are identical; 1 if not (or if the
+    check itself fails)."""
+    from inference_glue.reference import ReferenceError
+    from inference_glue.verify import check_first_tokens
 
     err = _err()
-    got = result["token_ids"][:UNTESTED_CHECK_TOKENS]
-    case = {
-        "prompt_ids": prompt_ids,
-        "max_tokens": max(1, len(got)),
-        "temp": args.temp,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "prefill_step_size": args.prefill_step_size,
-    }
+    options = ("temp", "top_p", "seed", "prefill_step_size")
+    request = {"prompt_ids": prompt_ids, **{k: getattr(args, k) for k in options}}
     try:
-        expected = run_reference(model_dir, [case])[0]["token_ids"]
+        checked, divergence = check_first_tokens(model_dir, request, result["token_ids"])
     except (ReferenceError, OSError, ValueError) as exc:
         result["untested_check"] = {"checked": 0, "error": one_line(exc)}
         err.print(f"[bold red]UNVERIFIED: the single-process check failed: {one_line(exc)}[/]")
         return 1
-    divergence = first_divergence(expected[: len(got)], got)
-    result["untested_check"] = {"checked": len(got), "first_divergence": divergence}
+    result["untested_check"] = {"checked": checked, "first_divergence": divergence}
     if divergence is None:
         err.print(
-            f"[yellow]untested architecture: the first {len(got)} tokens are identical to "
+            f"[yellow]untested architecture: the first {checked} tokens are identical to "
             f"single-process mlx-lm (later ones unchecked)[/]"
         )
         return 0

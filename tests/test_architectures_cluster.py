@@ -32,7 +32,13 @@ from inference_glue.node import HEAD_SPLIT_ENV
 from inference_glue.reference import run_reference
 from inference_glue.tiny_architectures import UNSUPPORTED, build_architecture
 from inference_glue.tokens import TokenChunk
-from inference_glue.verify import VerifyCase, _row, run_cases_or_errors
+from inference_glue.verify import (
+    CHECK_TOKENS,
+    VerifyCase,
+    _row,
+    check_first_tokens,
+    run_cases_or_errors,
+)
 from p2p_reliable.cli import main as cli_main
 
 TOKENS = 48
@@ -160,3 +166,13 @@ async def test_a_failed_request_is_a_verify_row_naming_the_stage_and_peer() -> N
     assert _row(VerifyCase("p", "p", "greedy"), 2, {"token_ids": [5, 6], "text": "xy"}, done)[
         "identical"
     ]
+
+
+def test_the_untested_check_finds_the_first_different_token(tmp_path: Path) -> None:
+    model_dir = build_architecture(tmp_path / "qwen2", "qwen2")
+    prompt = prompt_token_ids(load_tokenizer(model_dir), "Once upon a time")
+    request = {"prompt_ids": prompt, "temp": 0.8, "seed": 5, "top_p": 1.0}
+    right = run_reference(model_dir, [{**request, "max_tokens": 20}])[0]["token_ids"]
+    assert check_first_tokens(model_dir, request, right) == (CHECK_TOKENS, None)
+    wrong = [*right[:3], (right[3] + 1) % 100, *right[4:]]
+    assert check_first_tokens(model_dir, request, wrong[:6]) == (6, 3)
