@@ -191,12 +191,12 @@ FORMAT_NAMES = {
 def supported_table() -> str:
     """The README's table of supported architectures (tests check that the README has it)."""
     lines = [
-        "| model_type | outside its layers (run by mlx-lm's own code) | split LM head | "
-        "checked formats |",
+        "| model_type | outside its layers (run by mlx-lm's own code) | "
+        "split LM head (when tied, unquantized) | checked formats |",
         "| --- | --- | --- | --- |",
     ]
     for arch in SUPPORTED.values():
         formats = ", ".join(FORMAT_NAMES[f] for f in arch.formats)
-        split = "yes (tied, unquantized)" if arch.plain_head else "no"
+        split = "yes" if arch.plain_head else "no"
         lines.append(f"| `{arch.model_type}` | {arch.outside_layers} | {split} | {formats} |")
     return "\n".join(lines)
