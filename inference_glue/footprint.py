@@ -17,6 +17,7 @@ from pathlib import Path
 
 import attrs
 
+from inference_glue.architectures import SUPPORTED
 from inference_glue.placement import contiguous_ranges, memory_weighted_counts
 
 __all__ = [
@@ -81,15 +82,17 @@ HEAD_SPLIT_LAST = 0.6
 
 @attrs.frozen
 class ModelFootprint:
-    """Bytes of weights per part of a llama-style mlx-lm model."""
+    """Bytes of weights per part of an mlx-lm model, as its files hold them (so quantized,
+    bf16/f16 and mixture-of-experts layers count what they really take)."""
 
     layers: tuple[int, ...]
     embedding: int
-    norm: int
+    norm: int  # the final norm and any other weight outside the layers and the embedding
     lm_head: int  # 0 when the embeddings are tied (the last stage then holds the embedding)
     tied: bool
     vocab_size: int = 0
     quantized: bool = False
+    plain_head: bool = True  # the logits are the head's matrix product alone (architectures)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelFootprint:
@@ -112,19 +115,25 @@ class ModelFootprint:
                     embedding += size
                 elif name.startswith("lm_head"):
                     lm_head += size
-                elif "norm" in name:
+                else:
+                    # The final norm, and whatever else lies outside the layers: the last
+                    # stage holds it (as `PipelineStage.parameters` has it).
                     norm += size
         tied = bool(config.get("tie_word_embeddings", False)) or lm_head == 0
         vocab = int(config.get("vocab_size", 0))
         quantized = "quantization" in config
-        return cls(tuple(layers), embedding, norm, lm_head, tied, vocab, quantized)
+        arch = SUPPORTED.get(str(config.get("model_type")))
+        plain_head = arch is not None and arch.plain_head
+        return cls(tuple(layers), embedding, norm, lm_head, tied, vocab, quantized, plain_head)
 
     @property
     def head_split(self) -> int:
         """Vocabulary rows the last stage computes when the first computes the rest of the
         LM head (`RequestMeta.head_split`): `HEAD_SPLIT_LAST` of them, when the first stage
-        holds the same plain matrix (tied, unquantized embeddings); else 0, no split."""
-        if not self.tied or self.quantized or self.vocab_size < 2:
+        holds the same plain matrix (tied, unquantized embeddings) and the architecture's
+        logits are that matrix product alone (no scaling or soft-capping after it); else 0,
+        no split."""
+        if not self.tied or self.quantized or not self.plain_head or self.vocab_size < 2:
             return 0
         return max(1, min(self.vocab_size - 1, round(self.vocab_size * HEAD_SPLIT_LAST)))
 

@@ -1,15 +1,18 @@
-"""One pipeline stage: a contiguous range of a llama-style mlx-lm model's layers.
+"""One pipeline stage: a contiguous range of an mlx-lm model's layers, with per-request KV
+caches.
 
-The first stage embeds token ids, the last one applies the final norm and the LM head (the
-transposed embedding when the embeddings are tied); every stage keeps its own KV caches per
-request. The computation is mlx-lm's `LlamaModel.__call__` cut at layer boundaries, with
-mlx-lm's own mask and cache helpers, so the stages chained together compute bit for bit
-what the whole model computes.
+The stage's compute is the model's own mlx-lm code (`model_view.LayerRangeView`), so the
+stages chained together compute bit for bit what the whole model computes; it is trusted for
+the architectures `architectures.SUPPORTED` lists (each checked so by the tests), and any
+other is refused when the stage is made. The first stage embeds token ids, the last one
+applies the final norm and the LM head (and whatever the model applies after it); with a
+plain head the first and the last stage can each compute part of the logits (`head_rows`).
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -19,66 +22,68 @@ import mlx.nn as nn
 import mlx_lm
 import mlx_lm.utils
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import make_prompt_cache
+
+from inference_glue.architectures import Architecture, architecture_for, untested_allowed
+from inference_glue.model_view import LayerRangeView, check_layout, model_type_of
 
 __all__ = ["PipelineStage", "load_stage", "load_stage_layers", "restage", "stages_for"]
+
+_LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class PipelineStage:
     """Layers `layers` of `model`, with per-request KV caches.
 
     Args:
-        model: a loaded mlx-lm model with llama's layout (`model.model.embed_tokens`,
-            `.layers`, `.norm`, and `lm_head` unless the embeddings are tied).
+        model: a loaded mlx-lm model of a supported architecture (`architectures`).
         layers: the layer range, e.g. `range(0, 15)`; the stage is first if it starts at
             layer 0 and last if it ends at the model's last layer.
+        allow_untested: run an architecture outside `architectures.SUPPORTED` (its output
+            is then unchecked).
+
+    Raises:
+        UnsupportedArchitectureError: the model's `model_type` is not supported.
     """
 
-    def __init__(self, model: nn.Module, layers: range) -> None:
-        inner = getattr(model, "model", None)
-        if inner is None or not all(
-            hasattr(inner, name) for name in ("embed_tokens", "layers", "norm")
-        ):
-            raise TypeError(
-                f"{type(model).__name__} does not have llama's layout "
-                f"(model.embed_tokens, model.layers, model.norm)"
-            )
+    def __init__(self, model: nn.Module, layers: range, *, allow_untested: bool = False) -> None:
+        self.architecture: Architecture = architecture_for(
+            model_type_of(model), allow_untested=allow_untested
+        )
+        inner = check_layout(model)
         total = len(inner.layers)
         if layers.step != 1 or not 0 <= layers.start < layers.stop <= total:
             raise ValueError(f"layer range {layers} is not a non-empty part of 0..{total}")
         self.layers = layers
         self.num_model_layers = total
-        self.is_first = layers.start == 0
-        self.is_last = layers.stop == total
+        self._view = LayerRangeView(model, layers)
+        self.is_first = self._view.is_first
+        self.is_last = self._view.is_last
         self._model = model
         self._blocks = inner.layers[layers.start : layers.stop]
         self._embed = inner.embed_tokens
-        self._norm = inner.norm
-        self._tied = bool(getattr(model.args, "tie_word_embeddings", False))
-        self._window = getattr(inner, "sliding_window", None)
-        # As in LlamaModel: one mask for full-attention layers, one for sliding-window layers,
-        # each made from the cache of the first such layer (here: of this stage).
-        sliding = [bool(getattr(block, "use_sliding", False)) for block in self._blocks]
-        self._sliding = sliding
-        self._full_index = sliding.index(False) if False in sliding else None
-        self._window_index = sliding.index(True) if True in sliding else None
-        self._caches: dict[str, list[Any]] = {}
+        self._tied = self._view.tied
+        # Per request: (this stage's caches, the cache list the model is called with).
+        self._caches: dict[str, tuple[list[Any], list[Any]]] = {}
+
+    def named_parameters(self) -> list[tuple[str, mx.array]]:
+        """The weights this stage uses (and only those), by name: its layers; the embedding
+        on the first stage; every other weight (final norm, head) on the last, which also
+        holds the embedding when it is the head."""
+        chosen = []
+        for name, array in cast(list[tuple[str, mx.array]], tree_flatten(self._model.parameters())):
+            if match := _LAYER_PARAM.match(name):
+                used = int(match.group(1)) in self.layers
+            elif name.startswith("model.embed_tokens."):
+                used = self.is_first or (self.is_last and self._tied)
+            else:
+                used = self.is_last
+            if used:
+                chosen.append((name, array))
+        return chosen
 
     def parameters(self) -> list[mx.array]:
-        """The weights this stage uses (and only those)."""
-        modules: list[Any] = list(self._blocks)
-        if self.is_first or (self.is_last and self._tied):
-            modules.append(self._embed)
-        if self.is_last:
-            modules.append(self._norm)
-            if not self._tied:
-                modules.append(self._model.lm_head)
-        return [
-            array
-            for module in modules
-            for _, array in cast(list[tuple[str, mx.array]], tree_flatten(module.parameters()))
-        ]
+        """The arrays of `named_parameters`."""
+        return [array for _, array in self.named_parameters()]
 
     @property
     def request_ids(self) -> list[str]:
@@ -88,11 +93,12 @@ class PipelineStage:
     def offset(self, request_id: str) -> int:
         """How many tokens of `request_id` this stage has processed (0 if none)."""
         caches = self._caches.get(request_id)
-        return int(caches[0].offset) if caches else 0
+        return int(caches[0][0].offset) if caches else 0
 
     def cache_state(self, request_id: str) -> list[mx.array]:
         """The KV cache arrays of `request_id`, to `mx.eval` after a prefill chunk."""
-        return [array for cache in self._caches.get(request_id, []) for array in cache.state]
+        own = self._caches[request_id][0] if request_id in self._caches else []
+        return [array for cache in own for array in cache.state if array is not None]
 
     def release(self, request_id: str) -> None:
         """Drop the KV caches of `request_id` (no error if it has none)."""
@@ -104,8 +110,8 @@ class PipelineStage:
         Args:
             inputs: on the first stage, token ids `(L,)` or `(B, L)`; on the others, the
                 previous stage's output `(B, L, hidden)`.
-            head: on the last stage, False stops after the final norm: the hidden state
-                whose logits `head_rows` computes in parts.
+            head: on the last stage, False stops at the head's input: the hidden state whose
+                logits `head_rows` computes in parts (architectures with a plain head only).
 
         Returns:
             The hidden state `(B, L, hidden)` for the next stage, or on the last stage the
@@ -113,10 +119,6 @@ class PipelineStage:
             background (`mx.async_eval`); reading the result waits for them. The caches of a
             new request are made on its first call, with mlx-lm's `make_prompt_cache`.
         """
-        caches = self._caches.get(request_id)
-        if caches is None:
-            caches = make_prompt_cache(self._model)[self.layers.start : self.layers.stop]
-            self._caches[request_id] = caches
         if self.is_first:
             if inputs.ndim == 1:
                 inputs = inputs[None]
@@ -125,58 +127,47 @@ class PipelineStage:
                     f"the first stage takes token ids (L,) or (B, L), got {inputs.dtype} "
                     f"{inputs.shape}"
                 )
-            h: mx.array = self._embed(inputs)
         else:
             if inputs.ndim != 3 or not mx.issubdtype(inputs.dtype, mx.floating):
                 raise ValueError(
                     f"stage {self.layers} takes a hidden state (B, L, hidden), got "
                     f"{inputs.dtype} {inputs.shape}"
                 )
-            h = inputs
-
-        full_mask = (
-            create_attention_mask(h, caches[self._full_index])
-            if self._full_index is not None
-            else None
-        )
-        window_mask = (
-            create_attention_mask(h, caches[self._window_index], window_size=self._window)
-            if self._window_index is not None
-            else None
-        )
-        for block, cache, sliding in zip(self._blocks, caches, self._sliding):
-            h = block(h, window_mask if sliding else full_mask, cache=cache)
-            # Start computing each layer as soon as it is built, so that building the next
-            # one in Python overlaps the computation (mlx-lm's generate overlaps whole steps
-            # the same way). The same kernels run in the same order: the result is identical.
-            mx.async_eval(h)
-
-        if not self.is_last:
-            return h
-        h = self._norm(h)
-        return self.head(h) if head else h
+        if self.is_last and not head and not self.architecture.plain_head:
+            raise ValueError(
+                f"{self.architecture.model_type}: the LM head is not a plain matrix product; "
+                f"it cannot be computed in parts"
+            )
+        held = self._caches.get(request_id)
+        if held is None:
+            held = self._caches[request_id] = self._view.make_caches()
+        return self._view(inputs, held[1], head=head)
 
     def head(self, hidden: mx.array) -> mx.array:
-        """The LM head: logits for final (normed) hidden states, as the whole model computes
-        them."""
-        logits: mx.array = (
-            self._embed.as_linear(hidden) if self._tied else self._model.lm_head(hidden)
-        )
-        return logits
+        """The LM head of a plain-head architecture: logits for the head's input (what
+        `forward(..., head=False)` returns), as the whole model computes them."""
+        if not self.architecture.plain_head:
+            raise ValueError(f"{self.architecture.model_type}: the LM head is not plain")
+        if self._tied:
+            return cast(mx.array, self._embed.as_linear(hidden))
+        return cast(mx.array, self._model.lm_head(hidden))
 
     @property
     def vocab_size(self) -> int:
-        """Rows of the LM head (the embedding's rows)."""
-        return int(self._embed.weight.shape[0])
+        """Rows of the LM head."""
+        head = self._embed if self._tied else self._model.lm_head
+        return int(head.weight.shape[0])
 
     @property
     def holds_head(self) -> bool:
         """Whether `head_rows` works here: on the last stage, or on the first when the
-        embeddings are tied (it holds the matrix for the lookup), and the matrix is a plain
-        one (not quantized, no bias)."""
+        embeddings are tied (it holds the matrix for the lookup), the head is plain for the
+        architecture, and the matrix is a plain one (not quantized, no bias)."""
         return self._head_matrix() is not None
 
     def _head_matrix(self) -> mx.array | None:
+        if not self.architecture.plain_head:
+            return None
         if self._tied and (self.is_first or self.is_last):
             plain = type(self._embed) is nn.Embedding
             return self._embed.weight if plain else None
@@ -187,7 +178,7 @@ class PipelineStage:
         return None
 
     def head_rows(self, hidden: mx.array, rows: range) -> mx.array:
-        """Logits of vocabulary rows `rows` for final (normed) hidden states `(B, L, hidden)`.
+        """Logits of vocabulary rows `rows` for the head's input `(B, L, hidden)`.
 
         Bit for bit those columns of the whole head's logits: each logit is the same dot
         product whatever block of rows it is computed with. So two stages can each compute
@@ -206,11 +197,12 @@ def load_stage(model_dir: str | Path, layers: range) -> tuple[PipelineStage, Any
     """Load only the weights of `layers` from an mlx-lm directory; returns (stage, tokenizer).
 
     The model is loaded lazily with `mlx_lm.load` and only this stage's weights are
-    evaluated, so a node holds in memory just its share of the model.
+    evaluated, so a node holds in memory just its share of the model. An architecture
+    outside `architectures.SUPPORTED` is refused unless the environment allows it.
     """
     loaded = mlx_lm.load(str(model_dir), lazy=True)
     model, tokenizer = loaded[0], loaded[1]
-    stage = PipelineStage(model, layers)
+    stage = PipelineStage(model, layers, allow_untested=untested_allowed())
     mx.eval(stage.parameters())
     return stage, tokenizer
 
@@ -219,7 +211,7 @@ def load_stage_layers(model_dir: str | Path, layers: range) -> PipelineStage:
     """Load only the weights of `layers` (no tokenizer): what a node does when a failover
     moves layers to it. It reads them from its own copy of the model files."""
     model, _ = mlx_lm.utils.load_model(Path(model_dir), lazy=True)
-    stage = PipelineStage(model, layers)
+    stage = PipelineStage(model, layers, allow_untested=untested_allowed())
     mx.eval(stage.parameters())
     return stage
 
@@ -228,26 +220,30 @@ def restage(current: PipelineStage, model_dir: str | Path, layers: range) -> Pip
     """A stage for `layers` that keeps the weights `current` already holds and reads only the
     others from `model_dir`: what a node does when a failover moves layers to it.
 
-    A fresh lazy model gets `current`'s modules for the layers both serve (and its embedding,
-    norm and head, evaluated or not), so they are not read again; the weights of layers it no
-    longer serves are freed with `current`.
+    A fresh lazy model gets `current`'s modules for the layers both serve and its arrays for
+    everything outside the layers (evaluated or not), so they are not read again; the weights
+    of layers it no longer serves are freed with `current`.
     """
     model, _ = mlx_lm.utils.load_model(Path(model_dir), lazy=True)
     old = current._model
     for i in set(layers) & set(current.layers):
         model.model.layers[i] = old.model.layers[i]
-    model.model.embed_tokens = old.model.embed_tokens
-    model.model.norm = old.model.norm
-    if hasattr(old, "lm_head") and hasattr(model, "lm_head"):
-        model.lm_head = old.lm_head
-    stage = PipelineStage(model, layers)
+    outside = [
+        (name, array)
+        for name, array in cast(list[tuple[str, mx.array]], tree_flatten(old.parameters()))
+        if _LAYER_PARAM.match(name) is None
+    ]
+    model.load_weights(outside, strict=False)
+    stage = PipelineStage(model, layers, allow_untested=not current.architecture.tested)
     mx.eval(stage.parameters())
     return stage
 
 
-def stages_for(model: nn.Module, splits: Iterable[range]) -> list[PipelineStage]:
+def stages_for(
+    model: nn.Module, splits: Iterable[range], *, allow_untested: bool = False
+) -> list[PipelineStage]:
     """One `PipelineStage` per range of `splits`, over the same loaded model."""
-    stages = [PipelineStage(model, layers) for layers in splits]
+    stages = [PipelineStage(model, layers, allow_untested=allow_untested) for layers in splits]
     if not stages or not stages[0].is_first or not stages[-1].is_last:
         raise ValueError("the stages must start at layer 0 and end at the last layer")
     for before, after in itertools.pairwise(stages):

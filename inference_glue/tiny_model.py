@@ -11,9 +11,11 @@ gives bitwise-identical weights in any process, whatever MLX's global random sta
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,10 +23,17 @@ import mlx.core as mx
 import xxhash
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
-from mlx_lm.utils import save_config, save_model
+from mlx_lm.utils import MODEL_REMAPPING, quantize_model, save_config, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-__all__ = ["TRAINING_TEXT", "build_tiny_model", "train_tokenizer"]
+__all__ = [
+    "TRAINING_TEXT",
+    "build_tiny_model",
+    "model_classes",
+    "save_seeded_model",
+    "train_tokenizer",
+    "write_tokenizer",
+]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -93,25 +102,9 @@ def _init_weight(seed: int, name: str, shape: tuple[int, ...]) -> mx.array:
     return mx.random.normal(shape, key=key) / math.sqrt(shape[-1])
 
 
-def build_tiny_model(
-    path: str | Path,
-    seed: int = 0,
-    *,
-    hidden_size: int = 128,
-    num_layers: int = 6,
-    intermediate_size: int = 256,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    vocab_size: int = 1024,
-    tie_word_embeddings: bool = False,
-) -> Path:
-    """Write a seeded random llama model and a trained tokenizer as an mlx-lm directory.
-
-    Returns the directory, ready for `mlx_lm.load`. With the defaults the weights are
-    ~4.5 MB of float32.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def write_tokenizer(path: Path, vocab_size: int = 1024) -> Tokenizer:
+    """Train the byte-level BPE tokenizer and write tokenizer.json and tokenizer_config.json
+    (chat template, special tokens) into `path`."""
     tokenizer = train_tokenizer(vocab_size)
     tokenizer.save(str(path / "tokenizer.json"))
     tokenizer_config = {
@@ -127,7 +120,72 @@ def build_tiny_model(
     (path / "tokenizer_config.json").write_text(
         json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"
     )
+    return tokenizer
 
+
+def model_classes(model_type: str) -> tuple[Any, Any]:
+    """mlx-lm's (Model, ModelArgs) classes for `model_type`, as `mlx_lm.load` picks them."""
+    module = importlib.import_module(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+    return module.Model, module.ModelArgs
+
+
+def save_seeded_model(
+    path: Path,
+    config: dict[str, Any],
+    seed: int,
+    *,
+    dtype: mx.Dtype = mx.float32,
+    quantize: tuple[int, int] | None = None,
+    drop: Sequence[str] = (),
+) -> None:
+    """Build `config`'s mlx-lm model with seeded random weights and save it in `path`.
+
+    Args:
+        dtype: of the floating weights (before quantization).
+        quantize: (bits, group size) of mlx-lm's affine quantization, as `mlx_lm.convert -q`.
+        drop: prefixes of weights left out of the file (e.g. `lm_head.`: a model whose head
+            is then its embedding, as Gemma-3 checkpoints are saved).
+    """
+    model_class, args_class = model_classes(str(config["model_type"]))
+    model = model_class(args_class.from_dict(config))
+    weights = [
+        (name, _init_weight(seed, name, tuple(param.shape)).astype(dtype))
+        for name, param in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    ]
+    model.update(tree_unflatten(weights))
+    if quantize is not None:
+        bits, group_size = quantize
+        model, config = quantize_model(model, config, group_size, bits)
+    mx.eval(model.parameters())
+    save_weights = {
+        name: array
+        for name, array in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+        if not name.startswith(tuple(drop))
+    }
+    mx.save_safetensors(str(path / "model.safetensors"), save_weights, metadata={"format": "mlx"})
+    save_config(config, path / "config.json")
+
+
+def build_tiny_model(
+    path: str | Path,
+    seed: int = 0,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 6,
+    intermediate_size: int = 256,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 1024,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """Write a seeded random llama model and a trained tokenizer as an mlx-lm directory.
+
+    Returns the directory, ready for `mlx_lm.load`. With the defaults the weights are
+    ~4.5 MB of float32. (`tiny_architectures` builds the other architectures.)
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_tokenizer(path, vocab_size)
     config: dict[str, Any] = {
         "model_type": "llama",
         "hidden_size": hidden_size,
