@@ -55,6 +55,28 @@ def run_p2pr_health(node: ExoNode, p2pr: Sequence[str], *, as_json: bool = True)
     return {"error": f"exit {out.returncode}: {out.stderr.strip()[-500:]}"}
 
 
+def health_links(nodes: Sequence[ExoNode], p2pr: Sequence[str]) -> dict[str, Any]:
+    """For a report of a disagreement: each exo node's view of the others' links (`p2pr
+    health` through the first node that runs), so that a missing connection and a lost
+    message can be told apart."""
+    names = {n.node_id: n.name for n in nodes}
+    running = [n for n in nodes if n.alive and not n.stopped]
+    if not running:
+        return {}
+    try:
+        health = run_p2pr_health(running[0], p2pr)
+    except subprocess.SubprocessError as exc:
+        return {"error": str(exc)}
+    views = {
+        names[node_id]: {
+            names[p["peer"]]: p.get("state") for p in view.get("peers", []) if p["peer"] in names
+        }
+        for node_id, view in health.get("nodes", {}).items()
+        if node_id in names
+    }
+    return {"via": running[0].name, "views": views, "error": health.get("error")}
+
+
 def election_marks(nodes: Sequence[ExoNode]) -> tuple[tuple[str, int, int, str | None], ...]:
     """(node, election rounds, election results, master) for every node."""
     marks = []

@@ -29,7 +29,7 @@ import attrs
 
 from .check_common import Deadline, since, wait_for
 from .check_logs import merge_evidence
-from .check_observer import watch_observer
+from .check_observer import health_links, watch_observer
 from .check_procs import (
     ExoNode,
     NetnsUnavailable,
@@ -259,6 +259,7 @@ class StartRun:
                 phase=phase,
                 **self.last.details(expected),
                 split=self.splits.ongoing(now),
+                links=health_links(members, self.setup.p2pr),
             )
             raise StartFailed
         self.splits.close(at)

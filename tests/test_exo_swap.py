@@ -119,7 +119,7 @@ def _assert_start(start: dict[str, Any]) -> None:
 
 
 def test_exo_live_clusters_over_our_router() -> None:
-    result = run_check("--cluster", "--starts", str(STARTS), "--max-seconds", "1500", timeout=1800)
+    result = run_check("--cluster", "--starts", str(STARTS), "--max-seconds", "900", timeout=1200)
     cluster = result["cluster"]
     assert cluster["code"]["ok"], cluster["code"]  # exo ran this checkout's router
     starts = cluster["starts"]
