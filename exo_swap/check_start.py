@@ -259,7 +259,7 @@ class StartRun:
                 phase=phase,
                 **self.last.details(expected),
                 split=self.splits.ongoing(now),
-                links=health_links(members, self.setup.p2pr),
+                links=health_links(self.nodes, self.setup.p2pr),
             )
             raise StartFailed
         self.splits.close(at)
