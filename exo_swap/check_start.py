@@ -238,9 +238,17 @@ class StartRun:
         return at
 
     def _agree(
-        self, phase: str, members: Sequence[ExoNode], bound: float, *, with_state: bool
+        self,
+        phase: str,
+        members: Sequence[ExoNode],
+        bound: float,
+        *,
+        with_state: bool,
+        links: bool = True,
     ) -> tuple[str, float]:
-        """Wait until `members` agree (see Snapshot.agreed); a failure names its kind."""
+        """Wait until `members` agree (see Snapshot.agreed); a failure names its kind and,
+        with `links`, each node's view of its links (read by an observer, which may itself
+        start an election: not before a phase that must start from the failed state)."""
         expected = frozenset(n.node_id for n in members)
 
         def agreed() -> str | None:
@@ -259,7 +267,7 @@ class StartRun:
                 phase=phase,
                 **self.last.details(expected),
                 split=self.splits.ongoing(now),
-                links=health_links(self.nodes, self.setup.p2pr),
+                links=health_links(self.nodes, self.setup.p2pr) if links else "not read",
             )
             raise StartFailed
         self.splits.close(at)
@@ -312,18 +320,25 @@ class StartRun:
     def _scenario_stop(self) -> None:
         victim = self._master()
         survivors = [n for n in self.nodes if n is not victim]
+        rounds = {n.name: n.scan().campaigns for n in survivors}
         stopped = time.monotonic()
         victim.signal(signal.SIGSTOP)
         self.extra["victim"] = victim.name
         self.setup.log(f"  SIGSTOP master {victim.name}")
         try:
-            _, at = self._agree("stop", survivors, self.bounds.reelect, with_state=False)
+            _, at = self._agree(
+                "stop", survivors, self.bounds.reelect, with_state=False, links=False
+            )
             self.times["stop_new_master_s"] = since(stopped, at)
             assert self.last is not None
             self.extra["survivor_state_sizes"] = self.last.state_sizes()
         except StartFailed:
             pass  # recorded; SIGCONT and reconvergence are checked all the same
         self.times["stopped_s"] = since(stopped, time.monotonic())
+        # None at all: no connection event reached exo about the hung master.
+        self.extra["rounds_while_stopped"] = {
+            n.name: n.scan().campaigns - rounds[n.name] for n in survivors
+        }
         resumed = time.monotonic()
         victim.signal(signal.SIGCONT)
         self.setup.log(f"  SIGCONT {victim.name}")
