@@ -127,6 +127,8 @@ def test_exo_live_clusters_over_our_router() -> None:
     assert {s["scenario"] for s in starts} == SCENARIOS
     assert {s["mode"] for s in starts} == MODES
     assert sum(s["burn"] for s in starts) == STARTS // 2
+    # Every start's failures at once (kind, phase, whom each node followed, ...).
+    assert not any(s["failures"] for s in starts), "\n".join(cluster["problems"])
     for start in starts:
         _assert_start(start)
     summary = cluster["summary"]
