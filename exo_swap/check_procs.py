@@ -172,13 +172,19 @@ class ExoNode:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return json.loads(response.read())
 
-    def state_nodes(self) -> frozenset[str] | None:
-        """The node ids in this node's API state (topology and identities)."""
+    def answer(self, path: str) -> Any:
+        """The API's JSON at `path`; None from a stopped, exited or silent node."""
         if self.stopped or not self.alive:
             return None
         try:
-            state = self.api("/state")
+            return self.api(path)
         except (OSError, ValueError):
+            return None
+
+    def state_nodes(self) -> frozenset[str] | None:
+        """The node ids in this node's API state (topology and identities)."""
+        state = self.answer("/state")
+        if not isinstance(state, dict):
             return None
         nodes = set(state.get("topology", {}).get("nodes", [])) | set(
             state.get("nodeIdentities", {})
@@ -186,12 +192,7 @@ class ExoNode:
         return frozenset(nodes)
 
     def api_node_id(self) -> str | None:
-        if self.stopped or not self.alive:
-            return None
-        try:
-            answer = self.api("/node_id")
-        except (OSError, ValueError):
-            return None
+        answer = self.answer("/node_id")
         return answer if isinstance(answer, str) else None
 
 
