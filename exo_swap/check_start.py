@@ -343,7 +343,10 @@ class StartRun:
         victim.signal(signal.SIGCONT)
         self.setup.log(f"  SIGCONT {victim.name}")
         _, at = self._agree("resume", self.nodes, self.bounds.reconverge, with_state=True)
-        self.times["reconverge_s"] = since(resumed, at)
+        # Reconvergence is from two sides only where the survivors had moved on; else the
+        # survivors still followed the resumed master and "agreement" needed nothing.
+        moved_on = self.times.get("stop_new_master_s") is not None
+        self.times["reconverge_s" if moved_on else "resume_unmoved_s"] = since(resumed, at)
 
     def _scenario_restart(self) -> None:
         master = self._master()
