@@ -1,6 +1,7 @@
 """exo_swap's parts that need no exo checkout: the overlay (apply/revert on a synthetic
 checkout), the exo_rs stand-ins (Pidfile across processes, bare Keypair ids), and the
-check's report parsing. The checks against real exo are in test_exo_swap.py (EXO_SRC)."""
+check's parsing and bookkeeping (junit reports, exo's logs, agreement and split-brain
+classification, the plan of starts, the summary). The checks against real exo are in test_exo_swap.py (EXO_SRC)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from exo_swap import apply as overlay
-from exo_swap.check import SuiteResult, _parse_junit, suite_verdict, wait_for
+from exo_swap.check_cluster import plan_starts, summarize
+from exo_swap.check_common import wait_for
+from exo_swap.check_logs import LogTail, count_keys, merge_evidence
+from exo_swap.check_start import MODES, SCENARIOS
+from exo_swap.check_suite import SuiteResult, _parse_junit, suite_verdict
+from exo_swap.check_views import Snapshot, SplitWatch
 from exo_swap.exo_rs_standin import Pidfile, PidfileError
 
 EXO_ROUTING = ("router.py", "topics.py", "connection_message.py", "event_router.py")
@@ -172,3 +178,125 @@ def test_wait_for_is_bounded_and_waits_for_stability() -> None:
     assert value == 2 and at is not None
     value, at = wait_for(lambda: 0, 0.05, poll=0.01)
     assert value == 0 and at is None
+
+
+def test_log_scan_reads_elections_and_failure_evidence(tmp_path: Path) -> None:
+    me, other = "12D3KooWMe", "12D3KooWOther"
+    log = tmp_path / "node1.1.log"
+    lines = [
+        "[ 03:24:26.1366PM | INFO    ] node id 12D3KooWMe (identity file /h/node_id.keypair)",
+        "\x1b[32m[ 03:24:26.3809PM | INFO    ] Node elected Master - maintaining self\x1b[0m",
+        "[ 03:24:26.5971PM | INFO    ] Waiting for other campaign to finish",
+        "[ 03:24:26.6160PM | INFO    ] Cancelling other campaign",
+        "[ 03:24:26.6165PM | INFO    ] Waiting for other campaign to finish",
+        "[ 03:24:29.9219PM | INFO    ] Node 12D3KooWOther elected master - demoting self",
+        "[ 03:24:30.1000PM | WARNING ] Gap(origin='x', stream='election_messages', start=3,"
+        " stop=4, reason='publisher could not repair', direct=False)",
+        "[ 03:24:31.0000PM | ERROR   ] node 12D3KooWOther reports another live node using MY"
+        " identity 12D3KooWMe: two machines share one identity file (a cloned disk?)",
+        "            | discovery.peers.PeerAddressError: '/ip4/127.0.0.1/tcp/1' has no /p2p/",
+        "  | ExceptionGroup: unhandled errors in a TaskGroup (1 sub-exception)",
+    ]
+    tail = LogTail(log, me)
+    log.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # a line still being written
+    first = tail.poll()
+    assert (first.master, first.results, first.campaigns) == (me, 1, 1)
+    assert first.logged_node_id == me
+    with open(log, "a") as out:
+        out.write(lines[4][20:] + "\n" + "\n".join(lines[5:]) + "\n")
+    scan = tail.poll()
+    assert (scan.master, scan.results, scan.campaigns) == (other, 2, 2)
+    assert list(scan.gaps) == ["election_messages: publisher could not repair"]
+    assert scan.duplicate_identity.count == 1
+    assert scan.duplicate_identity.first_at == "03:24:31.0000PM"
+    assert list(scan.exceptions) == ["PeerAddressError"]  # the group only wraps it
+    assert scan.errors.count == 1
+    evidence = merge_evidence([scan, scan])
+    assert evidence["gaps"] == {"election_messages: publisher could not repair": 2}
+    assert count_keys(evidence)["duplicate_identity"] == 2
+
+
+def test_snapshot_names_the_kind_of_disagreement() -> None:
+    a, b, c = "12D3KooWa", "12D3KooWb", "12D3KooWc"
+    ids = frozenset({a, b, c})
+    names = {a: "node1", b: "node2", c: "node3"}
+
+    def snap(masters: list[str | None], sizes: list[int]) -> Snapshot:
+        every = [a, b, c]
+        return Snapshot(
+            masters=dict(zip(names.values(), masters)),
+            states={n: frozenset(every[:k]) for n, k in zip(names.values(), sizes)},
+            names=names,
+        )
+
+    agreed = snap([b, b, b], [3, 3, 3])
+    assert agreed.agreed(ids, with_state=True) == b and not agreed.split
+    split = snap([a, b, b], [2, 1, 2])
+    assert split.split and split.classify(ids) == "split_brain"
+    assert split.follows() == {"node1": "node1", "node2": "node2", "node3": "node2"}
+    assert split.details(ids)["state_missing"]["node2"] == ["node2", "node3"]
+    assert snap([a, a, a], [3, 3, 3]).classify(frozenset({b, c})) == "stale_master"
+    assert snap([b, b, b], [3, 2, 3]).classify(ids) == "split_state"
+    assert snap([b, b, b], [2, 2, 2]).classify(ids) == "state_incomplete"
+    assert snap([b, None, b], [3, 3, 3]).classify(ids) == "no_master"
+    assert snap([b, b, b], [3, 2, 3]).agreed(ids, with_state=False) == b
+
+
+def test_split_watch_measures_episodes() -> None:
+    names = {"12D3KooWa": "node1", "12D3KooWb": "node2"}
+    split = Snapshot({"node1": "12D3KooWa", "node2": "12D3KooWb"}, {}, names)
+    whole = Snapshot({"node1": "12D3KooWa", "node2": "12D3KooWa"}, {}, names)
+    watch = SplitWatch(started=100.0)
+    watch.observe(split, 99.0, "start")  # before the first agreement: not a split
+    watch.observe(whole, 99.5, "start")
+    watch.armed = True
+    watch.observe(split, 101.0, "start")
+    watch.observe(split, 101.2, "start")
+    watch.observe(whole, 101.3, "start")  # 0.3 s: counted, not listed
+    watch.observe(split, 110.0, "stop")
+    watch.observe(split, 115.0, "stop")
+    report = watch.report(117.0)
+    assert report["count"] == 2 and report["longest_s"] == 7.0  # the open one, so far
+    [ongoing] = report["episodes"]
+    assert ongoing["phase"] == "stop" and ongoing["ongoing"] and ongoing["seconds"] == 7.0
+    assert ongoing["first"].startswith("follows node1->node1, node2->node2;")
+
+
+def test_plan_cycles_every_scenario_and_mode_within_five_starts() -> None:
+    plans = plan_starts(20, 0.5)
+    for first in range(len(plans) - 4):
+        window = plans[first : first + 5]
+        assert {p.scenario for p in window} == set(SCENARIOS)
+        assert {p.mode for p in window} == set(MODES)
+    assert {(p.scenario, p.mode) for p in plans[:9]} == {(s, m) for s in SCENARIOS for m in MODES}
+    assert [p.burn for p in plans[:4]] == [False, True, False, True]
+    assert sum(p.burn for p in plans) == 10
+    assert not any(p.burn for p in plan_starts(6, 0.0))
+    assert all(p.burn for p in plan_starts(6, 1.0))
+
+
+def test_summary_counts_and_times() -> None:
+    def start(i: int, scenario: str, ok: bool, agree: float, burn: bool) -> dict[str, object]:
+        return {
+            "index": i,
+            "scenario": scenario,
+            "mode": "p2p",
+            "burn": burn,
+            "ok": ok,
+            "failures": [] if ok else [{"kind": "split_brain", "detail": "x"}],
+            "times": {"agree_s": agree},
+            "evidence": {"gaps": {"election_messages: publisher could not repair": 2}},
+            "splits": {"count": 1, "longest_s": 3.0 * i, "episodes": [{}] if not ok else []},
+        }
+
+    starts = [start(1, "kill", True, 4.0, False), start(2, "stop", False, 10.0, True)]
+    starts.append(start(3, "kill", True, 6.0, False))
+    summary = summarize(starts)
+    assert (summary["starts"], summary["ok"], summary["failed"]) == (3, 2, 1)
+    assert summary["by_scenario"] == {"kill": {"runs": 2, "ok": 2}, "stop": {"runs": 1, "ok": 0}}
+    assert summary["failure_kinds"] == {"split_brain": 1}
+    assert summary["times"]["agree_s"] == {"n": 3, "median": 6.0, "worst": 10.0}
+    assert summary["times_quiet"]["agree_s"] == {"n": 2, "median": 5.0, "worst": 6.0}
+    assert summary["times"]["rejoin_s"] == {"n": 0, "median": None, "worst": None}
+    assert summary["evidence_starts"] == {"gaps/election_messages: publisher could not repair": 3}
+    assert summary["splits"] == {"starts_with_split_over_1s": 1, "longest_s": 9.0}
