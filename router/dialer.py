@@ -25,6 +25,8 @@ from libp2p.security.pnet.protector import new_protected_conn
 
 from discovery.peers import DialPlanner, PeerAddressError
 
+from .directs import start_soon
+
 log = logging.getLogger("p2pr.dialer")
 
 
@@ -113,7 +115,7 @@ class Dialer:
             now = trio.current_time()
             connected = self._connected()
             for state in self.planner.due(now, connected):
-                nursery.start_soon(self._dial, state.addr, state.peer)
+                start_soon(nursery, self._dial, state.addr, state.peer)
             # next_time must skip connected peers as due() does, or this loop never sleeps.
             planned = self.planner.next_time(connected)
             wake_at = max(now + 0.01, min(planned or math.inf, now + self.redial_interval))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import attrs
 import trio
@@ -119,9 +120,8 @@ class DirectTransport:
         link.queue.append(data)
         link.queued_bytes += len(data)
         link.wake.set()
-        if not link.running and self._nursery is not None:
-            link.running = True
-            self._nursery.start_soon(self._writer, peer, link)
+        if not link.running:
+            link.running = start_soon(self._nursery, self._writer, peer, link)
 
     def backlog(self, peer: str) -> int:
         """Bytes waiting for `peer`'s stream."""
@@ -303,3 +303,15 @@ def _cut_frame(buffer: bytearray, pos: int, limit: int) -> tuple[bytes, int] | N
         return None
     with memoryview(buffer) as view, view[index:stop] as body:
         return bytes(body), stop
+
+
+def start_soon(nursery: trio.Nursery | None, fn: Callable[..., Any], *args: Any) -> bool:
+    """Start `fn(*args)` in `nursery` unless it is gone or closing (the engine is shutting
+    down: connections closing then must not start new work, nor fail loudly)."""
+    if nursery is None:
+        return False
+    try:
+        nursery.start_soon(fn, *args)
+    except RuntimeError:  # "Nursery is closed to new arrivals"
+        return False
+    return True

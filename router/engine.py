@@ -46,7 +46,7 @@ from p2p_reliable import (
 )
 
 from .dialer import Dialer
-from .directs import DirectLimits, DirectTransport
+from .directs import DirectLimits, DirectTransport, start_soon
 from .faults import FaultConfig, FaultShim
 from .host import build_host, build_pubsub, listen_addrs
 from .liveness import LivenessConfig
@@ -334,8 +334,7 @@ class Engine:
         self._flush()
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+        start_soon(self._nursery, fn, *args)
 
     @staticmethod
     def _now() -> float:

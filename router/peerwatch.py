@@ -20,6 +20,7 @@ from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_uvarint
 
+from .directs import start_soon
 from .liveness import HangDetector, LivenessConfig
 from .membership import (
     HELLO_PROTOCOL,
@@ -89,8 +90,7 @@ class PeerWatch:
             self._spawn(self._send_hello, peer)
 
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+        start_soon(self._nursery, fn, *args)
 
     # -- hellos ----------------------------------------------------------------------------
 
