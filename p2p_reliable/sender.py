@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import OrderedDict
 from typing import Protocol
 
 import attrs
 
+from .budget import SendLedger, message_cost
 from .config import ProtocolConfig
 from .control import AckInfo, StreamMark, SyncInfo, encode_ranges, encode_sync
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
@@ -44,6 +46,7 @@ class SenderHost(Protocol):
     stats: EndpointStats
     envelopes: EnvelopeCodec
     retention: RetentionBudget
+    ledger: SendLedger
 
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
@@ -74,6 +77,8 @@ class _Receiver:
     # them (or pin_until passes) they outlive retain_seconds, though not the byte bounds.
     pin_stop: int = 0
     pin_until: float = 0.0
+    # Messages it may still hold (unconsumed, as far as its limit tells): start -> (end, cost).
+    held: OrderedDict[int, tuple[int, int]] = attrs.Factory(OrderedDict)
 
 
 class StreamSender:
@@ -115,13 +120,14 @@ class StreamSender:
 
     # -- receivers -------------------------------------------------------------------------
 
-    def unacked(self) -> int:
-        """Sequence numbers still waiting for some receiver's acknowledgement."""
-        return sum(len(r.unacked) for r in self._receivers.values())
-
     def receivers(self) -> list[str]:
         """Peers this stream currently waits for."""
         return [p for p, r in self._receivers.items() if not r.failed]
+
+    def serves(self, peer: str) -> bool:
+        """Whether this stream currently waits for `peer`."""
+        rcv = self._receivers.get(peer)
+        return rcv is not None and not rcv.failed
 
     def add_receiver(self, peer: str, now: float) -> None:
         """Track `peer` from the oldest retained message on (and tell it so with SYNC)."""
@@ -155,6 +161,8 @@ class StreamSender:
         self._abandon(rcv, list(rcv.unacked), now, reason)
         if self.dest is None:
             del self._receivers[peer]
+            for _, cost in rcv.held.values():
+                self.host.ledger.remove(peer, cost)
         self._retire(now)
 
     # -- sending ---------------------------------------------------------------------------
@@ -162,11 +170,12 @@ class StreamSender:
     def blocking_receivers(self, size: int) -> list[str]:
         """Receivers whose window has no room for a message of `size` bytes."""
         cfg = self.host.config
+        cost = message_cost(size, cfg.max_fragment_payload)
         full = []
         for rcv in self._receivers.values():
             if rcv.failed:
                 continue
-            if self.next_seq >= rcv.limit:
+            if self.next_seq >= rcv.limit or not self.host.ledger.fits(rcv.peer, cost):
                 full.append(rcv.peer)
             elif rcv.pending_per_msg and (
                 len(rcv.pending_per_msg) >= cfg.window_messages
@@ -206,7 +215,12 @@ class StreamSender:
         active = [rcv for rcv in self._receivers.values() if not rcv.failed]
         self.log.append(fragments, published=now, owed=len(active))
         total = sum(f.size for f in fragments)
+        cost = message_cost(len(payload), self.host.config.max_fragment_payload)
+        ledger = self.host.ledger
         for rcv in active:
+            rcv.held[start] = (start + count, cost)
+            ledger.add(rcv.peer, cost)
+            ledger.unacked += count
             self.host.health(rcv.peer).on_sent(now, count)
             delay = self._delay(rcv.peer, 0)
             for seq in range(start, start + count):
@@ -225,6 +239,7 @@ class StreamSender:
         if rcv is None:
             return
         rcv.limit = max(rcv.limit, info.limit)
+        self._release_consumed(rcv)
         rcv.acked_floor = max(rcv.acked_floor, info.floor)
         if rcv.acked_floor >= rcv.pin_stop:
             rcv.pin_stop = 0
@@ -365,8 +380,19 @@ class StreamSender:
         assert frag is not None, f"unacked seq {seq} of {self.name!r} left the log"
         return frag
 
+    def _release_consumed(self, rcv: _Receiver) -> None:
+        # Its limit runs receive_window ahead of what its application consumed.
+        consumed = rcv.limit - self.host.config.receive_window
+        while rcv.held:
+            start, (end, cost) = next(iter(rcv.held.items()))
+            if end > consumed:
+                return
+            del rcv.held[start]
+            self.host.ledger.remove(rcv.peer, cost)
+
     def _settle(self, rcv: _Receiver, seq: int) -> _InFlight:
         flight = rcv.unacked.pop(seq)
+        self.host.ledger.unacked -= 1
         frag = self._fragment(seq)
         rcv.unacked_bytes -= frag.size
         left = rcv.pending_per_msg[frag.msg_start] - 1
@@ -387,6 +413,10 @@ class StreamSender:
         for seq in seqs:
             self._settle(rcv, seq)
         for start in messages:
+            # It gives them up (our GAP says so): it will not hold them.
+            end_cost = rcv.held.pop(start, None)
+            if end_cost is not None:
+                self.host.ledger.remove(rcv.peer, end_cost[1])
             self.host.emit(Unrecoverable(stream=self.name, seq=start, peer=rcv.peer, reason=reason))
         for r in lost:
             rcv.abandoned.add(r.start, r.stop)
@@ -413,6 +443,14 @@ class StreamSender:
 
     def _retire(self, now: float) -> None:
         self.log.evict_due(now, lambda start: self._pinned(start, now))
+        self.check_window()
+
+    def check_window(self) -> bool:
+        """Emit WindowOpen if a refused send would now find room; whether still blocked.
+
+        The endpoint calls it when a receiver's byte credit, shared by all streams, grew.
+        """
         if self._blocked and not self.blocking_receivers(0):
             self._blocked = False
             self.host.emit(WindowOpen(stream=self.name, peer=self.dest))
+        return self._blocked
