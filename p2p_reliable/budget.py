@@ -5,14 +5,14 @@ flow control, in messages delivered to the application and not yet reported cons
 `ReceiveBudget` bounds both per peer and over all peers: data that does not fit is dropped
 unacknowledged (flow, not hostility: the publisher sends it again later).
 
-Two exceptions keep delivery going, each for one message at a time: the head-of-line message
-of one stream of a peer may exceed that peer's budget (an empty window admits one message,
-however large), and one head-of-line message over all peers may exceed the total, each by at
-most `slack` (what the largest message costs). Without them, one message larger than the
-budget could never arrive, and buffers full of out-of-order data could wait forever for a
-head-of-line fragment that does not fit. The slack is a hard bound: a peer holds at most
-`peer_limit + slack`, all peers together at most `total_limit + slack`, however many large
-messages were delivered and not consumed yet.
+Two exceptions keep delivery going, each for one head-of-line message at a time (the next
+message of its stream) and by at most `slack`, what the largest message costs: one per peer
+passes that peer's budget, and one passes the total. Without them a message larger than the
+budget could never arrive (an empty window admits one message, however large), and buffers
+full of out-of-order data could wait forever for head-of-line fragments that do not fit. A
+peer's exception needs the application to hold nothing unconsumed of that peer, so delivered
+messages cannot pile up through it: a peer holds at most `peer_limit + slack`, all peers
+together at most `total_limit + slack`, and delivery goes on whenever the application reads.
 
 `SendLedger` is the publisher's side of the same bound: it charges each message to every
 receiver (as `message_cost`, an upper bound of what the receiver can hold for it) until the
@@ -63,6 +63,7 @@ class ReceiveBudget:
         self.slack = slack
         self.total = 0
         self._used: dict[str, int] = {}
+        self._unconsumed: dict[str, int] = {}  # the part of _used delivered, not consumed
         self._peer_holder: dict[str, Hashable] = {}
         self._total_holder: Hashable | None = None
         # Receivers whose next message needs more room than the peer has now, by peer; a peer
@@ -83,56 +84,56 @@ class ReceiveBudget:
         return len(self._used)
 
     def admit(self, peer: str, size: int, head: Hashable | None) -> bool:
-        """Charge `size` bytes to `peer` if they fit; `head` names a head-of-line message.
-
-        Over a budget, only the head-of-line message that holds (or now takes) that budget's
-        exception is admitted, within the slack.
-        """
+        """Charge `size` bytes to buffer for `peer` if they fit; `head` names the head-of-line
+        message they belong to, if they do, which may take (or holds) an exception."""
         used = self.used(peer) + size
-        peer_ok = used <= self.peer_limit
-        total_ok = self.total + size <= self.total_limit
-        if not (peer_ok and total_ok):
+        total = self.total + size
+        peer_over, total_over = used > self.peer_limit, total > self.total_limit
+        if peer_over or total_over:
             if head is None:
                 return False
-            if not peer_ok and (
-                self._peer_holder.get(peer, head) != head or used > self.peer_limit + self.slack
+            if peer_over and (
+                self._peer_holder.get(peer, head) != head
+                or used > self.peer_limit + self.slack
+                or self._unconsumed.get(peer, 0)
             ):
                 return False
-            if not total_ok and (
-                self._total_holder not in (None, head)
-                or self.total + size > self.total_limit + self.slack
+            if total_over and (
+                self._total_holder not in (None, head) or total > self.total_limit + self.slack
             ):
                 return False
-            if not peer_ok:
+            if peer_over:
                 self._peer_holder[peer] = head
-            if not total_ok:
+            if total_over:
                 self._total_holder = head
-        self.charge(peer, size)
+        self._charge(peer, size)
         return True
 
-    def charge(self, peer: str, size: int) -> None:
-        """Charge bytes that are held already in another form (a delivered message)."""
+    def _charge(self, peer: str, size: int) -> None:
         self._used[peer] = self.used(peer) + size
         self.total += size
 
+    def deliver(self, peer: str, size: int) -> None:
+        """Charge a message delivered to the application (its fragments left the buffer)."""
+        self._charge(peer, size)
+        self._unconsumed[peer] = self._unconsumed.get(peer, 0) + size
+
+    def consume(self, peer: str, size: int) -> None:
+        """The application consumed a delivered message (or it is forgotten)."""
+        _subtract(self._unconsumed, peer, size)
+        self.release(peer, size)
+
     def release(self, peer: str, size: int) -> None:
-        """`peer`'s bytes left memory (delivered, consumed, given up or freed)."""
-        left = self.used(peer) - size
-        if left > 0:
-            self._used[peer] = left
-        else:
-            self._used.pop(peer, None)
+        """Buffered bytes of `peer` left memory (delivered, given up or freed)."""
+        _subtract(self._used, peer, size)
         self.total -= size
         if peer in self._stalled:
             self.woken[peer] = None
 
     def release_heads(self, peer: str, owner: object, below: float) -> None:
-        """`owner` passed every message below `below`: exceptions they held are free again.
-
-        Exceptions are held by head-of-line messages named `(owner, first seq)`.
-        """
-        held = self._peer_holder.get(peer)
-        if _passed(held, owner, below):
+        """`owner` passed every message below `below`: exceptions they held (as `(owner,
+        first seq)`) are free again."""
+        if _passed(self._peer_holder.get(peer), owner, below):
             del self._peer_holder[peer]
         if _passed(self._total_holder, owner, below):
             self._total_holder = None
@@ -185,6 +186,10 @@ class StreamAccount:
         """Whether the application holds delivered messages it has not consumed."""
         return bool(self._unconsumed)
 
+    def unconsumed_bytes(self) -> int:
+        """What the delivered, unconsumed messages are charged (recounted)."""
+        return sum(charge for _, charge in self._unconsumed)
+
     def admit(self, payload_len: int, head: int | None) -> bool:
         """Charge a fragment to buffer if it fits; `head`: the first seq of its message if
         that message is the next to deliver."""
@@ -208,14 +213,14 @@ class StreamAccount:
         """With flow control: a message ending before `end` went to the application."""
         charge = payload_len + ENVELOPE_OVERHEAD
         self._unconsumed.append((end, charge))
-        self.budget.charge(self.peer, charge)
+        self.budget.deliver(self.peer, charge)
 
     def consumed(self, upto: int) -> None:
         """The application took every message ending at or before `upto`."""
         while self._unconsumed and self._unconsumed[0][0] <= upto:
             charge = self._unconsumed.popleft()[1]
             self.released += charge
-            self.budget.release(self.peer, charge)
+            self.budget.consume(self.peer, charge)
 
     def decompression(
         self, declared: int, own: list[int], *, direct: bool, max_message_size: int
@@ -248,11 +253,20 @@ class StreamAccount:
     def close(self) -> None:
         """The owner is dropped: everything it held leaves the budget."""
         budget = self.budget
-        budget.release(self.peer, self.buffered + sum(c for _, c in self._unconsumed))
+        budget.release(self.peer, self.buffered)
+        budget.consume(self.peer, self.unconsumed_bytes())
         self.buffered = 0
         self._unconsumed.clear()
         budget.release_heads(self.peer, self.owner, math.inf)
         budget.unstall(self.peer, self.owner)
+
+
+def _subtract(counts: dict[str, int], key: str, n: int) -> None:
+    left = counts.get(key, 0) - n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _passed(head: Hashable | None, owner: object, below: float) -> bool:

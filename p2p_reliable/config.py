@@ -63,9 +63,10 @@ class ProtocolConfig:
     # handful of fixed names; 64 leaves ample room) and in total (64 busy peers' worth).
     max_direct_streams_per_peer: int = 64
     max_inbound_streams: int = 4096
-    # A receiver with nothing left to do (all delivered and consumed, no hole) that heard
-    # nothing this long is freed down to a resume point, as is, once idle, any receiver of a
-    # removed peer. Longer than the gap_timeout (~17 s) so that holes are settled first.
+    # A direct stream's receiver with nothing left to do (all delivered and consumed, no
+    # hole) that heard nothing this long is freed down to a resume point; so is any receiver
+    # of a removed peer, its holes reported lost first. Longer than the gap timeout (~17 s by
+    # default), so that a removed peer's holes are mostly settled by then anyway.
     idle_stream_timeout: float = 60.0
     # Resume points (epoch, next seq) of freed receivers and unsubscribed topics: about 0.5 KiB
     # each at most. 256 per publisher outlasts its 64 live direct streams several times.
@@ -95,8 +96,8 @@ class ProtocolConfig:
             or min(self.resume_points_per_peer, self.max_resume_points) < 1
         ):
             problems.append("stream and resume point caps must be positive")
-        if self.idle_stream_timeout <= self.effective_gap_timeout:
-            problems.append("idle_stream_timeout must exceed the gap timeout")
+        if self.idle_stream_timeout <= 0:
+            problems.append("idle_stream_timeout must be positive")
         if min(self.window_messages, self.ack_every, self.receive_window) < 1 or (
             self.heartbeat_interval <= 0
         ):

@@ -353,10 +353,10 @@ class Endpoint:
 
     def handle_timer(self, now: float) -> None:
         """Run every timer that is due."""
-        if self._next_heartbeat is not None and self._next_heartbeat <= now:
-            self._heartbeat(now)
         for machine in self.timers.pop_due(now):
             machine.handle_timer(now)
+        if self._next_heartbeat is not None and self._next_heartbeat <= now:
+            self._heartbeat(now)  # after the machines: the sweep sees their acks sent
         self._check_blocked()
         self.streams.wake_stalled(now)
 

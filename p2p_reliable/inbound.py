@@ -139,7 +139,8 @@ class InboundStreams:
             return None
         rcv = self._live.get(key)
         if rcv is not None and rcv.epoch == epoch:
-            self._touch(key, now)
+            if mark is None or mark > rcv.high_water:
+                self._touch(key, now)  # (a heartbeat repeating what we know is no activity)
             host.timers.touch(rcv)
             return rcv
         point = self.points.get(key)
@@ -169,8 +170,10 @@ class InboundStreams:
         for key, rcv in list(self._live.items()):
             if rcv.last_active > cutoff:
                 break
-            present = self.host.connected(key[0])
-            if not present or (key[2] and rcv.idle(peer_present=True)):
+            if not self.host.connected(key[0]):
+                rcv.give_up(now)
+                self._free(key, rcv)
+            elif key[2] and rcv.idle(peer_present=True):
                 self._free(key, rcv)
             else:
                 self._touch(key, now)  # busy: look again after another timeout

@@ -6,7 +6,7 @@ import math
 from collections import deque
 from typing import Protocol
 
-from .budget import Decompression, ReceiveBudget, StreamAccount
+from .budget import ENVELOPE_OVERHEAD, Decompression, ReceiveBudget, StreamAccount
 from .config import ProtocolConfig
 from .control import SyncInfo
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
@@ -363,6 +363,19 @@ class StreamReceiver:
         if self.high_water > self.next or self._lost.all:
             return False
         return not (peer_present and self.account.unconsumed)
+
+    def give_up(self, now: float) -> None:
+        """Its publisher left for good: report every hole as lost, deliver what follows."""
+        if self.synced:
+            self._known.clear()
+            self._lost.add(self._held.missing(self.next, self.high_water), TIMED_OUT)
+            self._deliver(now)
+
+    def held_bytes(self) -> int:
+        """What this receiver holds of its publisher's, recounted from what it keeps (the
+        budget's running account must agree)."""
+        buffered = sum(len(e.payload) + ENVELOPE_OVERHEAD for e in self._buffer.values())
+        return buffered + self.account.unconsumed_bytes()
 
     def close(self) -> None:
         """Free everything charged to the budget: this receiver is dropped."""
