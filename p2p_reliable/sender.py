@@ -109,7 +109,7 @@ class StreamSender:
             self.log = MessageLog(NO_RETENTION)
         self._receivers: dict[str, _Receiver] = {}
         self._timers: list[tuple[float, str, int]] = []
-        self._blocked = False
+        self._blocked: int | None = None  # the size of the message refused, until it fits
         if dest is not None:
             self._receivers[dest] = self._new_receiver(dest, 0)
 
@@ -188,7 +188,7 @@ class StreamSender:
         """Queue a message for transmission; return its first sequence number."""
         blocking = self.blocking_receivers(len(payload))
         if blocking:
-            self._blocked = True
+            self._blocked = len(payload)
             raise WindowFull(self.name, blocking)
         split = self.host.codec.split(payload)
         start = self.next_seq
@@ -450,7 +450,7 @@ class StreamSender:
 
         The endpoint calls it when a receiver's byte credit, shared by all streams, grew.
         """
-        if self._blocked and not self.blocking_receivers(0):
-            self._blocked = False
+        if self._blocked is not None and not self.blocking_receivers(self._blocked):
+            self._blocked = None
             self.host.emit(WindowOpen(stream=self.name, peer=self.dest))
-        return self._blocked
+        return self._blocked is not None
