@@ -50,13 +50,13 @@ class ProtocolConfig:
     # Receive bounds (README "Receive bounds"). Sequence credit alone would let one stream
     # hold receive_window x max_fragment_payload = 2 GiB: bytes are bounded per publisher over
     # all its streams (reorder buffers, plus with flow_control what the application was given
-    # and has not consumed) and over all publishers. Data beyond them is dropped unacked and
+    # and has not consumed) and over all publishers; data beyond them is dropped unacked and
     # sent again later. 32 MiB is 8 send windows (window_bytes), far more than a LAN link
-    # keeps in flight to one peer; 128 MiB is four such peers at once. One message may exceed
-    # each (an empty window admits one message, however large), so the worst case is
-    # total_receive_bytes + max_message_size. Publishers hold back what would exceed a
-    # receiver's peer_receive_bytes (the same in the whole cluster) and compress nothing
-    # larger.
+    # keeps in flight to one peer; 128 MiB is four such peers at once. One head-of-line
+    # message may pass each bound (an empty window admits one message, however large), so the
+    # worst cases are peer_receive_bytes and total_receive_bytes plus one max_message_size.
+    # Publishers hold back what would exceed a receiver's peer_receive_bytes (the same in the
+    # whole cluster) and compress nothing larger.
     peer_receive_bytes: int = 32 * MiB
     total_receive_bytes: int = 128 * MiB
     # Inbound receivers: direct stream names per publisher (the router's pipeline uses a

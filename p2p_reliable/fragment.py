@@ -70,16 +70,17 @@ class MessageCodec:
             )
         flags = Flags.NONE
         content: bytes = payload
-        if self.compress_threshold <= len(
-            payload
-        ) <= self.compress_max_size and self._looks_compressible(payload):
+        size = len(payload)
+        if self.compress_threshold <= size <= self.compress_max_size and (
+            self._looks_compressible(payload)
+        ):
             packed = self._compressor.compress(payload)
             # Only keep compression that pays for the receiver's decompression time.
             if len(packed) < len(payload) * 0.9:
                 content, flags = packed, Flags.COMPRESSED
         body = content + xxhash.xxh3_64_digest(payload)
-        size = self.max_fragment_payload
-        return Split(flags, [body[i : i + size] for i in range(0, len(body), size)])
+        piece = self.max_fragment_payload
+        return Split(flags, [body[i : i + piece] for i in range(0, len(body), piece)])
 
     def _looks_compressible(self, payload: bytes) -> bool:
         # Tensors and already-compressed data do not shrink; a fast probe of the first 8 KiB

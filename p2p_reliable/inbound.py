@@ -167,9 +167,12 @@ class InboundStreams:
     def sweep(self, now: float) -> None:
         """Free direct receivers idle for idle_stream_timeout, and any of a removed peer."""
         cutoff = now - self.host.config.idle_stream_timeout
-        for key, rcv in list(self._live.items()):
+        due = []
+        for key, rcv in self._live.items():  # least recently active first: stop at the first
             if rcv.last_active > cutoff:
                 break
+            due.append((key, rcv))
+        for key, rcv in due:
             if not self.host.connected(key[0]):
                 rcv.give_up(now)
                 self._free(key, rcv)
