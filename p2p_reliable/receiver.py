@@ -107,7 +107,9 @@ class StreamReceiver:
             self.host.stats.duplicates += 1
             self._schedule_ack(now, immediate=True)
             return
-        start = seq - env.frag_index
+        # (No valid message has more fragments than max_fragments: a larger index claims a
+        # start further back than any message it could belong to.)
+        start = seq - min(env.frag_index, self.host.codec.max_fragments() - 1)
         if self.direct and self.synced and start >= self.limit:
             # A direct publisher starts messages only below the limit we gave it (a topic's
             # may not know of us yet): this one ignores our credit.
@@ -370,6 +372,8 @@ class StreamReceiver:
             self._known.clear()
             self._lost.add(self._held.missing(self.next, self.high_water), TIMED_OUT)
             self._deliver(now)
+            if self._buffer:  # a message that waited for credit that will not come now
+                self._gap(max(self.high_water, max(self._buffer) + 1), "publisher left")
 
     def held_bytes(self) -> int:
         """What this receiver holds of its publisher's, recounted from what it keeps (the

@@ -93,6 +93,27 @@ def test_a_publisher_beyond_its_sequence_credit_is_refused_and_counted(
     assert b.endpoint.budget.used("A") <= config.peer_receive_bytes + delivered
 
 
+def test_a_forged_fragment_index_does_not_buy_credit() -> None:
+    b = Endpoint("B", epoch=1, config=attrs.evolve(SMALL, receive_window=8))
+    body = b.codec.split(b"x").pieces[0]
+    b.receive(_direct("A", "d", 0, body), "A", 0.0)  # synced: credit up to seq 8
+    forged = Envelope(
+        kind=Kind.FRAGMENT,
+        origin="A",
+        stream="d",
+        epoch=1,
+        seq=5000,
+        payload=b"y" * 100,
+        frag_index=4999,  # "my message started at seq 1"
+        frag_count=5000,
+        flags=Flags.DIRECT,
+    )
+    b.receive(encode(forged), "A", 0.1)
+    assert [e.reason for e in _events(b) if isinstance(e, Rejected)] == [OVER_CREDIT]
+    assert b.stats.over_credit == 1 and _within_budgets(b)
+    assert b.budget.used("A") == 1 + 256  # only the delivered b"x", not yet consumed
+
+
 def test_a_flood_within_sequence_credit_is_bounded_by_bytes_and_not_called_hostile(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -253,6 +274,26 @@ def test_a_compressed_message_over_the_credit_left_waits_for_the_application(
     net.run(net.now + 0.01)  # (the simulated application collects its events)
     assert [d.payload for d in b.delivered()] == [b"first", held, packed]
     assert b.gaps() == [] and _within_budgets(b.endpoint)
+
+
+def test_a_message_still_waiting_for_credit_when_its_publisher_leaves_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = SimNetwork(seed=4)
+    net.add_node("A", config=SMALL)
+    b = net.add_node("B", config=SMALL)
+    b.auto_consume = False
+    _ignore_credit(net, "A", "B", "d", monkeypatch)
+    net.send("A", "B", "d", random.Random(4).randbytes(150 * KiB))
+    net.send("A", "B", "d", bytes(200 * KiB))
+    net.run(1.0)
+    assert b.endpoint.stats.credit_stalls == 1
+    net.kill("A")
+    b.endpoint.remove_peer("A", net.now)
+    net.run(net.now + SMALL.idle_stream_timeout + 1.0)
+    (gap,) = b.gaps()
+    assert (gap.start, gap.stop, gap.reason) == (2, 3, "publisher left")
+    assert b.endpoint.budget.total == 0 and len(b.endpoint.streams) == 0
 
 
 # -- row 7: thousands of stream names ----------------------------------------------------
