@@ -79,10 +79,6 @@ class ReceiveBudget:
         """What `peer` may still add within its budget (negative when over it)."""
         return self.peer_limit - self.used(peer)
 
-    def peers(self) -> int:
-        """How many peers hold bytes now."""
-        return len(self._used)
-
     def admit(self, peer: str, size: int, head: Hashable | None) -> bool:
         """Charge `size` bytes to buffer for `peer` if they fit; `head` names the head-of-line
         message they belong to, if they do, which may take (or holds) an exception."""
@@ -232,16 +228,16 @@ class StreamAccount:
         never sends more than the budget behind a message (a topic's may not know of us yet).
         """
         budget = self.budget
-        if declared > min(budget.peer_limit - ENVELOPE_OVERHEAD, max_message_size):
-            return Decompression.HOSTILE
         held = sum(own) + len(own) * ENVELOPE_OVERHEAD
         need = declared + ENVELOPE_OVERHEAD
-        if need <= budget.room(self.peer) + held:
+        if declared > min(budget.peer_limit - ENVELOPE_OVERHEAD, max_message_size):
+            verdict = Decompression.HOSTILE
+        elif need <= budget.room(self.peer) + held:
             verdict = Decompression.FITS
         elif need + self.buffered - held <= budget.peer_limit:
             verdict = Decompression.WAIT
         else:
-            return Decompression.HOSTILE if direct else Decompression.NEVER
+            verdict = Decompression.HOSTILE if direct else Decompression.NEVER
         if (verdict is Decompression.WAIT) != self.stalled:
             self.stalled = not self.stalled
             if self.stalled:

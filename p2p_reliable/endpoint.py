@@ -83,12 +83,13 @@ class Endpoint:
         self.healths = HealthTable(self.config.health)
         self.retention = RetentionBudget(self.config.retain_total_bytes)
         cfg = self.config
+        # Receive bounds (README "Receive bounds"), and the publisher's side of them.
         self.budget = ReceiveBudget(
             cfg.peer_receive_bytes,
             cfg.total_receive_bytes,
             slack=message_cost(cfg.max_message_size, cfg.max_fragment_payload),
         )
-        self.ledger = SendLedger(self.config.peer_receive_bytes)
+        self.ledger = SendLedger(cfg.peer_receive_bytes)
         self._rtt: dict[str, RttEstimator] = {}
         self._peers: dict[str, float] = {}  # peer -> when the connection came up
         self._subscriptions: dict[str, float] = {}  # topic -> when we subscribed
@@ -194,12 +195,17 @@ class Endpoint:
     def can_publish(self, topic: str, size: int = 0) -> bool:
         """Whether `publish` would accept a message of `size` bytes now."""
         sender = self._topics.get(topic)
-        return sender is None or not sender.blocking_receivers(size)
+        if sender is None:  # a new stream: only its receivers' byte budgets can refuse it
+            return all(self._fits(peer, size) for peer in self._subscribers.get(topic, ()))
+        return not sender.blocking_receivers(size)
 
     def can_send(self, peer: str, stream: str, size: int = 0) -> bool:
         """Whether `send` would accept a message of `size` bytes now."""
         sender = self._directs.get((peer, stream))
-        return sender is None or not sender.blocking_receivers(size)
+        return self._fits(peer, size) if sender is None else not sender.blocking_receivers(size)
+
+    def _fits(self, peer: str, size: int) -> bool:
+        return self.ledger.fits(peer, message_cost(size, self.config.max_fragment_payload))
 
     def _send(self, sender: StreamSender, payload: bytes, now: float) -> int:
         try:

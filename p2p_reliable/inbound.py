@@ -148,9 +148,10 @@ class InboundStreams:
         if epoch < newest:
             host.stats.stale_epoch += 1
             return None
+        had = point.next if point is not None and point.epoch == epoch else 0
         if rcv is not None:
             self._publisher_restarted(key, rcv)
-        elif mark is not None and mark <= (point.next if point is not None else 0):
+        elif mark is not None and mark <= had:
             return None  # a heartbeat of a stream with nothing we have not had
         elif not self._room_for(origin, direct, now, quiet=mark is not None):
             return None

@@ -24,6 +24,7 @@ from p2p_reliable import (
     MiB,
     ProtocolConfig,
     Rejected,
+    WindowFull,
 )
 from p2p_reliable.envelope import Envelope, Kind, encode
 from p2p_reliable.inbound import TOO_MANY_DIRECT_STREAMS, TOO_MANY_STREAMS
@@ -167,6 +168,44 @@ def test_what_a_departed_flooder_left_is_freed_once_idle(monkeypatch: pytest.Mon
     net.run(net.now + SMALL.idle_stream_timeout + 1.0)
     assert b.endpoint.budget.used("A") == 0 and b.endpoint.budget.total == 0
     assert b.endpoint.inbound("A", "flood", direct=True) is None
+
+
+def _exchange(a: Endpoint, b: Endpoint, now: float) -> list[object]:
+    """Run both endpoints' timers and carry every frame both ways until quiet; b's events."""
+    events: list[object] = []
+    for _ in range(20):
+        a.handle_timer(now)
+        b.handle_timer(now)
+        frames = [(tx, b, "A") for tx in a.datagrams_to_send(now)]
+        frames += [(tx, a, "B") for tx in b.datagrams_to_send(now)]
+        for tx, dst, src in frames:
+            dst.receive(tx.data, src, now)
+        events += _events(b)
+        if not frames:
+            break
+    return events
+
+
+def test_a_publisher_holds_back_what_the_receivers_budget_for_it_cannot_take() -> None:
+    a = Endpoint("A", epoch=1, config=SMALL)
+    b = Endpoint("B", epoch=1, config=SMALL)
+    a.add_peer("B", 0.0)
+    b.add_peer("A", 0.0)
+    first, second = random.Random(6).randbytes(200 * KiB), random.Random(7).randbytes(100 * KiB)
+    a.send("B", "x", first, 0.0)
+    # Another stream to the same receiver shares its budget for A: 300 KiB > 256 KiB.
+    assert not a.can_send("B", "y", len(second)) and a.can_send("C", "y", len(second))
+    with pytest.raises(WindowFull):
+        a.send("B", "y", second, 0.0)
+    (delivered,) = [e for e in _exchange(a, b, 0.01) if isinstance(e, Delivered)]
+    assert not a.can_send("B", "y", len(second))  # delivered is not consumed
+    b.consumed("A", "x", delivered.end, 0.02, direct=True)
+    _exchange(a, b, 0.02)
+    assert any(type(e).__name__ == "WindowOpen" for e in _events(a))
+    a.send("B", "y", second, 0.03)
+    events = _exchange(a, b, 0.03)
+    assert [e.payload for e in events if isinstance(e, Delivered)] == [second]
+    assert b.stats.budget_drops == 0 and not [e for e in events if isinstance(e, Rejected)]
 
 
 # -- row 4: decompression ----------------------------------------------------------------
