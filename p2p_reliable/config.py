@@ -47,7 +47,31 @@ class ProtocolConfig:
     flow_control: bool = False
     receive_window: int = 4096
     reorder_max_ahead: int = 8192
-    reorder_max_bytes: int = 256 * MiB
+    # Receive bounds (README "Receive bounds"). Sequence credit alone would let one stream
+    # hold receive_window x max_fragment_payload = 2 GiB: bytes are bounded per publisher over
+    # all its streams (reorder buffers, plus with flow_control what the application was given
+    # and has not consumed) and over all publishers; data beyond them is dropped unacked and
+    # sent again later. 32 MiB is 8 send windows (window_bytes), far more than a LAN link
+    # keeps in flight to one peer; 128 MiB is four such peers at once. One head-of-line
+    # message may pass each bound (an empty window admits one message, however large), so the
+    # worst cases are peer_receive_bytes and total_receive_bytes plus one max_message_size.
+    # Publishers hold back what would exceed a receiver's peer_receive_bytes (the same in the
+    # whole cluster) and compress nothing larger.
+    peer_receive_bytes: int = 32 * MiB
+    total_receive_bytes: int = 128 * MiB
+    # Inbound receivers: direct stream names per publisher (the router's pipeline uses a
+    # handful of fixed names; 64 leaves ample room) and in total (64 busy peers' worth).
+    max_direct_streams_per_peer: int = 64
+    max_inbound_streams: int = 4096
+    # A direct stream's receiver with nothing left to do (all delivered and consumed, no
+    # hole) that heard nothing this long is freed down to a resume point; so is any receiver
+    # of a removed peer, its holes reported lost first. Longer than the gap timeout (~17 s by
+    # default), so that a removed peer's holes are mostly settled by then anyway.
+    idle_stream_timeout: float = 60.0
+    # Resume points (epoch, next seq) of freed receivers and unsubscribed topics: about 0.5 KiB
+    # each at most. 256 per publisher outlasts its 64 live direct streams several times.
+    resume_points_per_peer: int = 256
+    max_resume_points: int = 8192
     ack_delay: float = 0.005
     ack_every: int = 8
     nack_delay: float = 0.06  # Aeron's NAK delay: lets reordered messages arrive first
@@ -65,8 +89,15 @@ class ProtocolConfig:
         fragments = -(-(self.max_message_size + 8) // self.max_fragment_payload)
         if fragments + self.receive_window > self.reorder_max_ahead:
             problems.append("reorder_max_ahead cannot hold receive_window plus one message")
-        if self.max_message_size + 8 > self.reorder_max_bytes:
-            problems.append("reorder_max_bytes cannot hold one largest message")
+        if not 0 < self.peer_receive_bytes <= self.total_receive_bytes:
+            problems.append("need 0 < peer_receive_bytes <= total_receive_bytes")
+        if (
+            min(self.max_direct_streams_per_peer, self.max_inbound_streams) < 1
+            or min(self.resume_points_per_peer, self.max_resume_points) < 1
+        ):
+            problems.append("stream and resume point caps must be positive")
+        if self.idle_stream_timeout <= 0:
+            problems.append("idle_stream_timeout must be positive")
         if min(self.window_messages, self.ack_every, self.receive_window) < 1 or (
             self.heartbeat_interval <= 0
         ):

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Iterable
 
 import attrs
 
+from .budget import ENVELOPE_OVERHEAD, ReceiveBudget, SendLedger, message_cost
 from .config import ProtocolConfig
 from .control import decode_ack, decode_heartbeat, decode_ranges, decode_sync, encode_heartbeat
 from .envelope import (
@@ -27,20 +27,17 @@ from .envelope import (
     decode_batch,
     encode_batch,
 )
-from .events import Event, Gap, Rejected, Unrecoverable
+from .events import Event, Rejected, Unrecoverable
 from .fragment import MessageCodec
 from .health import HealthTable, PeerHealth
+from .inbound import InboundStreams
 from .receiver import StreamReceiver
 from .recovery import RttEstimator
 from .retention import RetentionBudget
 from .sender import StreamSender, WindowFull
 from .stats import EndpointStats
+from .timers import TimerQueue
 from .twins import TwinDetector
-
-_InboundKey = tuple[str, str, bool]  # (origin, stream, direct)
-_ResumePoint = tuple[int, int]  # (epoch, next seq) of an unsubscribed stream
-# Delivery points of unsubscribed streams, so that a re-subscription delivers nothing twice.
-MAX_RESUME_POINTS = 1024
 
 
 @attrs.frozen
@@ -76,6 +73,8 @@ class Endpoint:
             max_message_size=self.config.max_message_size,
             compress_threshold=self.config.compress_threshold,
             compress_level=self.config.compress_level,
+            # What a receiver whose budget for us is empty decompresses.
+            compress_max_size=self.config.peer_receive_bytes - ENVELOPE_OVERHEAD,
         )
         self.stats = EndpointStats()
         # With a cluster secret, envelopes are tagged and foreign ones refused (AuthError).
@@ -83,14 +82,24 @@ class Endpoint:
         self.rng = random.Random(seed)
         self.healths = HealthTable(self.config.health)
         self.retention = RetentionBudget(self.config.retain_total_bytes)
+        cfg = self.config
+        # Receive bounds (README "Receive bounds"), and the publisher's side of them.
+        self.budget = ReceiveBudget(
+            cfg.peer_receive_bytes,
+            cfg.total_receive_bytes,
+            slack=message_cost(cfg.max_message_size, cfg.max_fragment_payload),
+        )
+        self.ledger = SendLedger(cfg.peer_receive_bytes)
         self._rtt: dict[str, RttEstimator] = {}
         self._peers: dict[str, float] = {}  # peer -> when the connection came up
         self._subscriptions: dict[str, float] = {}  # topic -> when we subscribed
-        self._resume: dict[tuple[str, str], _ResumePoint] = {}  # by (origin, topic)
         self._subscribers: dict[str, set[str]] = {}
         self._topics: dict[str, StreamSender] = {}
         self._directs: dict[tuple[str, str], StreamSender] = {}
-        self._inbound: dict[_InboundKey, StreamReceiver] = {}
+        self._directs_to: dict[str, dict[str, StreamSender]] = {}  # the same, by destination
+        self._blocked: dict[StreamSender, None] = {}  # senders that refused a send
+        self.timers: TimerQueue[StreamSender | StreamReceiver] = TimerQueue()
+        self.streams = InboundStreams(self)
         self._outbox: list[Transmit] = []
         self._events: deque[Event] = deque()
         self._next_heartbeat: float | None = None
@@ -115,15 +124,15 @@ class Endpoint:
         self.health(peer).on_stream_reset(now)
         for subscribers in self._subscribers.values():
             subscribers.discard(peer)
-        for sender in self._topics.values():
+        # Its receivers stay until idle (it may come back): the sweep frees them.
+        for sender in [*self._topics.values(), *self._directs_to.get(peer, {}).values()]:
             sender.remove_receiver(peer, now, "peer removed")
-        for (dest, _), sender in self._directs.items():
-            if dest == peer:
-                sender.remove_receiver(peer, now, "peer removed")
+            self.timers.touch(sender)
+        self._check_blocked()
 
     def unacked(self) -> int:
         """Sequence numbers sent and not yet acknowledged (or given up), over all streams."""
-        return sum(s.unacked() for s in [*self._topics.values(), *self._directs.values()])
+        return self.ledger.unacked
 
     def peers(self) -> list[str]:
         """Known peers."""
@@ -141,25 +150,22 @@ class Endpoint:
     def unsubscribe(self, topic: str) -> None:
         """Stop accepting `topic`; its receive state is dropped, its delivery points kept."""
         self._subscriptions.pop(topic, None)
-        for key in [k for k in self._inbound if k[1] == topic and not k[2]]:
-            rcv = self._inbound.pop(key)
-            if rcv.synced:
-                self._resume.pop((key[0], topic), None)
-                self._resume[(key[0], topic)] = (rcv.epoch, rcv.next)
-        while len(self._resume) > MAX_RESUME_POINTS:
-            del self._resume[next(iter(self._resume))]
+        self.streams.unsubscribed(topic)
 
     def add_subscriber(self, topic: str, peer: str, now: float) -> None:
         """`peer` receives our messages on `topic`: wait for its acks from the next message."""
         self._subscribers.setdefault(topic, set()).add(peer)
         if topic in self._topics:
             self._topics[topic].add_receiver(peer, now)
+            self.timers.touch(self._topics[topic])
 
     def remove_subscriber(self, topic: str, peer: str, now: float) -> None:
         """`peer` left `topic`: stop waiting for it."""
         self._subscribers.get(topic, set()).discard(peer)
         if topic in self._topics:
             self._topics[topic].remove_receiver(peer, now, "unsubscribed")
+            self.timers.touch(self._topics[topic])
+            self._check_blocked()
 
     # -- application sends -----------------------------------------------------------------
 
@@ -183,24 +189,32 @@ class Endpoint:
                 self, name=stream, origin=self.node_id, epoch=self.epoch, dest=peer
             )
             self._directs[(peer, stream)] = sender
+            self._directs_to.setdefault(peer, {})[stream] = sender
         return self._send(sender, payload, now)
 
     def can_publish(self, topic: str, size: int = 0) -> bool:
         """Whether `publish` would accept a message of `size` bytes now."""
         sender = self._topics.get(topic)
-        return sender is None or not sender.blocking_receivers(size)
+        if sender is None:  # a new stream: only its receivers' byte budgets can refuse it
+            return all(self._fits(peer, size) for peer in self._subscribers.get(topic, ()))
+        return not sender.blocking_receivers(size)
 
     def can_send(self, peer: str, stream: str, size: int = 0) -> bool:
         """Whether `send` would accept a message of `size` bytes now."""
         sender = self._directs.get((peer, stream))
-        return sender is None or not sender.blocking_receivers(size)
+        return self._fits(peer, size) if sender is None else not sender.blocking_receivers(size)
+
+    def _fits(self, peer: str, size: int) -> bool:
+        return self.ledger.fits(peer, message_cost(size, self.config.max_fragment_payload))
 
     def _send(self, sender: StreamSender, payload: bytes, now: float) -> int:
         try:
             seq = sender.send(payload, now)
         except WindowFull:
             self.stats.window_full += 1
+            self._blocked[sender] = None
             raise
+        self.timers.touch(sender)
         self.stats.messages_sent += 1
         return seq
 
@@ -229,6 +243,7 @@ class Endpoint:
                 # ACKs and NACKs carry the epoch of the stream they answer, not their sender's.
                 self._note_epoch(env.origin, env.epoch, now)
             self._dispatch(env, now)
+        self.streams.wake_stalled(now)
 
     def _note_epoch(self, origin: str, epoch: int, now: float) -> None:
         self._twins.heard(origin, epoch, now)
@@ -250,24 +265,26 @@ class Endpoint:
         self._events.append(Rejected(peer, exc.reason))
 
     def _dispatch(self, env: Envelope, now: float) -> None:
+        key = (env.origin, env.stream, env.direct)
         try:
             if env.kind in (Kind.DATA, Kind.FRAGMENT):
-                if rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now):
+                if rcv := self.streams.receiver(key, env.epoch, now):
                     rcv.on_data(env, now)
             elif env.kind in (Kind.ACK, Kind.NACK):
                 self._feedback(env, now)
             elif env.kind == Kind.SYNC:
                 sync = decode_sync(env.payload, env.seq)
-                if rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now):
+                if rcv := self.streams.receiver(key, env.epoch, now):
                     rcv.on_sync(env.seq, sync, now)
             elif env.kind == Kind.GAP:
-                if rcv := self._receiver(env.origin, env.stream, env.direct, env.epoch, now):
+                if rcv := self.streams.receiver(key, env.epoch, now):
                     rcv.on_gap(decode_ranges(env.payload), now)
             elif env.kind == Kind.HEARTBEAT:
                 self.health(env.origin).on_heartbeat(now)
                 for mark in decode_heartbeat(env.payload):
-                    direct = mark.flags != 0
-                    if rcv := self._receiver(env.origin, mark.stream, direct, mark.epoch, now):
+                    mark_key = (env.origin, mark.stream, mark.flags != 0)
+                    rcv = self.streams.receiver(mark_key, mark.epoch, now, mark=mark.next_seq)
+                    if rcv is not None:
                         rcv.on_mark(mark.next_seq, mark.limit, now)
         except DecodeError as exc:
             self._reject(env.origin, exc, now)
@@ -281,68 +298,37 @@ class Endpoint:
             self.stats.stale_epoch += sender is not None
             self.stats.unknown_stream += sender is None
             return
+        self.timers.touch(sender)
         if env.kind == Kind.ACK:
             self.stats.acks_received += 1
             sender.on_ack(env.origin, decode_ack(env.payload), now)
+            self._check_blocked()  # the byte credit it carries is shared by all streams
         else:
             self.stats.nacks_received += 1
             sender.on_nack(env.origin, decode_ranges(env.payload), now)
+
+    def _check_blocked(self) -> None:
+        for sender in list(self._blocked):
+            if not sender.check_window():
+                del self._blocked[sender]
 
     def consumed(
         self, origin: str, stream: str, upto: int, now: float, direct: bool = False
     ) -> None:
         """With `flow_control`: the application took `origin`'s messages below seq `upto`."""
-        rcv = self._inbound.get((origin, stream, direct))
+        rcv = self.streams.get((origin, stream, direct))
         if rcv is not None:
             rcv.on_consumed(upto, now)
+            self.timers.touch(rcv)
+            self.streams.wake_stalled(now)
 
     def inbound(self, origin: str, stream: str, direct: bool = False) -> StreamReceiver | None:
-        """The receive state of one publisher's stream, if any arrived."""
-        return self._inbound.get((origin, stream, direct))
+        """The receive state of one publisher's stream, if any arrived (and was not freed)."""
+        return self.streams.get((origin, stream, direct))
 
     def outbound(self, topic: str) -> StreamSender | None:
         """The publishing state of `topic`, once something was published on it."""
         return self._topics.get(topic)
-
-    def _receiver(
-        self, origin: str, stream: str, direct: bool, epoch: int, now: float
-    ) -> StreamReceiver | None:
-        if not direct and stream not in self._subscriptions:
-            self.stats.unknown_stream += 1
-            self.health(origin).on_rejected(now, "unknown topic")
-            return None
-        key = (origin, stream, direct)
-        rcv = self._inbound.get(key)
-        if rcv is not None and rcv.epoch == epoch:
-            return rcv
-        if rcv is not None and epoch < rcv.epoch:
-            self.stats.stale_epoch += 1
-            return None
-        if rcv is not None and rcv.synced and rcv.high_water > rcv.next:
-            # The publisher restarted: what its previous run still owed us is lost.
-            self.stats.gaps += 1
-            self.stats.gap_seqs += rcv.high_water - rcv.next
-            self._events.append(
-                Gap(origin, stream, rcv.next, rcv.high_water, "publisher restarted", direct)
-            )
-        owed_since, resume = -math.inf, 0
-        if not direct:
-            owed_since = max(self._subscriptions[stream], self._peers.get(origin, -math.inf))
-            last = self._resume.pop((origin, stream), None)
-            if last is not None and last[0] == epoch:
-                resume = last[1]
-        rcv = StreamReceiver(
-            self,
-            origin=origin,
-            stream=stream,
-            epoch=epoch,
-            direct=direct,
-            now=now,
-            owed_since=owed_since,
-            resume=resume,
-        )
-        self._inbound[key] = rcv
-        return rcv
 
     # -- output, timers, events ------------------------------------------------------------
 
@@ -368,36 +354,29 @@ class Endpoint:
 
     def get_timer(self) -> float | None:
         """The earliest time at which handle_timer must be called."""
-        times = [t for t in self._timers() if t is not None]
+        times = [t for t in (self._next_heartbeat, self.timers.earliest()) if t is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
         """Run every timer that is due."""
+        for machine in self.timers.pop_due(now):
+            machine.handle_timer(now)
         if self._next_heartbeat is not None and self._next_heartbeat <= now:
-            self._heartbeat(now)
-        for machine in self._machines():
-            timer = machine.next_timer()
-            if timer is not None and timer <= now:
-                machine.handle_timer(now)
+            self._heartbeat(now)  # after the machines: the sweep sees their acks sent
+        self._check_blocked()
+        self.streams.wake_stalled(now)
 
     def next_event(self) -> Event | None:
         """The next event for the application, or None."""
         return self._events.popleft() if self._events else None
 
-    def _timers(self) -> Iterable[float | None]:
-        yield self._next_heartbeat
-        for machine in self._machines():
-            yield machine.next_timer()
-
-    def _machines(self) -> list[StreamSender | StreamReceiver]:
-        return [*self._topics.values(), *self._directs.values(), *self._inbound.values()]
-
     def _heartbeat(self, now: float) -> None:
         for sender in self._topics.values():
             sender.expire(now)
+        self.streams.sweep(now)
         for peer in sorted(self._peers):
-            marks = [s.mark(peer) for s in self._topics.values() if peer in s.receivers()]
-            marks += [s.mark(peer) for (dest, _), s in self._directs.items() if dest == peer]
+            marks = [s.mark(peer) for s in self._topics.values() if s.serves(peer)]
+            marks += [s.mark(peer) for s in self._directs_to.get(peer, {}).values()]
             env = Envelope(
                 kind=Kind.HEARTBEAT,
                 origin=self.node_id,
@@ -433,3 +412,20 @@ class Endpoint:
     def health(self, peer: str) -> PeerHealth:
         """The health record for `peer`."""
         return self.healths.get(peer)
+
+    def connected(self, peer: str) -> bool:
+        """Whether a transport connection to `peer` exists (add_peer, not yet removed)."""
+        return peer in self._peers
+
+    def owed_since(self, origin: str, stream: str) -> float | None:
+        """Since when `origin`'s messages on topic `stream` are owed to us; None: not
+        subscribed."""
+        subscribed = self._subscriptions.get(stream)
+        if subscribed is None:
+            return None
+        return max(subscribed, self._peers.get(origin, -math.inf))
+
+    def refuse(self, peer: str, reason: str, now: float) -> None:
+        """Input from `peer` broke a bound it was told of: count it and tell the application."""
+        self.health(peer).on_rejected(now, reason)
+        self._events.append(Rejected(peer, reason))

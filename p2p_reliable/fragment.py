@@ -48,10 +48,16 @@ class MessageCodec:
         max_message_size: int,
         compress_threshold: int,
         compress_level: int = 3,
+        compress_max_size: int | None = None,
     ) -> None:
         self.max_fragment_payload = max_fragment_payload
         self.max_message_size = max_message_size
         self.compress_threshold = compress_threshold
+        # Receivers decompress only within their byte credit for us; an empty one holds this
+        # much, so larger messages travel as they are, however well they would compress.
+        self.compress_max_size = (
+            max_message_size if compress_max_size is None else compress_max_size
+        )
         self._compressor = zstandard.ZstdCompressor(level=compress_level, write_content_size=True)
         self._decompressor = zstandard.ZstdDecompressor()
         self._probe = zstandard.ZstdCompressor(level=1, write_content_size=False)
@@ -64,14 +70,17 @@ class MessageCodec:
             )
         flags = Flags.NONE
         content: bytes = payload
-        if len(payload) >= self.compress_threshold and self._looks_compressible(payload):
+        size = len(payload)
+        if self.compress_threshold <= size <= self.compress_max_size and (
+            self._looks_compressible(payload)
+        ):
             packed = self._compressor.compress(payload)
             # Only keep compression that pays for the receiver's decompression time.
             if len(packed) < len(payload) * 0.9:
                 content, flags = packed, Flags.COMPRESSED
         body = content + xxhash.xxh3_64_digest(payload)
-        size = self.max_fragment_payload
-        return Split(flags, [body[i : i + size] for i in range(0, len(body), size)])
+        piece = self.max_fragment_payload
+        return Split(flags, [body[i : i + piece] for i in range(0, len(body), piece)])
 
     def _looks_compressible(self, payload: bytes) -> bool:
         # Tensors and already-compressed data do not shrink; a fast probe of the first 8 KiB
@@ -83,30 +92,46 @@ class MessageCodec:
         """The most fragments a message within the size limit can need."""
         return -(-(self.max_message_size + DIGEST_LEN) // self.max_fragment_payload)
 
-    def join(self, pieces: list[bytes], flags: Flags) -> bytes:
-        """Reassemble, decompress and verify a message; raise `ReassemblyError` if it is bad."""
+    def declared_size(self, first_piece: bytes, flags: Flags) -> int | None:
+        """The size a compressed message's first piece says it decompresses to; None if it is
+        not compressed. Read from the zstd frame header, before anything is allocated."""
+        if not flags & Flags.COMPRESSED:
+            return None
+        try:
+            size = zstandard.frame_content_size(first_piece)
+        except zstandard.ZstdError:
+            raise ReassemblyError("compressed body is not a zstd frame") from None
+        if size < 0:
+            raise ReassemblyError("compressed body does not declare its size")
+        return int(size)
+
+    def join(self, pieces: list[bytes], flags: Flags, max_size: int | None = None) -> bytes:
+        """Reassemble, decompress and verify a message; raise `ReassemblyError` if it is bad.
+
+        A compressed message may decompress to at most `max_size` bytes (the receiver's credit
+        for its publisher; `max_message_size` by default), checked before allocating.
+        """
+        limit = self.max_message_size if max_size is None else min(max_size, self.max_message_size)
         body = b"".join(pieces)
         if len(body) < DIGEST_LEN:
             raise ReassemblyError("message body shorter than its digest")
         content, digest = body[:-DIGEST_LEN], body[-DIGEST_LEN:]
         if flags & Flags.COMPRESSED:
-            content = self._decompress(content)
+            content = self._decompress(content, limit)
         if len(content) > self.max_message_size:
             raise ReassemblyError("message exceeds max_message_size")
         if xxhash.xxh3_64_digest(content) != digest:
             raise ReassemblyError("message digest mismatch")
         return content
 
-    def _decompress(self, content: bytes) -> bytes:
-        try:
-            size = zstandard.frame_content_size(content)
-        except zstandard.ZstdError:
-            raise ReassemblyError("compressed body is not a zstd frame") from None
+    def _decompress(self, content: bytes, limit: int) -> bytes:
+        size = self.declared_size(content, Flags.COMPRESSED)
         # zstandard trusts the size written in the frame header over max_output_size, so a
         # forged header could make us allocate anything: check it first.
-        if size < 0 or size > self.max_message_size:
-            raise ReassemblyError(f"compressed body declares {size} bytes")
+        assert size is not None
+        if size > limit:
+            raise ReassemblyError(f"compressed body declares {size} bytes (limit {limit})")
         try:
-            return self._decompressor.decompress(content, max_output_size=self.max_message_size)
+            return self._decompressor.decompress(content, max_output_size=limit)
         except zstandard.ZstdError as exc:
             raise ReassemblyError(f"zstd: {exc}") from None

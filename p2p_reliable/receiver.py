@@ -6,10 +6,12 @@ import math
 from collections import deque
 from typing import Protocol
 
+from .budget import ENVELOPE_OVERHEAD, Decompression, ReceiveBudget, StreamAccount
 from .config import ProtocolConfig
-from .control import AckInfo, SyncInfo, encode_ack, encode_ranges
+from .control import SyncInfo
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Delivered, Event, Gap
+from .feedback import Feedback
 from .fragment import MessageCodec, ReassemblyError
 from .health import PeerHealth
 from .losses import EVICTED, NOT_OWED, NOT_REPAIRED, TIMED_OUT, Losses
@@ -17,6 +19,10 @@ from .rangeset import RangeSet
 from .stats import EndpointStats
 
 _MAX_KNOWN_MARKS = 64
+# Reasons of the Rejected events a receiver causes (the router counts them per peer).
+OVER_CREDIT = "over credit"
+DECOMPRESSION_OVER_CREDIT = "decompressed size over credit"
+_STALLED = object()  # _reassemble: the message waits for byte credit
 
 
 class ReceiverHost(Protocol):
@@ -27,10 +33,12 @@ class ReceiverHost(Protocol):
     codec: MessageCodec
     stats: EndpointStats
     envelopes: EnvelopeCodec
+    budget: ReceiveBudget
 
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
     def health(self, peer: str) -> PeerHealth: ...
+    def refuse(self, peer: str, reason: str, now: float) -> None: ...
 
 
 class StreamReceiver:
@@ -45,7 +53,13 @@ class StreamReceiver:
     oldest message the publisher still holds and marks what fell out of its retention below
     it; of that, whatever may have been published after `owed_since` is reported as a Gap, the
     rest was never owed and is skipped silently. Nothing below `resume` (delivered by an
-    earlier receiver of the same stream and epoch) is delivered again.
+    earlier receiver of the same stream and epoch) is delivered again; `synced_at` starts a
+    receiver that continues a freed one synced there at once.
+
+    Bounds: a direct stream's publisher that sends beyond the credit we advertised is refused
+    (`OVER_CREDIT`); every buffered fragment and, with flow control, every delivered message
+    not yet consumed is charged to the publisher's byte budget, and what does not fit is
+    dropped unacked; a compressed message is decompressed only within the publisher's credit.
     """
 
     def __init__(
@@ -59,6 +73,7 @@ class StreamReceiver:
         now: float,
         owed_since: float = -math.inf,
         resume: int = 0,
+        synced_at: int | None = None,
     ) -> None:
         self.host = host
         self.origin = origin
@@ -72,18 +87,15 @@ class StreamReceiver:
         self.consumed = 0  # flow control: what the application has taken, as a seq
         self.owed_since = owed_since
         self._resume = resume
-        self._advertised = 0
+        self.last_active = now  # kept by the endpoint: when something last arrived
         self._buffer: dict[int, Envelope] = {}
         self._held = RangeSet()
-        self._buffered_bytes = 0
+        self.account = StreamAccount(host.budget, origin, self)
         self._lost = Losses()
-        self._nacked = RangeSet()
         self._known: deque[tuple[float, int]] = deque()
-        self._ack_pending = 0
-        self._ack_first: float | None = None
-        self._ack_at: float | None = None
-        self._nack_at: float | None = None
-        self._nack_round = 0
+        self.feedback = Feedback(host, origin=origin, stream=stream, epoch=epoch, direct=direct)
+        if synced_at is not None:
+            self._sync(synced_at)
 
     # -- input -----------------------------------------------------------------------------
 
@@ -95,17 +107,27 @@ class StreamReceiver:
             self.host.stats.duplicates += 1
             self._schedule_ack(now, immediate=True)
             return
+        # (No valid message has more fragments than max_fragments: a larger index claims a
+        # start further back than any message it could belong to.)
+        start = seq - min(env.frag_index, self.host.codec.max_fragments() - 1)
+        if self.direct and self.synced and start >= self.limit:
+            # A direct publisher starts messages only below the limit we gave it (a topic's
+            # may not know of us yet): this one ignores our credit.
+            self.host.stats.over_credit += 1
+            self.host.refuse(self.origin, OVER_CREDIT, now)
+            return
         base = self.next if self.synced else min(self._buffer, default=seq)
-        if (
-            seq >= base + cfg.reorder_max_ahead
-            or self._buffered_bytes + len(env.payload) > cfg.reorder_max_bytes
-        ):
+        if seq >= base + cfg.reorder_max_ahead:
             # Not acked, so the publisher will send it again once we have drained.
             self.host.stats.overflow_drops += 1
             return
+        head = start if start == (self.next if self.synced else self._resume) else None
+        if not self.account.admit(len(env.payload), head):
+            # Flow, not hostility: unacked, it comes again once the application consumed.
+            self.host.stats.budget_drops += 1
+            return
         self._buffer[seq] = env
         self._held.add(seq)
-        self._buffered_bytes += len(env.payload)
         if not self.synced and seq == 0:
             self._sync(0)
         # Fragment 0 tells how long its message is: a lost tail fragment is a known hole.
@@ -172,7 +194,12 @@ class StreamReceiver:
     def on_consumed(self, upto: int, now: float) -> None:
         """The application took every message below `upto`: open the window further."""
         self.consumed = max(self.consumed, min(upto, self.next))
-        if self.limit - self._advertised >= max(1, self.host.config.receive_window // 4):
+        self.account.consumed(self.consumed)
+        cfg = self.host.config
+        if self.limit - self.feedback.advertised >= max(1, cfg.receive_window // 4) or (
+            self.account.released >= self.host.budget.peer_limit // 4
+        ):
+            # The publisher counts what we hold against our budget until it hears of this.
             self._schedule_ack(now, immediate=True)
 
     @property
@@ -186,7 +213,7 @@ class StreamReceiver:
 
     def next_timer(self) -> float | None:
         """When handle_timer next has work to do."""
-        times = [t for t in (self._ack_at, self._nack_at, self._gap_deadline()) if t is not None]
+        times = [t for t in (self.feedback.next_timer(), self._gap_deadline()) if t is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -194,10 +221,11 @@ class StreamReceiver:
         deadline = self._gap_deadline()
         if deadline is not None and deadline <= now:
             self._expire_holes(now)
-        if self._ack_at is not None and self._ack_at <= now:
+        feedback = self.feedback
+        if feedback.ack_at is not None and feedback.ack_at <= now:
             self._send_ack(now)
-        if self._nack_at is not None and self._nack_at <= now:
-            self._send_nack(now)
+        if feedback.nack_at is not None and feedback.nack_at <= now:
+            feedback.send_nack(now, self._missing(), self.next)
 
     # -- delivery --------------------------------------------------------------------------
 
@@ -208,6 +236,7 @@ class StreamReceiver:
         self.consumed = start
         for seq in [s for s in self._buffer if s < start]:
             self._drop(seq)
+        self.account.passed(start)
 
     def _deliver(self, now: float) -> None:
         while self.synced:
@@ -244,24 +273,61 @@ class StreamReceiver:
             ):
                 self._gap(span.stop, "inconsistent fragments")
                 continue
-            try:
-                payload = self.host.codec.join([p.payload for p in pieces], env.flags)
-            except ReassemblyError as exc:
-                self.host.stats.reassembly_failures += 1
-                self.host.health(self.origin).on_checksum_failure(now)
-                self._gap(span.stop, f"reassembly failed: {exc.reason}")
+            payload = self._reassemble(pieces, env.flags, now)
+            if payload is _STALLED:
+                return
+            if not isinstance(payload, bytes):
+                self._gap(span.stop, str(payload))
                 continue
-            seq = self.next
-            for s in span:
-                self._drop(s)
-            self.next = span.stop
-            if not self.host.config.flow_control:
-                self.consumed = self.next
-            self.host.stats.delivered += 1
-            self.host.stats.delivered_bytes += len(payload)
-            self.host.emit(
-                Delivered(self.origin, self.stream, seq, payload, self.direct, end=span.stop)
-            )
+            self._delivered(span, payload)
+
+    def _delivered(self, span: range, payload: bytes) -> None:
+        seq = self.next
+        for s in span:
+            self._drop(s)
+        self.next = span.stop
+        self.account.passed(self.next)
+        if not self.host.config.flow_control:
+            self.consumed = self.next
+        else:
+            self.account.delivered(span.stop, len(payload))
+        self.host.stats.delivered += 1
+        self.host.stats.delivered_bytes += len(payload)
+        self.host.emit(
+            Delivered(self.origin, self.stream, seq, payload, self.direct, end=span.stop)
+        )
+
+    def _reassemble(self, pieces: list[Envelope], flags: Flags, now: float) -> object:
+        """The message, `_STALLED` while it waits for credit, or why it failed (a str)."""
+        codec = self.host.codec
+        try:
+            declared = codec.declared_size(pieces[0].payload, flags)
+            if declared is not None:
+                verdict = self.account.decompression(
+                    declared,
+                    [len(p.payload) for p in pieces],
+                    direct=self.direct,
+                    max_message_size=codec.max_message_size,
+                )
+                if verdict is Decompression.WAIT:
+                    self.host.stats.credit_stalls += 1
+                    return _STALLED
+                if verdict is not Decompression.FITS:
+                    self.host.stats.decompression_refused += 1
+                    if verdict is Decompression.HOSTILE:
+                        self.host.refuse(self.origin, DECOMPRESSION_OVER_CREDIT, now)
+                    return f"{DECOMPRESSION_OVER_CREDIT}: declares {declared} bytes"
+            return codec.join([p.payload for p in pieces], flags, max_size=declared)
+        except ReassemblyError as exc:
+            self.host.stats.reassembly_failures += 1
+            self.host.health(self.origin).on_checksum_failure(now)
+            return f"reassembly failed: {exc.reason}"
+
+    def retry(self, now: float) -> None:
+        """The publisher's usage went down: try the message that waited for credit again."""
+        self.account.stalled = False
+        self._deliver(now)
+        self._arm_nack(now)
 
     def _advance(self, stop: int) -> None:
         start = self.next
@@ -270,9 +336,11 @@ class StreamReceiver:
         for seq in [s for s in self._buffer if start <= s < stop]:
             self._drop(seq)
         self.next = stop
+        self.account.passed(stop)
         if self.consumed == start:
             # Nothing of a lost range waits for the application.
             self.consumed = stop
+            self.account.consumed(stop)
 
     def _gap(self, stop: int, reason: str) -> None:
         start = self.next
@@ -284,7 +352,40 @@ class StreamReceiver:
     def _drop(self, seq: int) -> None:
         env = self._buffer.pop(seq)
         self._held.subtract(seq, seq + 1)
-        self._buffered_bytes -= len(env.payload)
+        self.account.drop(len(env.payload))
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def idle(self, *, peer_present: bool) -> bool:
+        """Nothing left to do: no hole, nothing buffered or due; consumed unless peer gone."""
+        if self._buffer or self.feedback.next_timer() is not None:
+            return False
+        if not self.synced:
+            return self.high_water == 0  # nothing it knows of to wait for
+        if self.high_water > self.next or self._lost.all:
+            return False
+        return not (peer_present and self.account.unconsumed)
+
+    def give_up(self, now: float) -> None:
+        """Its publisher left for good: report every hole as lost, deliver what follows."""
+        if self.synced:
+            self._known.clear()
+            self._lost.add(self._held.missing(self.next, self.high_water), TIMED_OUT)
+            self._deliver(now)
+            if self._buffer:  # a message that waited for credit that will not come now
+                self._gap(max(self.high_water, max(self._buffer) + 1), "publisher left")
+
+    def held_bytes(self) -> int:
+        """What this receiver holds of its publisher's, recounted from what it keeps (the
+        budget's running account must agree)."""
+        buffered = sum(len(e.payload) + ENVELOPE_OVERHEAD for e in self._buffer.values())
+        return buffered + self.account.unconsumed_bytes()
+
+    def close(self) -> None:
+        """Free everything charged to the budget: this receiver is dropped."""
+        self._buffer.clear()
+        self._held = RangeSet()
+        self.account.close()
 
     # -- holes -----------------------------------------------------------------------------
 
@@ -329,66 +430,12 @@ class StreamReceiver:
     # -- acks and NACKs --------------------------------------------------------------------
 
     def _schedule_ack(self, now: float, *, immediate: bool) -> None:
-        self._ack_pending += 1
-        if self._ack_first is None:
-            self._ack_first = now
-        if immediate or self._ack_pending >= self.host.config.ack_every:
-            self._ack_at = now
-        elif self._ack_at is None:
-            self._ack_at = now + self.host.config.ack_delay
+        self.feedback.schedule_ack(now, immediate=immediate)
 
     def _send_ack(self, now: float) -> None:
         held = RangeSet(r for r in self._held if r.start >= self.next)
-        info = AckInfo(
-            floor=self.next if self.synced else 0,
-            ranges=held,
-            ack_delay=now - (self._ack_first if self._ack_first is not None else now),
-            limit=self.limit,
-        )
-        self._advertised = info.limit
-        self._control(Kind.ACK, encode_ack(info))
-        self.host.stats.acks_sent += 1
-        self._ack_pending = 0
-        self._ack_first = None
-        self._ack_at = None
+        self.feedback.send_ack(now, self.next if self.synced else 0, held, self.limit)
+        self.account.released = 0
 
     def _arm_nack(self, now: float) -> None:
-        if not self._missing():
-            self._nack_at = None
-            self._nack_round = 0
-        elif self._nack_at is None:
-            self._nack_at = now + self.host.config.nack_delay
-
-    def _send_nack(self, now: float) -> None:
-        missing = self._missing()
-        if not missing:
-            self._nack_at = None
-            return
-        fresh = RangeSet(missing)
-        for r in self._nacked:
-            fresh.subtract(r.start, r.stop)
-        for r in missing:
-            self._nacked.add(r.start, r.stop)
-        self._nacked.subtract(0, self.next)
-        health = self.host.health(self.origin)
-        if fresh:
-            health.on_loss_detected(now, fresh.count())
-        health.on_nack_sent(now, missing.count())
-        self._control(Kind.NACK, encode_ranges(missing))
-        self.host.stats.nacks_sent += 1
-        self._nack_round += 1
-        cfg = self.host.config
-        backoff = min(cfg.nack_backoff_cap, cfg.nack_delay * 2.0**self._nack_round)
-        self._nack_at = now + backoff
-
-    def _control(self, kind: Kind, payload: bytes) -> None:
-        env = Envelope(
-            kind=kind,
-            origin=self.host.node_id,
-            stream=self.stream,
-            epoch=self.epoch,
-            seq=0,
-            payload=payload,
-            flags=Flags.DIRECT if self.direct else Flags.NONE,
-        )
-        self.host.transmit(self.origin, None, self.host.envelopes.encode(env))
+        self.feedback.arm_nack(now, bool(self._missing()))

@@ -6,8 +6,7 @@ import heapq
 import random
 from typing import Protocol
 
-import attrs
-
+from .budget import SendLedger, message_cost
 from .config import ProtocolConfig
 from .control import AckInfo, StreamMark, SyncInfo, encode_ranges, encode_sync
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
@@ -24,15 +23,9 @@ from .retention import (
     RetentionLimits,
 )
 from .stats import EndpointStats
+from .windows import InFlight, SendWindow, WindowFull
 
-
-class WindowFull(Exception):
-    """The stream cannot take another message until receivers acknowledge; wait for WindowOpen."""
-
-    def __init__(self, stream: str, waiting_on: list[str]) -> None:
-        super().__init__(f"window of stream {stream!r} is full (waiting on {waiting_on})")
-        self.stream = stream
-        self.waiting_on = waiting_on
+__all__ = ["SenderHost", "StreamSender", "WindowFull"]
 
 
 class SenderHost(Protocol):
@@ -44,36 +37,12 @@ class SenderHost(Protocol):
     stats: EndpointStats
     envelopes: EnvelopeCodec
     retention: RetentionBudget
+    ledger: SendLedger
 
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
     def rtt(self, peer: str) -> RttEstimator: ...
     def health(self, peer: str) -> PeerHealth: ...
-
-
-@attrs.define(slots=True)
-class _InFlight:
-    attempt: int
-    first_sent: float
-    last_sent: float
-    deadline: float
-
-
-@attrs.define
-class _Receiver:
-    peer: str
-    start: int
-    limit: int  # flow control: sequence numbers at or above this must wait
-    unacked: dict[int, _InFlight] = attrs.Factory(dict)
-    pending_per_msg: dict[int, int] = attrs.Factory(dict)
-    unacked_bytes: int = 0
-    abandoned: RangeSet = attrs.Factory(RangeSet)
-    failed: bool = False
-    acked_floor: int = 0  # its cumulative ack: it has everything below
-    # A receiver that joined late may lack the retained messages below pin_stop: until it acks
-    # them (or pin_until passes) they outlive retain_seconds, though not the byte bounds.
-    pin_stop: int = 0
-    pin_until: float = 0.0
 
 
 class StreamSender:
@@ -102,9 +71,9 @@ class StreamSender:
             self.log = MessageLog(limits, host.retention)
         else:
             self.log = MessageLog(NO_RETENTION)
-        self._receivers: dict[str, _Receiver] = {}
+        self._receivers: dict[str, SendWindow] = {}
         self._timers: list[tuple[float, str, int]] = []
-        self._blocked = False
+        self._blocked: int | None = None  # the size of the message refused, until it fits
         if dest is not None:
             self._receivers[dest] = self._new_receiver(dest, 0)
 
@@ -115,13 +84,14 @@ class StreamSender:
 
     # -- receivers -------------------------------------------------------------------------
 
-    def unacked(self) -> int:
-        """Sequence numbers still waiting for some receiver's acknowledgement."""
-        return sum(len(r.unacked) for r in self._receivers.values())
-
     def receivers(self) -> list[str]:
         """Peers this stream currently waits for."""
         return [p for p, r in self._receivers.items() if not r.failed]
+
+    def serves(self, peer: str) -> bool:
+        """Whether this stream currently waits for `peer`."""
+        rcv = self._receivers.get(peer)
+        return rcv is not None and not rcv.failed
 
     def add_receiver(self, peer: str, now: float) -> None:
         """Track `peer` from the oldest retained message on (and tell it so with SYNC)."""
@@ -131,7 +101,7 @@ class StreamSender:
             return
         self._join(peer, now)
 
-    def _join(self, peer: str, now: float) -> _Receiver:
+    def _join(self, peer: str, now: float) -> SendWindow:
         floor = self.log.floor
         rcv = self._new_receiver(peer, floor)
         if floor < self.next_seq:
@@ -153,6 +123,8 @@ class StreamSender:
         if rcv is None:
             return
         self._abandon(rcv, list(rcv.unacked), now, reason)
+        # Whatever it held may be gone with it (a restart): assume so rather than wait on it.
+        rcv.release_all(self.host.ledger)
         if self.dest is None:
             del self._receivers[peer]
         self._retire(now)
@@ -162,24 +134,18 @@ class StreamSender:
     def blocking_receivers(self, size: int) -> list[str]:
         """Receivers whose window has no room for a message of `size` bytes."""
         cfg = self.host.config
-        full = []
-        for rcv in self._receivers.values():
-            if rcv.failed:
-                continue
-            if self.next_seq >= rcv.limit:
-                full.append(rcv.peer)
-            elif rcv.pending_per_msg and (
-                len(rcv.pending_per_msg) >= cfg.window_messages
-                or rcv.unacked_bytes + size > cfg.window_bytes
-            ):
-                full.append(rcv.peer)
-        return full
+        cost = message_cost(size, cfg.max_fragment_payload)
+        return [
+            rcv.peer
+            for rcv in self._receivers.values()
+            if not rcv.failed and rcv.full(self.next_seq, size, cost, cfg, self.host.ledger)
+        ]
 
     def send(self, payload: bytes, now: float) -> int:
         """Queue a message for transmission; return its first sequence number."""
         blocking = self.blocking_receivers(len(payload))
         if blocking:
-            self._blocked = True
+            self._blocked = len(payload)
             raise WindowFull(self.name, blocking)
         split = self.host.codec.split(payload)
         start = self.next_seq
@@ -206,11 +172,15 @@ class StreamSender:
         active = [rcv for rcv in self._receivers.values() if not rcv.failed]
         self.log.append(fragments, published=now, owed=len(active))
         total = sum(f.size for f in fragments)
+        cost = message_cost(len(payload), self.host.config.max_fragment_payload)
+        ledger = self.host.ledger
         for rcv in active:
+            rcv.hold(start, start + count, cost, ledger)
+            ledger.unacked += count
             self.host.health(rcv.peer).on_sent(now, count)
             delay = self._delay(rcv.peer, 0)
             for seq in range(start, start + count):
-                rcv.unacked[seq] = _InFlight(0, now, now, now + delay)
+                rcv.unacked[seq] = InFlight(0, now, now, now + delay)
                 heapq.heappush(self._timers, (now + delay, rcv.peer, seq))
             rcv.pending_per_msg[start] = count
             rcv.unacked_bytes += total
@@ -225,10 +195,11 @@ class StreamSender:
         if rcv is None:
             return
         rcv.limit = max(rcv.limit, info.limit)
+        rcv.release_consumed(self.host.config.receive_window, self.host.ledger)
         rcv.acked_floor = max(rcv.acked_floor, info.floor)
         if rcv.acked_floor >= rcv.pin_stop:
             rcv.pin_stop = 0
-        newest: tuple[int, _InFlight] | None = None
+        newest: tuple[int, InFlight] | None = None
         for seq in [s for s in rcv.unacked if s < info.floor or s in info.ranges]:
             flight = self._settle(rcv, seq)
             if flight.attempt == 0 and (newest is None or seq > newest[0]):
@@ -280,7 +251,7 @@ class StreamSender:
         if lost:
             self._control(peer, Kind.GAP, payload=encode_ranges(lost))
 
-    def _sign_of_life(self, peer: str, now: float) -> _Receiver | None:
+    def _sign_of_life(self, peer: str, now: float) -> SendWindow | None:
         rcv = self._receivers.get(peer)
         if rcv is None:
             if self.dest is not None:
@@ -344,13 +315,13 @@ class StreamSender:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _new_receiver(self, peer: str, start: int) -> _Receiver:
-        return _Receiver(peer=peer, start=start, limit=start + self.host.config.receive_window)
+    def _new_receiver(self, peer: str, start: int) -> SendWindow:
+        return SendWindow(peer=peer, start=start, limit=start + self.host.config.receive_window)
 
     def _delay(self, peer: str, attempt: int) -> float:
         return self.host.config.retry.delay(self.host.rtt(peer).rto, attempt, self.host.rng)
 
-    def _retransmit(self, rcv: _Receiver, seq: int, flight: _InFlight, now: float) -> None:
+    def _retransmit(self, rcv: SendWindow, seq: int, flight: InFlight, now: float) -> None:
         flight.attempt += 1
         flight.last_sent = now
         flight.deadline = now + self._delay(rcv.peer, flight.attempt)
@@ -365,8 +336,9 @@ class StreamSender:
         assert frag is not None, f"unacked seq {seq} of {self.name!r} left the log"
         return frag
 
-    def _settle(self, rcv: _Receiver, seq: int) -> _InFlight:
+    def _settle(self, rcv: SendWindow, seq: int) -> InFlight:
         flight = rcv.unacked.pop(seq)
+        self.host.ledger.unacked -= 1
         frag = self._fragment(seq)
         rcv.unacked_bytes -= frag.size
         left = rcv.pending_per_msg[frag.msg_start] - 1
@@ -377,7 +349,7 @@ class StreamSender:
             self.log.settle(frag.msg_start)
         return flight
 
-    def _abandon(self, rcv: _Receiver, seqs: list[int], now: float, reason: str) -> None:
+    def _abandon(self, rcv: SendWindow, seqs: list[int], now: float, reason: str) -> None:
         if not seqs:
             return
         messages = sorted({self._fragment(s).msg_start for s in seqs})
@@ -387,6 +359,7 @@ class StreamSender:
         for seq in seqs:
             self._settle(rcv, seq)
         for start in messages:
+            rcv.release(start, self.host.ledger)  # it gives them up (our GAP says so)
             self.host.emit(Unrecoverable(stream=self.name, seq=start, peer=rcv.peer, reason=reason))
         for r in lost:
             rcv.abandoned.add(r.start, r.stop)
@@ -413,6 +386,14 @@ class StreamSender:
 
     def _retire(self, now: float) -> None:
         self.log.evict_due(now, lambda start: self._pinned(start, now))
-        if self._blocked and not self.blocking_receivers(0):
-            self._blocked = False
+        self.check_window()
+
+    def check_window(self) -> bool:
+        """Emit WindowOpen if a refused send would now find room; whether still blocked.
+
+        The endpoint calls it when a receiver's byte credit, shared by all streams, grew.
+        """
+        if self._blocked is not None and not self.blocking_receivers(self._blocked):
+            self._blocked = None
             self.host.emit(WindowOpen(stream=self.name, peer=self.dest))
+        return self._blocked is not None

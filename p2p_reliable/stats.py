@@ -32,6 +32,14 @@ class EndpointStats:
     stale_epoch: int = 0
     unknown_stream: int = 0
     window_full: int = 0
+    # Receive bounds: refusals of a peer that ignores them (each also a Rejected event) ...
+    over_credit: int = 0
+    too_many_streams: int = 0
+    decompression_refused: int = 0
+    # ... and flow: data dropped unacked for bytes, messages waiting for byte credit.
+    budget_drops: int = 0
+    credit_stalls: int = 0
+    receivers_freed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
