@@ -109,6 +109,12 @@ class EngineConfig:
     liveness: LivenessConfig = attrs.field(factory=LivenessConfig)
 
 
+# Refusals an honest peer can cause: damaged envelopes (what a bad link or the fault shim
+# does) and our own total stream cap. They are counted (the peer's health) but never count
+# towards cutting the peer off.
+_NOT_HOSTILE = ("checksum", "too many inbound streams")
+
+
 class AppSink(Protocol):
     """What the application hears; the engine calls these on the application's loop."""
 
@@ -545,10 +551,12 @@ class Engine:
             )
 
     def _rejected_envelope(self, event: Rejected) -> None:
-        # The endpoint counted it in the peer's health already; damaged envelopes are what a
-        # bad link does, so only the others count towards cutting a peer off.
+        # The endpoint counted it in the peer's health already (that is where /metrics reads
+        # it from); here it only counts towards cutting the peer off.
         self._events_log.warning(event.peer, event.reason, "%s", event)
-        if "checksum" not in event.reason and self.penalties.bad(event.peer, self._now()):
+        if event.reason.startswith(_NOT_HOSTILE):
+            return
+        if self.penalties.bad(event.peer, self._now()):
             self._cut_off(event.peer, f"{event.reason} and more")
 
     def _cut_off(self, peer: str, why: str) -> None:
