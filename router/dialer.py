@@ -20,7 +20,6 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.pnet.protector import new_protected_conn
 
 from discovery.peers import DialPlanner, PeerAddressError
@@ -134,7 +133,11 @@ class Dialer:
                     self.planner.learned(addr, learned.to_base58())
                     log.info("%s is peer %s", addr, learned.to_base58())
                 else:
-                    await self._host.connect(PeerInfo(ID.from_base58(peer), [maddr]))
+                    # This address alone, once: host.connect would try every address the
+                    # peerstore holds for the peer (an exchanged lie adds many), each several
+                    # times; the DialPlanner decides about retries.
+                    swarm: Any = self._host.get_network()
+                    await swarm.dial_addr(maddr, ID.from_base58(peer))
             ok = True
         except (Exception, trio.TooSlowError) as exc:
             log.info("could not reach %s: %s", addr, exc or type(exc).__name__)

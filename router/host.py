@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import multiaddr
 from libp2p import new_host
@@ -21,6 +22,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -54,13 +56,18 @@ def build_host(
     for name, value in YAMUX_ENV.items():
         os.environ.setdefault(name, value)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         listen_addrs=list(addrs),
         psk=psk,
         enable_mDNS=enable_mdns,
     )
+    # One attempt per dial: our DialPlanner retries with backoff and forgets addresses that
+    # keep failing; py-libp2p's own retries (3 more per address) would multiply every dial.
+    network: Any = host.get_network()
+    network.retry_config = RetryConfig(max_retries=0)
+    return host
 
 
 def build_pubsub(

@@ -178,8 +178,8 @@ ROWS = [
     ("oversized", 20, {"oversized frame"}),
     ("idle-streams", 3000, {"too many direct streams", "too many streams"}),
     ("slow-loris", 200, {"too many direct streams", "too many unfinished bytes"}),
-    ("over-credit", 3000, {"over credit"}),
-    ("zstd-bomb", 6, {"reassembly"}),
+    ("over-credit", 6000, {"over credit"}),
+    ("zstd-bomb", 6, {"decompressed size over credit"}),
     ("stream-names", 3000, {"too many direct streams"}),
 ]
 
