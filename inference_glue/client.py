@@ -38,7 +38,7 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from discovery.health import HEALTH_TOPIC, ClusterViews, HealthView
+from discovery.health import ClusterViews, HealthView
 from inference_glue.failover import (
     CorruptionTracker,
     FailoverPolicy,
@@ -76,6 +76,7 @@ from inference_glue.messages import (
 from inference_glue.node import router_counters
 from inference_glue.roster import Roster
 from inference_glue.sampling import SamplingParams
+from inference_glue.stage_exchange import StageExchange
 from inference_glue.tokens import (
     AssemblerStats,
     IncompleteStreamError,
@@ -129,10 +130,6 @@ LINK_COUNTERS = (
     "unrecoverable",
 )
 
-
-# Addresses learned from health views that this client dials at most (views are from the
-# network: a hostile one could list any number).
-MAX_EXCHANGED_ADDRS = 4096
 
 log = logging.getLogger("p2pr.inference.client")
 
@@ -279,9 +276,9 @@ class PipelineClient:
         self.corruption = CorruptionTracker(self.policy.max_corrupt)
         self.roster = Roster(router.node_id)
         self.roster.quarantined = self.corruption.quarantined
-        # The stage nodes' health views (p2pr/health): where stage nodes listen (a restarted
-        # one is found through any survivor), and what they report (duplicate identities).
-        self.views = ClusterViews(router.node_id, uuid.uuid4().hex)
+        # Finds stage nodes (a restarted one, through any survivor) in their health views,
+        # followed from the first node lost on.
+        self.exchange = StageExchange(router, lambda: self.excluded, self._heard_view)
         self.events: list[PeerEvent] = []
         self.recoveries: list[Recovery] = []
         # What each finished or failed stream's assembler rejected (duplicates, corrupt…).
@@ -292,7 +289,6 @@ class PipelineClient:
         self._active = 0  # requests in flight: the plan changes only when there are none
         self._changed = anyio.Event()  # set (and replaced) on connections, replies, new plans
         self._plan_due = anyio.Event()  # set: see whether the plan should change
-        self._dialed: set[str] = set()
         self._join_addrs: list[str] = []
         self._gone: set[str] = set()  # nodes whose loss was reported, until they connect again
 
@@ -333,10 +329,8 @@ class PipelineClient:
         router = Router.create(bootstrap_peers=list(addrs), config=config)
         await router.register_topic(TOKENS)
         await router.register_topic(CONNECTION_MESSAGES)
-        await router.register_topic(HEALTH_TOPIC)
         topic_chunks = router.receiver(TOKENS)
         connections = router.receiver(CONNECTION_MESSAGES)
-        views = router.receiver(HEALTH_TOPIC)
         replies = router.direct_receiver(CLIENT_STREAM)
         direct_chunks = router.direct_receiver(CHUNK_STREAM)
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, model_dir)
@@ -357,7 +351,7 @@ class PipelineClient:
             tg.start_soon(client._dispatch_direct_chunks, direct_chunks)
             tg.start_soon(client._dispatch_replies, replies)
             tg.start_soon(client._watch_connections, connections)
-            tg.start_soon(client._follow_views, views)
+            tg.start_soon(client.exchange.run)
             try:
                 await client._join(peers, timeout)
                 tg.start_soon(client._keep_plan)
@@ -476,6 +470,7 @@ class PipelineClient:
         """Give up on `peer` for now: while its connection stays open (no answer to a probe)
         until it answers; else until it connects again. Reported once per loss."""
         self.roster.lose(peer, peer in self.router.connected)
+        self.exchange.follow()
         if peer not in self._gone and peer not in self.corruption.quarantined:
             self._gone.add(peer)
             self._event(peer, "lost", reason)
@@ -507,6 +502,8 @@ class PipelineClient:
             peer = message.node_id
             if not message.connected:
                 self.roster.disconnected(peer)
+                if peer in {s.node_id for s in self.stages}:
+                    self.exchange.follow()
             elif peer in self._gone:
                 self._gone.discard(peer)
                 if peer not in self.excluded:
@@ -516,24 +513,15 @@ class PipelineClient:
             self._notify()
             self._plan_due.set()
 
-    async def _follow_views(self, views: Receiver[HealthView]) -> None:
-        """Peer exchange for stage nodes: dial the stage nodes (and their peers) that the
-        health views name and this client is not connected to, so that a node restarted
-        with the address of any one survivor is found."""
-        async for view in views:
-            if not _plausible(view):
-                self.bad_messages += 1
-                continue
-            self.views.add(view)
-            self._notify()
-            if view.role != "stage" or view.node_id == self.router.node_id:
-                continue
-            if self.roster.claims_stage(view.node_id):
-                self._plan_due.set()
-            for addr in _exchanged_addrs(view, self.router.connected | self.excluded):
-                if addr not in self._dialed and len(self._dialed) < MAX_EXCHANGED_ADDRS:
-                    self._dialed.add(addr)
-                    self.router.add_peer_addr(addr, "exchange")
+    @property
+    def views(self) -> ClusterViews:
+        """The stage nodes' health views (since the client follows them: see `exchange`)."""
+        return self.exchange.views
+
+    def _heard_view(self, view: HealthView) -> None:
+        if view.role == "stage" and self.roster.claims_stage(view.node_id):
+            self._plan_due.set()  # a node that did not answer in time says it serves
+        self._notify()
 
     async def _keep_plan(self) -> None:
         """Between requests, re-plan when the usable nodes change (see `_replan_if_better`)."""
@@ -1103,36 +1091,6 @@ class PipelineClient:
                 row["rtt_p50_ms"] = None if p50 is None else round(p50 * 1000, 3)
                 links.append(row)
         return {"nodes": nodes, "links": links}
-
-
-def _plausible(view: HealthView) -> bool:
-    """Whether a view from the network has the field types that `ClusterViews` relies on."""
-    return (
-        isinstance(view.node_id, str)
-        and isinstance(view.instance, str)
-        and isinstance(view.role, str)
-        and type(view.sent_at) in (int, float)
-        and isinstance(view.addrs, list)
-        and all(isinstance(a, str) for a in view.addrs)
-        and isinstance(view.peers, list)
-        and isinstance(view.duplicates, list)
-        and all(isinstance(d, str) for d in view.duplicates)
-        and all(isinstance(r, dict) and isinstance(r.get("peer"), str) for r in view.peers)
-    )
-
-
-def _exchanged_addrs(view: HealthView, skip: set[str]) -> list[str]:
-    """Where a stage node's health view says stage nodes listen: its own addresses and its
-    peers' (not observers', not those in `skip`). Views come from the network: anything
-    that is not a string list is ignored."""
-    out: list[str] = []
-    if view.node_id not in skip:
-        out += view.addrs
-    for row in view.peers:
-        if not row.get("observer") and row["peer"] not in skip:
-            addrs = row.get("listen_addrs")
-            out += addrs if isinstance(addrs, list) else []
-    return [a for a in out if isinstance(a, str) and len(a) <= 512]
 
 
 def _reconfigure(nonce: int, *, epoch: int, stage: int, stages: int, layers: range) -> Reconfigure:
