@@ -19,6 +19,12 @@ Failover (`inference_glue.failover`, on by default): when a stage node dies, or 
 corrupt hidden states, the client re-plans the layers over the nodes left, has them load the
 layers, and resumes the request where the stream stopped; the caller sees one unbroken stream.
 `client.events` and `client.recoveries` record what happened and how long it took.
+
+Between requests the client keeps the pipeline whole by itself: a node that returns (it was
+paused, its link broke) or a restarted one (found through the stage nodes' health views,
+`inference_glue.stage_exchange`) is asked what it serves and planned in again, in its old place
+(`inference_glue.roster`); a node gone between requests is planned out. Plans change only
+while no request is in flight.
 """
 
 from __future__ import annotations
