@@ -271,6 +271,7 @@ class PipelineClient:
         self.stages = list(stages)
         self._streams: dict[str, MemoryObjectSendStream[TokenChunk | Failure | _Wake]] = {}
         self._replies: dict[int, InfoReply | StatsReply | None] = {}
+        self._asked: dict[int, str] = {}  # nonce -> the peer whose answer it waits for
         self._nonces = itertools.count(1)
         self.bad_messages = 0
         self.footprint = footprint
@@ -435,6 +436,7 @@ class PipelineClient:
         for peer, make in asks.items():
             nonce = next(self._nonces)
             self._replies[nonce] = None
+            self._asked[nonce] = peer
             nonces[peer] = nonce
             await self.router.send_to(peer, CONTROL_STREAM, encode_message(make(nonce)))
 
@@ -454,6 +456,7 @@ class PipelineClient:
         finally:
             for nonce in nonces.values():
                 self._replies.pop(nonce, None)
+                self._asked.pop(nonce, None)
 
     # -- keeping the pipeline whole --------------------------------------------------------
 
@@ -604,7 +607,8 @@ class PipelineClient:
                 self.bad_messages += 1
                 continue
             if isinstance(message, InfoReply | StatsReply):
-                if message.nonce in self._replies:
+                # Only the asked peer answers for itself (nonces are easy to guess).
+                if self._asked.get(message.nonce) == item.peer == message.node_id:
                     self._replies[message.nonce] = message
                     self._notify()
             elif isinstance(message, Failure):
