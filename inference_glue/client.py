@@ -298,6 +298,7 @@ class PipelineClient:
         self._plan_due = anyio.Event()  # set: see whether the plan should change
         self._join_addrs: list[str] = []
         self._gone: set[str] = set()  # nodes whose loss was reported, until they connect again
+        self._plan_broken = False  # a re-plan failed half-way: re-plan before the next use
 
     @property
     def budgets(self) -> dict[str, int]:
@@ -571,7 +572,7 @@ class PipelineClient:
             if current <= connected:
                 return False  # what serves now still does
             target = set()
-        if target == current and current <= connected:
+        if target == current and current <= connected and not self._plan_broken:
             return False
         for peer in sorted(current - connected):
             self._lose(peer, "its connection closed between requests")
@@ -713,6 +714,8 @@ class PipelineClient:
                     if item.request_id != meta.request_id:
                         continue  # of an attempt given up already
                     trouble = self._failure_trouble(item)
+                    if item.kind == "stale" and meta.epoch == self.epoch:
+                        self._plan_broken = True  # a node of the current plan is not on it
                 else:
                     trouble = await self._lost_stages(meta.route, progress)
                     if trouble is None:
@@ -852,7 +855,7 @@ class PipelineClient:
         # One re-plan at a time: requests in flight together all notice a lost node, and the
         # first to get here re-plans for all of them; the others resume on its plan.
         async with self._plan_lock:
-            if lost & {s.node_id for s in self.stages}:
+            if lost & {s.node_id for s in self.stages} or self._plan_broken:
                 await self._replan(reason)
         recovery.replanned_at = clock()
         key = attempt_id(rid, attempt)
@@ -872,6 +875,8 @@ class PipelineClient:
         """
         if self.footprint is None:
             raise PipelineError(f"{reason}; cannot re-plan without the model's layer sizes")
+        # Until a plan is in place, some nodes may hold a newer epoch than `self.stages`.
+        self._plan_broken = True
         for _ in range(3):
             offers = await self._offers()
             plan = plan_stages(self.footprint, offers)
@@ -885,6 +890,7 @@ class PipelineClient:
             replies = await self._ask(asks, self.policy.reconfigure_timeout)
             self.epoch = epoch
             if all(reply is not None and not reply.error for reply in replies.values()):
+                self._plan_broken = False
                 self._set_stages([StageInfo.from_reply(replies[node]) for node, _ in plan])
                 layout = ", ".join(
                     f"{s.node_id[-6:]}: {s.layers.start}-{s.layers.stop - 1}" for s in self.stages
