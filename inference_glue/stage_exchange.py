@@ -10,8 +10,8 @@ A client with a whole pipeline does not need the views (and would be sent every 
 every second), so it follows them from the first node it loses on (`follow`). The views are
 kept (`views`): they also say whether any node reports a duplicate identity.
 
-Views come from the network: malformed ones are counted and dropped, addresses are bounded in
-length and number.
+Views come from the network: they are validated on receipt (malformed ones never get here,
+they are counted against their sender) and accepted only from the node they name.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ from collections.abc import Callable, Collection
 import anyio
 
 from discovery.health import HEALTH_TOPIC, ClusterViews, HealthView
+from discovery.peers import ExchangeBook
 from router import Router
 
-__all__ = ["MAX_EXCHANGED_ADDRS", "StageExchange"]
-
-# Addresses learned from views that one client dials at most (a hostile view could list any
-# number), and the longest address taken.
-MAX_EXCHANGED_ADDRS = 4096
-MAX_ADDR_LEN = 512
+__all__ = ["StageExchange", "exchanged_addrs"]
 
 
 class StageExchange:
@@ -49,11 +45,12 @@ class StageExchange:
     ) -> None:
         self.router = router
         self.views = ClusterViews(router.node_id, uuid.uuid4().hex)
-        self.bad_views = 0
         self._skip = skip
         self._heard = heard
         self._due = anyio.Event()
-        self._dialed: set[str] = set()
+        # Each address is handed to the dialer once, at most 16 per view (a view is the word of
+        # one node), and the dialer forgets it after one failure (discovery.peers).
+        self._book = ExchangeBook()
 
     def follow(self) -> None:
         """Start following the views (once; later calls do nothing)."""
@@ -64,45 +61,22 @@ class StageExchange:
         await self._due.wait()
         await self.router.register_topic(HEALTH_TOPIC)
         async for view in self.router.receiver(HEALTH_TOPIC):
-            if not plausible(view):
-                self.bad_views += 1
-                continue
             self.views.add(view)
             if view.role == "stage" and view.node_id != self.router.node_id:
-                self._dial(exchanged_addrs(view, set(self.router.connected) | set(self._skip())))
+                skip = set(self.router.connected) | set(self._skip())
+                for addr in self._book.fresh(exchanged_addrs(view, skip)):
+                    self.router.add_peer_addr(addr, "exchange")
             self._heard(view)
-
-    def _dial(self, addrs: list[str]) -> None:
-        for addr in addrs:
-            if addr not in self._dialed and len(self._dialed) < MAX_EXCHANGED_ADDRS:
-                self._dialed.add(addr)
-                self.router.add_peer_addr(addr, "exchange")
-
-
-def plausible(view: HealthView) -> bool:
-    """Whether a view from the network has the field types that `ClusterViews` relies on."""
-    return (
-        isinstance(view.node_id, str)
-        and isinstance(view.instance, str)
-        and isinstance(view.role, str)
-        and type(view.sent_at) in (int, float)
-        and isinstance(view.addrs, list)
-        and all(isinstance(a, str) for a in view.addrs)
-        and isinstance(view.peers, list)
-        and isinstance(view.duplicates, list)
-        and all(isinstance(d, str) for d in view.duplicates)
-        and all(isinstance(r, dict) and isinstance(r.get("peer"), str) for r in view.peers)
-    )
 
 
 def exchanged_addrs(view: HealthView, skip: set[str]) -> list[str]:
-    """Where a (plausible) stage node's view says stage nodes listen: its own addresses and
-    its peers' (not observers', not those in `skip`)."""
+    """Where a stage node's view says stage nodes listen: its own addresses and its peers'
+    (not observers', not those in `skip`). The view was validated on receipt (typed, bounded
+    in length and number: discovery.health)."""
     out: list[str] = []
     if view.node_id not in skip:
         out += view.addrs
     for row in view.peers:
-        if not row.get("observer") and row["peer"] not in skip:
-            addrs = row.get("listen_addrs")
-            out += addrs if isinstance(addrs, list) else []
-    return [a for a in out if isinstance(a, str) and len(a) <= MAX_ADDR_LEN]
+        if not row.observer and row.peer not in skip:
+            out += row.listen_addrs
+    return out

@@ -323,8 +323,11 @@ class Engine:
                 if cfg.enable_mdns:
                     peerDiscovery.unregister_peer_discovered_handler(self._on_mdns_peer)
                 # Leaving host.run() stops its tasks but leaves sockets to the garbage
-                # collector; peers would not see us go. Close connections explicitly.
+                # collector; peers would not see us go. Close connections explicitly, after
+                # the listeners: peers that see us go redial at once, and a connection
+                # accepted while closing fails its upgrade loudly (py-libp2p's ADDCONN_FAIL).
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await _close_listeners(host)
                     await host.close()
 
     def _run_inbox(self) -> None:
@@ -579,6 +582,7 @@ class Engine:
         self.connected[peer] = self.connected.get(peer) or address or "?"
         if first:
             self.endpoint.add_peer(peer, self._now())
+            self.endpoint.health(peer).on_connected(self._now())
         self.peers.on_connected(peer, first)
         self._flush()
 
@@ -619,7 +623,10 @@ class Engine:
     def _liveness_input(self) -> tuple[dict[str, float | None], set[str]]:
         now = self._now()
         heard = {p: self.endpoint.health(p).last_seen for p in self.connected}
-        dead = {p for p in heard if self.endpoint.health(p).state(now) is PeerState.DEAD}
+        # UNKNOWN: connected, but no heartbeat since (a peer that hangs right after it
+        # connects is found by its silence too).
+        quiet = (PeerState.DEAD, PeerState.UNKNOWN)
+        dead = {p for p in heard if self.endpoint.health(p).state(now) in quiet}
         return heard, dead
 
     @property
@@ -677,6 +684,16 @@ class Engine:
             text = str(addr)
             out.append(text if "/p2p/" in text else f"{text}/p2p/{peer}")
         return out
+
+
+async def _close_listeners(host: IHost) -> None:
+    network: Any = host.get_network()
+    for listener in list(network.listeners.values()):
+        try:
+            await listener.close()
+        except Exception as exc:
+            log.debug("closing a listener: %r", exc)
+    network.listeners.clear()
 
 
 class _ConnectionWatch(INotifee):
