@@ -294,7 +294,7 @@ class Engine:
         self._token = trio.lowlevel.current_trio_token()
         addrs = listen_addrs(cfg.listen_host, cfg.listen_port)
         host = build_host(self.key_pair, addrs, cfg.psk, cfg.enable_mdns)
-        pubsub, gossipsub = build_pubsub(host, self._app_score)
+        pubsub, gossipsub = build_pubsub(host, self._app_score, self.reject)
         self._host, self._pubsub = host, pubsub
         host.get_network().register_notifee(_ConnectionWatch(self))
         async with host.run(addrs), trio.open_nursery() as nursery:
