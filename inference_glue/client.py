@@ -593,8 +593,9 @@ class PipelineClient:
             try:
                 # Unverified here: the assembler checks the checksum and counts failures.
                 chunk = TokenChunk.from_bytes(item.payload, verify=False)
-            except TokenChunkDecodeError:
+            except TokenChunkDecodeError as exc:
                 self.bad_messages += 1
+                self.router.refused(item.peer, "bad token chunk", str(exc))
                 continue
             stream = self._streams.get(chunk.request_id)
             if stream is not None:
@@ -604,8 +605,9 @@ class PipelineClient:
         async for item in replies:
             try:
                 message = decode_message(item.payload)
-            except MessageDecodeError:
+            except MessageDecodeError as exc:
                 self.bad_messages += 1
+                self.router.refused(item.peer, "bad pipeline message", str(exc))
                 continue
             if isinstance(message, InfoReply | StatsReply):
                 # Only the asked peer answers for itself (nonces are easy to guess).

@@ -222,6 +222,7 @@ class Router:
         self._direct: dict[str, TopicRouter[DirectMessage]] = {}
         self.engine: Engine | None = None
         self.bad_payloads: Counter[str] = Counter()
+        self.refusals: Counter[tuple[str, str]] = Counter()
         self._log = RateLimitedLog(log)
         self.protocol_events: deque[Gap | Unrecoverable | Rejected] = deque(maxlen=1000)
         self.connected: set[str] = set()
@@ -290,8 +291,8 @@ class Router:
         protocol's own rejections are in each peer's health row.)"""
         engine = self._running_engine()
         counts = await self.query(engine.rejections.copy)
-        for peer, count in self.bad_payloads.items():
-            counts[(peer, "bad payload")] = counts.get((peer, "bad payload"), 0) + count
+        for key, count in self.refusals.items():
+            counts[key] = counts.get(key, 0) + count
         return counts
 
     async def health_states(self) -> dict[str, str]:
@@ -472,13 +473,19 @@ class Router:
         if self.engine is not None:
             self.engine.submit_consumed(origin, stream, upto, direct)
 
+    def refused(self, peer: str, kind: str, detail: str) -> None:
+        """The application refused input from `peer` (a message that is not what its stream
+        carries): count it per (peer, kind), log it rate-limited, and let it count towards
+        cutting the peer off, as refused envelopes do."""
+        self.refusals[(peer, kind)] += 1
+        self._log.warning(peer, kind, "refused a message from %s: %s: %s", peer, kind, detail)
+        if self.engine is not None:
+            engine = self.engine
+            engine.submit_call(lambda: engine.penalize(peer, kind))
+
     def _bad_payload(self, peer: str, reason: str) -> None:
         self.bad_payloads[peer] += 1
-        self._log.warning(peer, "bad payload", "dropped a message from %s: %s", peer, reason)
-        if self.engine is not None:
-            # Bad payloads count towards cutting the peer off, as bad envelopes do.
-            engine = self.engine
-            engine.submit_call(lambda: engine.penalize(peer, "bad payload"))
+        self.refused(peer, "bad payload", reason)
 
 
 @attrs.frozen
