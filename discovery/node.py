@@ -19,7 +19,7 @@ import attrs
 
 from p2p_reliable import schema
 from router import Router, RouterConfig
-from router.engine import EngineConfig
+from router.config import EngineConfig
 from router.faults import FAULTS_ENV, FaultConfig
 from router.membership import Role
 from router.ratelog import RateLimitedLog
@@ -144,7 +144,9 @@ class ClusterNode:
         while True:
             # Publish at once on any state change (a death must travel fast), else every
             # health_interval. States are polled cheaply; the full view (addresses,
-            # counters) only when it is published: an idle node stays nearly idle.
+            # counters) only when it is published: an idle node stays nearly idle. A poll,
+            # since a state is a function of time (phi accrual crosses its thresholds as
+            # heartbeats fail to come): no event marks the moment it changes.
             now_states = await self.router.health_states()
             if now_states != states or time.monotonic() - last >= self.settings.health_interval:
                 self.peers = await self.router.health()

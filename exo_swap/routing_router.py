@@ -50,7 +50,7 @@ from discovery.identity import (
 from discovery.node import ClusterNode, NodeSettings
 from router import Router as ReliableRouter
 from router import RouterConfig, TopicRouter
-from router.engine import EngineConfig
+from router.config import EngineConfig
 from router.faults import FAULTS_ENV, FaultConfig
 from router.topics import TypedTopic
 

@@ -104,7 +104,7 @@ async def _scenario(results: dict[str, Any]) -> None:
         results["election_message_local"] = local == message
 
         await a.wait_for_subscribers(topics.COMMANDS.topic, 1)
-        await a._publish_bytes(topics.COMMANDS.topic, b'{"not": "a command"}')
+        await a.publish_encoded(topics.COMMANDS.topic, b'{"not": "a command"}')
         with anyio.fail_after(20):
             while not b.bad_payloads.get(a.node_id):
                 await anyio.sleep(0.05)

@@ -79,7 +79,6 @@ from inference_glue.messages import (
     decode_message,
     encode_message,
 )
-from inference_glue.node import router_counters
 from inference_glue.roster import Roster
 from inference_glue.sampling import SamplingParams
 from inference_glue.stage_exchange import StageExchange
@@ -405,8 +404,7 @@ class PipelineClient:
         router = self.router
         last = self.stages[-1]
         with anyio.move_on_after(timeout):
-            while last.node_id not in router.subscribers(TOKENS.topic):
-                await anyio.sleep(0.02)
+            await router.wait_for_subscriber(TOKENS.topic, last.node_id)
         if last.node_id not in router.subscribers(TOKENS.topic):
             raise PipelineError(
                 f"the last stage, {last.label}, did not subscribe to {TOKENS.topic} "
@@ -992,10 +990,7 @@ class PipelineClient:
         }
         if refused:
             raise PipelineError(f"fault settings refused: {refused}")
-        engine = self.router.engine
-        if engine is not None:
-            engine.submit_faults(config)
-            engine.submit_partition(set(partitions.get(self.router.node_id, ())))
+        self.router.set_faults(config, partitions.get(self.router.node_id, ()))
 
     def _head_split(self) -> int:
         if not self.split_head or self.footprint is None or len(self.stages) < 2:
@@ -1070,7 +1065,7 @@ class PipelineClient:
         # A stage whose connection is gone cannot answer (its counters died with it).
         live = [s.node_id for s in self.stages if s.node_id in self.router.connected]
         replies: list[StatsReply] = await self._query(live, StatsQuery, timeout)
-        own = await self.router.query(router_counters(self.router), timeout=10.0)
+        own = await self.router.counters(timeout=10.0)
         names = self.names()
         nodes: list[dict[str, Any]] = [
             {

@@ -168,23 +168,6 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def router_counters(router: Router) -> Callable[[], dict[str, Any]]:
-    """A function (to run on the engine loop) that snapshots the router's counters."""
-
-    def snapshot() -> dict[str, Any]:
-        engine = router.engine
-        assert engine is not None
-        now = engine._now()
-        endpoint = engine.endpoint
-        return {
-            "protocol": endpoint.stats.as_dict(),
-            "shim": attrs.asdict(engine.shim.stats),
-            "peers": {s.peer: s.to_dict() for s in endpoint.healths.snapshots(now)},
-        }
-
-    return snapshot
-
-
 class MlxWorker:
     """Where a node runs its MLX work: inline on the event loop, or on one dedicated thread.
 
@@ -430,16 +413,12 @@ class StageNode:
 
     async def _set_faults(self, message: SetFaults, peer: str) -> None:
         error = ""
-        engine = self.router.engine
         if not self.allow_fault_control:
             error = "this node does not take fault settings (no --allow-fault-control)"
-        elif engine is None:
-            error = "the router is not running"
         else:
             try:
-                engine.submit_faults(FaultConfig.parse(message.faults))
-                engine.submit_partition(set(message.partition))
-            except ValueError as exc:
+                self.router.set_faults(FaultConfig.parse(message.faults), message.partition)
+            except (ValueError, RuntimeError) as exc:  # a bad setting; the router not running
                 error = str(exc)
         if error:
             self.counters.bad_messages += 1
@@ -474,7 +453,7 @@ class StageNode:
 
     async def stats(self, nonce: int = 0) -> StatsReply:
         """This node's counters (the router's read on its engine loop)."""
-        snap = await self.router.query(router_counters(self.router), timeout=10.0)
+        snap = await self.router.counters(timeout=10.0)
         work = attrs.asdict(self.counters)
         work["in_flight"] = len(self._requests)
         if self._head_tuner is not None:
@@ -944,11 +923,8 @@ class StageNode:
     async def _await_subscriber(self, peer: str, request_id: str) -> None:
         """A chunk published before the requester's subscription is known here would not be
         sent to it: wait for the subscription (bounded)."""
-        if peer in self.router.subscribers(TOKENS.topic):
-            return
         with anyio.move_on_after(SUBSCRIBER_WAIT):
-            while peer not in self.router.subscribers(TOKENS.topic):
-                await anyio.sleep(0.01)
+            await self.router.wait_for_subscriber(TOKENS.topic, peer)
             return
         log.warning(
             "%s: requester %s of %r is not subscribed to %s; publishing anyway",

@@ -6,9 +6,10 @@ retransmission, in-order exactly-once delivery, flow control).
 """
 
 from .channels import Receiver, Sender, channel
-from .engine import EngineConfig
+from .config import EngineConfig
 from .faults import FaultConfig
-from .router import DirectMessage, Router, RouterConfig, TopicRouter
+from .router import Router, RouterConfig
+from .topic_router import DirectMessage, TopicRouter
 from .topics import (
     CONNECTION_MESSAGES,
     ConnectionMessage,

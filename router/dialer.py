@@ -22,8 +22,7 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.security.pnet.protector import new_protected_conn
 
-from discovery.peers import DialPlanner, PeerAddressError
-
+from .dialplan import DialPlanner, PeerAddressError
 from .directs import start_soon
 
 log = logging.getLogger("p2pr.dialer")

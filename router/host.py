@@ -42,6 +42,13 @@ MESHSUB_V11 = TProtocol("/meshsub/1.1.0")
 # `p2pr bench router`. A value already set in the environment wins.
 YAMUX_ENV = {"PY_YAMUX_RELEASE_ON_READ": "0"}
 log = logging.getLogger("p2pr.engine")
+# py-libp2p logs per message when gossipsub queues for peers not on a topic, and its
+# auto-connector reports every second at INFO: both drown what our own logs say.
+for _noisy in ("libp2p.pubsub.gossipsub", "libp2p.network.auto_connector"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+# Every redial of a peer that is down (a killed node) logs an ERROR there; the dial planner
+# counts failures and backs off, and the health table shows the peer as dead.
+logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
 
 
 def listen_addrs(host: str, port: int) -> list[multiaddr.Multiaddr]:

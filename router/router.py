@@ -10,42 +10,36 @@ publisher's `send` waits. Nothing is dropped on the way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import math
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import attrs
 import sniffio
 import trio
-from anyio import BrokenResourceError, ClosedResourceError
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
 from p2p_reliable import Delivered, Gap, MessageTooLarge, Rejected, Unrecoverable
 
-from .channels import DEFAULT_BUFFER, Receiver, Sender, channel
-from .engine import Engine, EngineConfig
+from .channels import DEFAULT_BUFFER, Receiver, Sender
+from .config import EngineConfig
+from .engine import Engine
+from .faults import FaultConfig
 from .ratelog import RateLimitedLog
-from .topics import (
-    CONNECTION_MESSAGES,
-    ConnectionMessage,
-    PublishPolicy,
-    TopicDecodeError,
-    TypedTopic,
-)
+from .topic_router import DirectDelivery, DirectMessage, TopicRouter
+from .topics import CONNECTION_MESSAGES, ConnectionMessage, PublishPolicy, TypedTopic
+
+__all__ = ["DirectMessage", "Router", "RouterConfig", "TopicRouter"]
 
 log = logging.getLogger("p2pr.router")
 
 T = TypeVar("T")
-
-# How often a TopicRouter reports consumption back to the engine at the latest (items).
-_CONSUMED_BATCH = 32
 
 
 @attrs.frozen
@@ -57,141 +51,6 @@ class RouterConfig:
     # waits beyond this (the window being full means the receivers are behind).
     outbound_slots: int = 1024
     receiver_buffer: float = DEFAULT_BUFFER  # items per receiver; math.inf as exo's
-
-
-@attrs.frozen
-class DirectMessage:
-    """A point-to-point message received from `peer` on `stream`."""
-
-    peer: str
-    stream: str
-    payload: bytes
-
-
-class _Inbox:
-    """Items for a TopicRouter from the network side (Delivered) or injected locally.
-
-    Unbounded as a channel, but bounded in effect: the protocol grants a publisher at most
-    `receive_window` sequence numbers beyond what this side has consumed.
-    """
-
-    def __init__(self) -> None:
-        send: MemoryObjectSendStream[Delivered | Any]
-        recv: MemoryObjectReceiveStream[Delivered | Any]
-        send, recv = anyio.create_memory_object_stream(math.inf)
-        self.send, self.recv = send, recv
-
-
-class TopicRouter(Generic[T]):
-    """One topic: local senders in, local receivers and the network out, by policy."""
-
-    def __init__(
-        self, topic: TypedTopic[T], router: Router, buffer: float, *, hold: bool = False
-    ) -> None:
-        self.topic = topic
-        self.senders: set[Sender[T]] = set()
-        self._buffer = buffer
-        self._send, self.receiver = channel[T](buffer)
-        self._router = router
-        self._inbox = _Inbox()
-        # hold: network items wait for a receiver instead of going to nobody (direct
-        # streams: a reply may arrive before its reader exists).
-        self._hold = hold
-        self._receiver_added: anyio.Event | None = None
-        self._working = False  # an item is between the local channel and the network
-
-    async def run(self) -> None:
-        """Move items until shut down."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._local_loop)
-            tg.start_soon(self._network_loop)
-
-    async def _local_loop(self) -> None:
-        policy = self.topic.publish_policy
-        with self.receiver as items:
-            async for item in items:
-                self._working = True
-                await self._route_local(item, policy)
-                self._working = False
-
-    async def _route_local(self, item: T, policy: PublishPolicy) -> None:
-        no_local = not self.senders
-        if policy is PublishPolicy.Always or (policy is PublishPolicy.Minimal and no_local):
-            await self._send_out(item)
-        if policy is not PublishPolicy.Minimal or not no_local:
-            await self.publish(item)
-
-    async def _network_loop(self) -> None:
-        pending: dict[tuple[str, bool], int] = {}
-        count = 0
-        async for item in self._inbox.recv:
-            while self._hold and not self.senders:
-                self._receiver_added = anyio.Event()
-                await self._receiver_added.wait()
-            if isinstance(item, Delivered):
-                try:
-                    value = self.topic.deserialize(item.payload)
-                    self.topic.check_origin(value, item.origin)
-                except TopicDecodeError as exc:
-                    self._router._bad_payload(item.origin, str(exc))
-                else:
-                    await self.publish(value)
-                pending[(item.origin, False)] = item.end
-                count += 1
-            elif isinstance(item, _DirectDelivery):
-                await self.publish(item.message)  # type: ignore[arg-type]
-                pending[(item.event.origin, True)] = item.event.end
-                count += 1
-            else:
-                await self.publish(item)
-            idle = not self._inbox.recv.statistics().current_buffer_used
-            if pending and (count >= _CONSUMED_BATCH or idle):
-                for (origin, direct), end in pending.items():
-                    self._router._consumed(origin, self.topic.topic, end, direct)
-                pending.clear()
-                count = 0
-
-    async def publish(self, item: T) -> None:
-        """Give `item` to every local receiver (including the sender's own, as in exo)."""
-        for sender in list(self.senders):
-            try:
-                await sender.send(item)
-            except (ClosedResourceError, BrokenResourceError):
-                self.senders.discard(sender)
-
-    async def publish_bytes(self, data: bytes) -> None:
-        """Give the item encoded in `data` to every local receiver."""
-        await self.publish(self.topic.deserialize(data))
-
-    def _local_busy(self) -> bool:
-        return self._working or bool(self.receiver.statistics().current_buffer_used)
-
-    def new_sender(self) -> Sender[T]:
-        """A sender whose items this router distributes."""
-        return self._send.clone()
-
-    def new_receiver(self) -> Receiver[T]:
-        """A fresh receiver of every item on this topic."""
-        send, recv = channel[T](self._buffer)
-        self.senders.add(send)
-        if self._receiver_added is not None:
-            self._receiver_added.set()
-        return recv
-
-    async def shutdown(self) -> None:
-        """Close every channel of this topic."""
-        for sender in self.senders:
-            sender.close()
-        self._send.close()
-        self.receiver.close()
-        self._inbox.send.close()
-
-    async def _send_out(self, item: T) -> None:
-        data = self.topic.serialize(item)
-        try:
-            await self._router._publish_bytes(self.topic.topic, data)
-        except MessageTooLarge as exc:
-            log.error("topic %s: item not sent: %s", self.topic.topic, exc)
 
 
 class Router:
@@ -228,8 +87,12 @@ class Router:
         self.connected: set[str] = set()
         self._tg: TaskGroup | None = None
         self._slots: anyio.Semaphore | None = None
+        # Events are made on the application's loop (the router may be built outside one).
         self._ready: anyio.Event | None = None
         self._post: Callable[..., None] | None = None
+        # Set (and replaced) whenever subscribers change or local sending makes progress.
+        self._subscribers_event: anyio.Event | None = None
+        self._local_event: anyio.Event | None = None
 
     @property
     def node_id(self) -> str:
@@ -250,18 +113,42 @@ class Router:
     async def wait_for_subscribers(self, topic: str, count: int) -> None:
         """Wait until at least `count` remote peers subscribe to `topic`."""
         while len(self.subscribers(topic)) < count:
-            await anyio.sleep(0.02)
+            await self._subscribers_changed_event().wait()
+
+    async def wait_for_subscriber(self, topic: str, peer: str) -> None:
+        """Wait until `peer` subscribes to `topic`."""
+        while peer not in self.subscribers(topic):
+            await self._subscribers_changed_event().wait()
 
     async def drain(self) -> None:
         """Wait until everything sent so far is acknowledged by its receivers (or given up)."""
         engine = self._running_engine()
-        assert self._slots is not None
+        post = self._post
+        assert post is not None
         while True:
-            queued = self.config.outbound_slots - int(self._slots.value)
-            busy = any(r._local_busy() for r in self.topic_routers.values())
-            if not queued and not busy and await self.query(engine.idle):
+            while not self._local_idle():
+                await self._local_progress_event().wait()
+            idle = anyio.Event()
+            engine.submit_when_idle(functools.partial(post, idle.set))
+            await idle.wait()
+            if self._local_idle():
                 return
-            await anyio.sleep(0.01)
+
+    def _local_idle(self) -> bool:
+        """Nothing sent here waits to enter the engine."""
+        assert self._slots is not None
+        queued = self.config.outbound_slots - int(self._slots.value)
+        return not queued and not any(r.local_busy() for r in self.topic_routers.values())
+
+    def _subscribers_changed_event(self) -> anyio.Event:
+        if self._subscribers_event is None:
+            self._subscribers_event = anyio.Event()
+        return self._subscribers_event
+
+    def _local_progress_event(self) -> anyio.Event:
+        if self._local_event is None:
+            self._local_event = anyio.Event()
+        return self._local_event
 
     async def query(self, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run `fn` on the engine's loop (where protocol state may be read); its result.
@@ -283,22 +170,33 @@ class Router:
     async def health(self) -> list[dict[str, Any]]:
         """This node's view of every peer it knows: state, phi, RTT, loss, counters."""
         engine = self._running_engine()
-        return await self.query(engine.health_view)
+        return await self.query(engine.report.health_view)
 
     async def rejections(self) -> dict[tuple[str, str], int]:
         """Input refused above the protocol, per (peer, kind): payloads of the wrong type,
         bad hellos, oversized or malformed direct-stream frames, exhausted limits. (The
         protocol's own rejections are in each peer's health row.)"""
         engine = self._running_engine()
-        counts = await self.query(engine.rejections.copy)
+        counts: dict[tuple[str, str], int] = await self.query(engine.refusals.counts.copy)
         for key, count in self.refusals.items():
             counts[key] = counts.get(key, 0) + count
         return counts
 
+    async def counters(self, timeout: float | None = None) -> dict[str, Any]:
+        """The protocol's counters (`protocol`), the fault shim's (`shim`) and every peer's
+        health row (`peers`), JSON-ready."""
+        engine = self._running_engine()
+        return await self.query(engine.report.counters, timeout)
+
+    def set_faults(self, faults: FaultConfig | None, partition: Collection[str] = ()) -> None:
+        """Fault injection (chaos runs): the fault shim's settings from now on (None: none),
+        and the peers every frame to and from which is cut (empty: healed)."""
+        self._running_engine().submit_faults(faults, partition)
+
     async def health_states(self) -> dict[str, str]:
         """Every known peer's state name (ALIVE, SUSPECT, DEAD, UNKNOWN): a cheap poll."""
         engine = self._running_engine()
-        return await self.query(engine.health_states)
+        return await self.query(engine.report.health_states)
 
     def add_peer_addr(self, addr: str, source: str = "static") -> None:
         """Dial a peer at this multiaddr; configured sources are redialed for ever, others
@@ -307,8 +205,8 @@ class Router:
 
     async def wait_ready(self) -> None:
         """Wait until run() has started the host (listen_addrs is then filled)."""
-        while self._ready is None:
-            await anyio.sleep(0.01)
+        if self._ready is None:
+            self._ready = anyio.Event()
         await self._ready.wait()
 
     # -- exo's interface -------------------------------------------------------------------
@@ -333,7 +231,8 @@ class Router:
         """Run the node until cancelled (or shutdown())."""
         post = self._post = _loop_poster()
         self._slots = anyio.Semaphore(self.config.outbound_slots)
-        self._ready = anyio.Event()
+        if self._ready is None:
+            self._ready = anyio.Event()
         engine = Engine(self.key_pair, self.config.engine, sink=self, post=post)
         thread = threading.Thread(target=engine.run, name="p2pr-engine", daemon=True)
         self.engine = engine
@@ -404,22 +303,23 @@ class Router:
         """A message arrived in order, verified."""
         if event.direct:
             router = self._direct_router(event.stream)
-            router._inbox.send.send_nowait(
-                _DirectDelivery(event, DirectMessage(event.origin, event.stream, event.payload))
+            router.inbox.send.send_nowait(
+                DirectDelivery(event, DirectMessage(event.origin, event.stream, event.payload))
             )
             return
         topic_router = self.topic_routers.get(event.stream)
         if topic_router is None:
-            self._bad_payload(event.origin, f"message on unregistered topic {event.stream!r}")
-            self._consumed(event.origin, event.stream, event.end, False)
+            self.bad_payload(event.origin, f"message on unregistered topic {event.stream!r}")
+            self.consumed(event.origin, event.stream, event.end, False)
             return
-        topic_router._inbox.send.send_nowait(event)
+        topic_router.inbox.send.send_nowait(event)
 
     def accepted(self, count: int) -> None:
         """The engine took `count` messages into protocol windows."""
         assert self._slots is not None
         for _ in range(count):
             self._slots.release()
+        self.local_item_done()
 
     def connection(self, peer: str, connected: bool) -> None:
         """A connection to `peer` opened or closed."""
@@ -427,7 +327,7 @@ class Router:
         router = self.topic_routers.get(CONNECTION_MESSAGES.topic)
         if router is not None:
             # Through the topic's inbox, so connection events keep the engine's order.
-            router._inbox.send.send_nowait(self.connection_message(peer, connected))
+            router.inbox.send.send_nowait(self.connection_message(peer, connected))
 
     def connection_message(self, peer: str, connected: bool) -> Any:
         """The item a connection event puts on `connection_messages` (exo's adapter
@@ -437,6 +337,18 @@ class Router:
     def protocol_event(self, event: Gap | Unrecoverable | Rejected) -> None:
         """A loss verdict or a rejected input; kept for inspection, already logged."""
         self.protocol_events.append(event)
+
+    def subscribers_changed(self, topic: str) -> None:
+        """The remote subscribers of `topic` changed: wake whoever waits for them."""
+        event, self._subscribers_event = self._subscribers_event, None
+        if event is not None:
+            event.set()
+
+    def local_item_done(self) -> None:
+        """Local sending made progress: wake `drain`."""
+        event, self._local_event = self._local_event, None
+        if event is not None:
+            event.set()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -462,14 +374,16 @@ class Router:
         if len(payload) > limit:
             raise MessageTooLarge(f"{len(payload)} bytes exceeds max_message_size {limit}")
 
-    async def _publish_bytes(self, topic: str, data: bytes) -> None:
+    async def publish_encoded(self, topic: str, data: bytes) -> None:
+        """Publish `data` (an item of `topic`, encoded) to the network."""
         engine = self._running_engine()
         self._check_size(data)
         assert self._slots is not None
         await self._slots.acquire()
         engine.submit_publish(topic, data)
 
-    def _consumed(self, origin: str, stream: str, upto: int, direct: bool) -> None:
+    def consumed(self, origin: str, stream: str, upto: int, direct: bool) -> None:
+        """The application took `origin`'s messages on `stream` below `upto`: grant credit."""
         if self.engine is not None:
             self.engine.submit_consumed(origin, stream, upto, direct)
 
@@ -481,17 +395,12 @@ class Router:
         self._log.warning(peer, kind, "refused a message from %s: %s: %s", peer, kind, detail)
         if self.engine is not None:
             engine = self.engine
-            engine.submit_call(lambda: engine.penalize(peer, kind))
+            engine.submit_call(lambda: engine.refusals.penalize(peer, kind))
 
-    def _bad_payload(self, peer: str, reason: str) -> None:
+    def bad_payload(self, peer: str, reason: str) -> None:
+        """`peer` delivered an item that is not what its topic carries."""
         self.bad_payloads[peer] += 1
         self.refused(peer, "bad payload", reason)
-
-
-@attrs.frozen
-class _DirectDelivery:
-    event: Delivered
-    message: DirectMessage
 
 
 def _loop_poster() -> Callable[..., None]:

@@ -162,7 +162,7 @@ async def over_credit(target: str, count: int, victim: str) -> dict[str, Any]:
 
     async def body(router: Router, peer: str) -> dict[str, Any]:
         assert router.engine is not None
-        router.engine._backlog = lambda peer: 0  # type: ignore[method-assign]
+        router.engine.outbox._backlog = lambda peer: 0
         payload = secrets.token_bytes(64 * 1024)
         for _ in range(count):
             await router.send_to(peer, "nobody-reads", payload)

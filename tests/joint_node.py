@@ -26,7 +26,7 @@ import anyio
 import attrs
 
 from router import CONNECTION_MESSAGES, PublishPolicy, Router, RouterConfig, TypedTopic
-from router.engine import EngineConfig
+from router.config import EngineConfig
 from router.membership import Role
 
 

@@ -12,11 +12,11 @@ from discovery.health import DUPLICATE_WINDOW, ClusterViews, HealthView
 from discovery.identity import IdentityError, IdentityInUseError, load_identity
 from discovery.peers import (
     BOOTSTRAP_ENV,
-    DialPlanner,
     PeerAddressError,
     bootstrap_addrs,
     read_peers_file,
 )
+from router.dialplan import DialPlanner
 
 A = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWGzBxq6pJk2Yx3bV5qzfs4s9kbc6HhQ9d3w4m1pLr8vTe"
 B = "/ip4/127.0.0.1/tcp/4002/p2p/12D3KooWRDhYmw7tW8muSSogHzh6Y7JpEAEUYbQ571DVoW4e6Qvb"

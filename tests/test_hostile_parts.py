@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from discovery.health import HEALTH_TOPIC, HealthView, PeerRow
 from discovery.metrics import rejection_counts, render_metrics
-from discovery.peers import DialPlanner, ExchangeBook
+from discovery.peers import ExchangeBook
 from p2p_reliable import schema
+from router.dialplan import DialPlanner
 from router.penalty import PenaltyBox, PenaltyConfig
 from router.rejections import OTHER, RejectionCounter
 from router.topics import TopicDecodeError

@@ -7,8 +7,8 @@ import logging
 import msgpack
 import pytest
 
-from discovery.peers import DialPlanner
 from p2p_reliable.twins import TwinDetector
+from router.dialplan import DialPlanner
 from router.liveness import HangDetector, LivenessConfig
 from router.membership import Hello, HelloError, Membership, MembershipChange, Role
 from router.ratelog import RateLimitedLog
