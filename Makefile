@@ -41,10 +41,12 @@ demo-sim: $(STAMP)
 test: $(STAMP)
 	$(call run_pytest,-q $(PYTEST_ARGS))
 
+# lint-imports: the layering contract in pyproject.toml (nothing imports upwards).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(PKGS)
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(VENV)/bin/p2pr bench codec

@@ -6,7 +6,6 @@ inference stages) can hold one too.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -174,13 +173,6 @@ class ClusterNode:
             duplicates=tuple(self.views.first_hand()[:MAX_VIEW_PEERS]),
             label=self.settings.label,
         )
-
-    def ready_line(self) -> str:
-        """The JSON line a node process prints once it listens."""
-        line: dict[str, Any] = {"ready": self.node_id, "addrs": self.router.listen_addrs}
-        if self.metrics is not None:
-            line["metrics_port"] = self.metrics.port  # the one bound, if 0 was asked for
-        return json.dumps(line)
 
 
 def settings_from(

@@ -18,10 +18,10 @@ import time
 import anyio
 
 from inference_glue.client import PipelineClient
-from inference_glue.cluster import StageCluster
-from inference_glue.commands import resolve_model
 from inference_glue.local_pipeline import prompt_token_ids
-from inference_glue.reference import run_reference
+from p2pr.models import resolve_model
+from p2pr.reference import run_reference
+from p2pr.stage_cluster import StageCluster
 
 
 async def demo(args: argparse.Namespace) -> int:

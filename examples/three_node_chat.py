@@ -4,7 +4,7 @@
     .venv/bin/python examples/three_node_chat.py --prompt "Hi!" --prompt "Tell me more."
 
 Joins the kept 3-node pipeline of the model if `p2pr pipeline up --nodes 3` left one
-running, else starts three `python -m inference_glue.node` processes (stopped at the end).
+running, else starts three `python -m p2pr.stage_node` processes (stopped at the end).
 Each line you type is added to the conversation, which goes through the model's chat
 template (as `p2pr generate` does); the answer is printed token by token as it arrives.
 Under it, a health line shows this client's view of every stage: state, round-trip time
@@ -34,9 +34,10 @@ from rich.live import Live
 from rich.text import Text
 
 from inference_glue.client import PipelineClient, PipelineError, StageFailedError
-from inference_glue.cluster import StageCluster, running_cluster
-from inference_glue.commands import resolve_model
 from inference_glue.tokens import IncompleteStreamError
+from p2pr.kept import running_cluster
+from p2pr.models import resolve_model
+from p2pr.stage_cluster import StageCluster
 
 NODES = 3
 HEALTH_REFRESH_S = 0.5

@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/two_node_pipeline.py ["PROMPT"] [--model PATH] [--max-tokens N]
 
-Starts two `python -m inference_glue.node` processes on 127.0.0.1 (`StageCluster`), each
+Starts two `python -m p2pr.stage_node` processes on 127.0.0.1 (`StageCluster`), each
 with half of the layers (the first also embeds, the second also samples), joins them as a
 client (`PipelineClient`), streams the answer, then prints where each layer ran. The
 pipeline stops when the script ends. `--model` takes an mlx-lm directory, `builtin` (the
@@ -23,8 +23,8 @@ from typing import Any
 import anyio
 
 from inference_glue.client import PipelineClient
-from inference_glue.cluster import StageCluster
-from inference_glue.commands import resolve_model
+from p2pr.models import resolve_model
+from p2pr.stage_cluster import StageCluster
 
 NODES = 2
 

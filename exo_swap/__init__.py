@@ -10,7 +10,7 @@ only through three small modules and the Rust bindings `exo_rs`. This package re
 | `exo.routing.connection_message`  | `exo_swap.routing_connection_message` |
 | `exo_rs` (Pidfile only now)       | `exo_swap.exo_rs_standin`           |
 
-`python -m exo_swap.apply --exo-src DIR` installs them in an exo checkout (kept outside
-this repository); `python -m exo_swap.check --exo-src DIR` runs exo's tests bare and
+`python -m p2pr.exo.apply --exo-src DIR` installs them in an exo checkout (kept outside
+this repository); `python -m p2pr.exo.check --exo-src DIR` runs exo's tests bare and
 swapped and a live 3-node exo cluster. exo's own source is never copied here.
 """

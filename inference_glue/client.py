@@ -90,6 +90,7 @@ from inference_glue.tokens import (
     TokenChunkDecodeError,
     TokenStreamAssembler,
     TokenStreamWriter,
+    decode_rate,
 )
 from p2p_reliable import Gap, Unrecoverable
 from router import (
@@ -226,9 +227,7 @@ class GenerationResult:
     @property
     def decode_tokens_per_s(self) -> float | None:
         """Tokens after the first, per second from the first to the last."""
-        if len(self.token_ids) < 2 or self.elapsed_s <= self.ttft_s:
-            return None
-        return (len(self.token_ids) - 1) / (self.elapsed_s - self.ttft_s)
+        return decode_rate(len(self.token_ids), self.ttft_s, self.elapsed_s)
 
 
 def peer_id_of(addr: str) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "TokenChunkDecodeError",
     "TokenStreamAssembler",
     "TokenStreamWriter",
+    "decode_rate",
     "expected_stream_text",
     "format_ranges",
 ]
@@ -96,6 +97,14 @@ class TextMismatchError(Exception):
             f"tokenizer.decode(token ids) ({len(expected)} chars) at char {at}: "
             f"{joined[at : at + 20]!r} != {expected[at : at + 20]!r}"
         )
+
+
+def decode_rate(tokens: int, first: float, last: float) -> float | None:
+    """Decode speed: the tokens after the first, per second from the first token's arrival
+    (`first`) to the last one's (`last`); None when there is no such span."""
+    if tokens < 2 or last <= first:
+        return None
+    return (tokens - 1) / (last - first)
 
 
 def format_ranges(ranges: Sequence[range]) -> str:

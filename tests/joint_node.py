@@ -2,7 +2,7 @@
 
     python tests/joint_node.py [--bootstrap ADDR]... [--role member|observer]
 
-Prints JSON lines: {"ready": id, "addrs": [...]} once listening, then {"conn": peer,
+Prints JSON lines: {"event": "ready", "node_id": id, "addrs": [...]} once listening, then {"conn": peer,
 "connected": bool, "t": seconds} for every connection event the application hears, and
 {"got": n} whenever messages arrive on the topic `joints`. Reads commands on stdin:
 `publish N` (N messages on `joints`), `quit`.
@@ -56,7 +56,7 @@ async def node(args: argparse.Namespace) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(router.run)
         await router.wait_ready()
-        say(ready=router.node_id, addrs=router.listen_addrs)
+        say(event="ready", node_id=router.node_id, addrs=router.listen_addrs)
 
         async def watch_conns() -> None:
             async for msg in conns:

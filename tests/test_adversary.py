@@ -53,7 +53,7 @@ class Target:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2p_reliable.cli", "node", "--identity", "none",
+            [sys.executable, "-m", "p2pr", "node", "--identity", "none",
              "--metrics-port", "0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -62,7 +62,7 @@ class Target:
         )  # fmt: skip
         assert self.proc.stdout is not None
         ready = json.loads(self.proc.stdout.readline())
-        self.node_id: str = ready["ready"]
+        self.node_id: str = ready["node_id"]
         self.addr: str = ready["addrs"][0]
         self.metrics_port: int = ready["metrics_port"]
         self.stderr: list[str] = []
@@ -243,10 +243,10 @@ async def _generate_under_attack(cluster: Any, tiny_dir: Path, case: dict[str, A
 
 def test_a_pipeline_under_attack_still_answers_exactly(tmp_path: Path) -> None:
     from inference_glue.client import load_tokenizer
-    from inference_glue.cluster import StageCluster
     from inference_glue.local_pipeline import prompt_token_ids
-    from inference_glue.reference import run_reference
     from inference_glue.tiny_model import build_tiny_model
+    from p2pr.reference import run_reference
+    from p2pr.stage_cluster import StageCluster
 
     tiny = build_tiny_model(tmp_path / "model", seed=5, num_layers=4)
     prompt = prompt_token_ids(load_tokenizer(tiny), "Under attack, say something")

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from discovery.health import HEALTH_TOPIC
 from inference_glue.client import PipelineClient, load_tokenizer
-from inference_glue.cluster import StageCluster
 from inference_glue.local_pipeline import prompt_token_ids
 from inference_glue.messages import (
     ACTIVATION_STREAM,
@@ -42,8 +41,9 @@ from inference_glue.messages import (
     TokenFeedback,
     encode_message,
 )
-from inference_glue.reference import run_reference
 from inference_glue.tiny_model import build_tiny_model
+from p2pr.reference import run_reference
+from p2pr.stage_cluster import StageCluster
 from router import PublishPolicy, Router, TypedTopic
 
 pytestmark = pytest.mark.multinode

@@ -19,11 +19,11 @@ import pytest
 import trio
 
 from inference_glue.client import PipelineClient, load_tokenizer
-from inference_glue.cluster import StageCluster
-from inference_glue.reference import run_reference
 from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenChunk, TokenStreamWriter
 from p2pr.api import ApiSettings, PipelineBackend, TokenizerPrompts, create_app, serve_app
+from p2pr.reference import run_reference
+from p2pr.stage_cluster import StageCluster
 
 SCRIPT = "Hello wörld 🙂 the capital of France is Paris. The end."
 USER = [{"role": "user", "content": "What is the capital of France?"}]

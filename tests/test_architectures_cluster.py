@@ -24,25 +24,25 @@ import attrs
 import pytest
 
 from inference_glue.client import GenerationResult, PipelineClient, StageFailedError, load_tokenizer
-from inference_glue.cluster import StageCluster
 from inference_glue.footprint import ModelFootprint
 from inference_glue.local_pipeline import prompt_token_ids
 from inference_glue.messages import Failure
-from inference_glue.node import HEAD_SPLIT_ENV
-from inference_glue.reference import run_reference
 from inference_glue.tiny_architectures import UNSUPPORTED, build_architecture
 from inference_glue.tokens import TokenChunk
-from inference_glue.verify import (
+from p2pr.cli import main as cli_main
+from p2pr.reference import run_reference
+from p2pr.stage_cluster import StageCluster
+from p2pr.stage_node import HEAD_SPLIT_ENV
+from p2pr.verify import (
     CHECK_TOKENS,
     VerifyCase,
     _row,
     check_first_tokens,
     run_cases_or_errors,
 )
-from p2p_reliable.cli import main as cli_main
 
 TOKENS = 48
-P2PR = [sys.executable, "-m", "p2p_reliable.cli"]
+P2PR = [sys.executable, "-m", "p2pr"]
 
 
 def p2pr(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_glue.chaos import ROWS
+from p2pr.chaos import ROWS
 
 pytestmark = pytest.mark.multinode
 

@@ -24,7 +24,7 @@ class Node:
     def __init__(self, *args: str, faults: str | None = None) -> None:
         env = {**os.environ, "P2PR_FAULTS": faults} if faults else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2p_reliable.cli", "node", *args],
+            [sys.executable, "-m", "p2pr", "node", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -35,7 +35,7 @@ class Node:
         if not line:
             raise RuntimeError(f"node did not start: {self.proc.stderr.read()}")  # type: ignore[union-attr]
         ready = json.loads(line)
-        self.node_id: str = ready["ready"]
+        self.node_id: str = ready["node_id"]
         self.addr: str = ready["addrs"][0]
 
     def stop(self) -> None:
@@ -63,7 +63,7 @@ def health_once(*args: str, must_hear: bool = True) -> dict[str, Any]:
     """What `p2pr health --json --once` prints. It exits 1, saying so, when it heard no
     node's view (`must_hear`: that is a failure here)."""
     out = subprocess.run(
-        [sys.executable, "-m", "p2p_reliable.cli", "health", "--once", "--json", *args],
+        [sys.executable, "-m", "p2pr", "health", "--once", "--json", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -214,7 +214,7 @@ def test_same_identity_file_twice_on_one_machine_is_refused(tmp_path: Path) -> N
             [
                 sys.executable,
                 "-m",
-                "p2p_reliable.cli",
+                "p2pr",
                 "node",
                 "--identity",
                 str(tmp_path / "a.key"),
@@ -273,7 +273,7 @@ def test_mdns_finds_peers_in_a_network_namespace(two_namespaces: list[str]) -> N
                     ns,
                     sys.executable,
                     "-m",
-                    "p2p_reliable.cli",
+                    "p2pr",
                     "node",
                     "--identity",
                     "none",
@@ -288,7 +288,7 @@ def test_mdns_finds_peers_in_a_network_namespace(two_namespaces: list[str]) -> N
             procs.append(proc)
             assert proc.stdout is not None
             ready.append(json.loads(proc.stdout.readline()))
-        a_id, b_id = ready[0]["ready"], ready[1]["ready"]
+        a_id, b_id = ready[0]["node_id"], ready[1]["node_id"]
 
         def found() -> bool:
             out = subprocess.run(
@@ -299,7 +299,7 @@ def test_mdns_finds_peers_in_a_network_namespace(two_namespaces: list[str]) -> N
                     NETNS[0],
                     sys.executable,
                     "-m",
-                    "p2p_reliable.cli",
+                    "p2pr",
                     "health",
                     "--once",
                     "--json",

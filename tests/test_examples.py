@@ -26,8 +26,8 @@ import pytest
 
 from discovery.share import SHARE_HEALTH_ENV, sharing_enabled
 from inference_glue.client import GenerationResult, PipelineClient, load_tokenizer
-from inference_glue.cluster import running_cluster
 from inference_glue.tiny_model import build_tiny_model
+from p2pr.kept import running_cluster
 
 pytestmark = pytest.mark.multinode
 

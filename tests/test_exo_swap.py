@@ -3,11 +3,11 @@
 Needs EXO_SRC (exo at the parent of its "libp2p -> zenoh" commit) and a Python 3.13 with
 exo's dependencies and this project installed: EXO_PYTHON, else EXO_SRC/.venv/bin/python,
 else `python3.13` on PATH (`scripts/exo_env.sh` makes both from the archive in
-../shared/exo; CI does). Each test runs `python -m exo_swap.check` there:
+../shared/exo; CI does). Each test runs `python -m p2pr.exo.check` there:
 - exo's own test suite with the bare exo_rs stand-in and with the adapter: the adapter run
   passes at least as many tests, and the routing, election, master, API and download tests
   all pass;
-- two adapter Routers with exo's topics and types (exo_swap.selftest);
+- two adapter Routers with exo's topics and types (p2pr.exo.selftest);
 - 5 consecutive fresh starts of a live 3-node exo cluster over our router: each agrees on
   one master with all three nodes in every API state, a `p2pr health` observer sees the
   three and causes no election, and the scenarios (SIGKILL of the master, SIGSTOP then
@@ -56,7 +56,7 @@ def run_check(*args: str, timeout: float) -> dict[str, Any]:
         pytest.skip(SKIP_REASON)
     python = exo_python(Path(exo_src))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [python, "-m", "exo_swap.check", "--exo-src", exo_src, "--json", *args]
+    cmd = [python, "-m", "p2pr.exo.check", "--exo-src", exo_src, "--json", *args]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
@@ -70,9 +70,9 @@ def run_check(*args: str, timeout: float) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
-        pytest.fail(f"exo_swap.check ran past {timeout:.0f} s:\n{stderr[-3000:]}")
+        pytest.fail(f"p2pr.exo.check ran past {timeout:.0f} s:\n{stderr[-3000:]}")
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert lines, f"exo_swap.check printed no result:\n{stdout}\n{stderr[-3000:]}"
+    assert lines, f"p2pr.exo.check printed no result:\n{stdout}\n{stderr[-3000:]}"
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 

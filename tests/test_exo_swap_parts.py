@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from exo_swap import apply as overlay
-from exo_swap.check_cluster import plan_starts, summarize
-from exo_swap.check_common import wait_for
-from exo_swap.check_logs import LogTail, count_keys, merge_evidence
-from exo_swap.check_start import MODES, SCENARIOS
-from exo_swap.check_suite import SuiteResult, _parse_junit, suite_verdict
-from exo_swap.check_views import Snapshot, SplitWatch
 from exo_swap.exo_rs_standin import Pidfile, PidfileError
+from p2pr.exo import apply as overlay
+from p2pr.exo.cluster import plan_starts, summarize
+from p2pr.exo.common import wait_for
+from p2pr.exo.logs import LogTail, count_keys, merge_evidence
+from p2pr.exo.start import MODES, SCENARIOS
+from p2pr.exo.suite import SuiteResult, _parse_junit, suite_verdict
+from p2pr.exo.views import Snapshot, SplitWatch
 
 EXO_ROUTING = ("router.py", "topics.py", "connection_message.py", "event_router.py")
 

@@ -16,14 +16,14 @@ import anyio
 import pytest
 
 from inference_glue.client import PipelineClient, load_tokenizer
-from inference_glue.cluster import ClusterStartError, StageCluster
 from inference_glue.failover import FailoverPolicy
 from inference_glue.footprint import ModelDoesNotFitError, ModelFootprint
 from inference_glue.local_pipeline import prompt_token_ids
-from inference_glue.node import HEAD_SPLIT_ENV
-from inference_glue.reference import run_reference
 from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenChunk
+from p2pr.reference import run_reference
+from p2pr.stage_cluster import ClusterStartError, StageCluster
+from p2pr.stage_node import HEAD_SPLIT_ENV
 
 pytestmark = pytest.mark.multinode
 

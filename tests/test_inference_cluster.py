@@ -29,7 +29,6 @@ from inference_glue.client import (
     TokenStreamError,
     load_tokenizer,
 )
-from inference_glue.cluster import ClusterStartError, StageCluster, split_layers
 from inference_glue.failover import FailoverPolicy
 from inference_glue.footprint import ModelFootprint
 from inference_glue.local_pipeline import prompt_token_ids
@@ -44,7 +43,8 @@ from inference_glue.messages import (
     encode_message,
 )
 from inference_glue.tiny_model import build_tiny_model
-from inference_glue.verify import first_divergence, run_cases
+from p2pr.stage_cluster import ClusterStartError, StageCluster, split_layers
+from p2pr.verify import first_divergence, run_cases
 
 pytestmark = pytest.mark.multinode
 

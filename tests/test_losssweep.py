@@ -77,7 +77,7 @@ def test_without_matplotlib_the_command_names_the_plot_extra(tmp_path: Path) -> 
         """
         import sys
         sys.modules["matplotlib"] = None  # what an environment without the extra sees
-        from p2p_reliable.cli import main
+        from p2pr.cli import main
         sys.exit(main(["bench", "loss-sweep", "--rates=0"]))
         """
     )

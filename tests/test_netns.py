@@ -208,7 +208,7 @@ def test_nodes_on_three_machines_find_each_other(
     )
     join = ["--bootstrap", first["addrs"][0]] if discovery == "bootstrap" else ["--mdns"]
     others = [start_node(lan, m, secret, tmp_path, *join) for m in lan.machines[1:]]
-    nodes = {r["ready"]: m.address for r, m in zip([first, *others], lan.machines)}
+    nodes = {r["node_id"]: m.address for r, m in zip([first, *others], lan.machines)}
     for ready, machine in zip([first, *others], lan.machines):
         assert all(f"/ip4/{machine.address}/tcp/" in a for a in ready["addrs"])
     cluster = watch_health(lan, lan.machines[2], nodes, "--cluster-secret", secret, *join)

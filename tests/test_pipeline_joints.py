@@ -22,11 +22,12 @@ import anyio
 import pytest
 
 from inference_glue.client import PipelineClient, load_tokenizer
-from inference_glue.cluster import StageCluster, running_cluster
 from inference_glue.local_pipeline import prompt_token_ids
-from inference_glue.reference import run_reference
 from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenChunk
+from p2pr.kept import running_cluster
+from p2pr.reference import run_reference
+from p2pr.stage_cluster import StageCluster
 
 pytestmark = pytest.mark.multinode
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from router.cluster import LocalCluster
+from p2pr.bench.nodes import LocalCluster
 
 pytestmark = pytest.mark.multinode
 

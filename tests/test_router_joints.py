@@ -115,13 +115,13 @@ def procs() -> Iterator[list[Proc]]:
 def start_node(procs: list[Proc], *args: str) -> tuple[Proc, dict[str, Any]]:
     proc = Proc(NODE, *args)
     procs.append(proc)
-    return proc, proc.expect(lambda line: "ready" in line, timeout=60)
+    return proc, proc.expect(lambda line: line.get("event") == "ready", timeout=60)
 
 
 def test_a_hung_peer_is_cut_and_comes_back(procs: list[Proc]) -> None:
     a, ready_a = start_node(procs)
     b, ready_b = start_node(procs, "--bootstrap", ready_a["addrs"][0])
-    id_a, id_b = ready_a["ready"], ready_b["ready"]
+    id_a, id_b = ready_a["node_id"], ready_b["node_id"]
     a.expect(lambda line: line.get("conn") == id_b and line["connected"], timeout=30)
     b.expect(lambda line: line.get("conn") == id_a and line["connected"], timeout=30)
     b.proc.send_signal(signal.SIGSTOP)
@@ -147,8 +147,8 @@ def test_an_address_without_peer_id_is_enough_to_join(procs: list[Proc]) -> None
     b, ready_b = start_node(
         procs, "--bootstrap", bare, "--bootstrap", "/ip4/127.0.0.1/udp/9", "--bootstrap", "junk"
     )
-    b.expect(lambda line: line.get("conn") == ready_a["ready"] and line["connected"], timeout=30)
-    a.expect(lambda line: line.get("conn") == ready_b["ready"] and line["connected"], timeout=30)
+    b.expect(lambda line: line.get("conn") == ready_a["node_id"] and line["connected"], timeout=30)
+    a.expect(lambda line: line.get("conn") == ready_b["node_id"] and line["connected"], timeout=30)
     assert any("ignoring peer address" in line for line in b.stderr)
     b.send("publish 4")
     a.expect(lambda line: line.get("got") == 4, timeout=30)
@@ -157,7 +157,7 @@ def test_an_address_without_peer_id_is_enough_to_join(procs: list[Proc]) -> None
 def test_an_observer_is_not_announced(procs: list[Proc]) -> None:
     a, ready_a = start_node(procs)
     b, ready_b = start_node(procs, "--bootstrap", ready_a["addrs"][0])
-    a.expect(lambda line: line.get("conn") == ready_b["ready"] and line["connected"], timeout=30)
+    a.expect(lambda line: line.get("conn") == ready_b["node_id"] and line["connected"], timeout=30)
     observer, ready_o = start_node(procs, "--bootstrap", ready_a["addrs"][0], "--role", "observer")
     # The observer is connected (and hears the topic: its own subscription) ...
     a.send("publish 1")
@@ -167,8 +167,8 @@ def test_an_observer_is_not_announced(procs: list[Proc]) -> None:
     # ... but no member ever heard of it; they did hear of each other.
     a.send("publish 1")
     b.expect(lambda line: line.get("got") == 2, timeout=30)
-    assert a.conn_events(ready_o["ready"]) == [] and b.conn_events(ready_o["ready"]) == []
-    assert a.conn_events(ready_b["ready"]) == [True]
+    assert a.conn_events(ready_o["node_id"]) == [] and b.conn_events(ready_o["node_id"]) == []
+    assert a.conn_events(ready_b["node_id"]) == [True]
 
 
 def test_publishing_on_the_connection_event_loses_nothing(procs: list[Proc]) -> None:

@@ -13,6 +13,6 @@ def test_installed() -> None:
         assert module.__name__
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
-    assert scripts.get("p2pr") == "p2p_reliable.cli:main", (
+    assert scripts.get("p2pr") == "p2pr.cli:main", (
         "the p2pr console script is not registered; run scripts/setup.sh"
     )

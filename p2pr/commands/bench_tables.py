@@ -1,0 +1,77 @@
+"""The tables of `p2pr bench generate` and `p2pr bench loss-sweep`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from ..bench.losssweep import percent, size_label
+
+__all__ = ["generate_table", "loss_sweep_table"]
+
+
+def generate_table(result: dict[str, Any]) -> Table:
+    """One row per configuration: decode and end-to-end speed, costs, identity."""
+    table = Table(
+        title=f"p2pr bench generate: {result['model']}, {result['max_tokens']} tokens, "
+        f"greedy, median of {result['runs']} runs (single: {2 * result['runs']}) ({result['blas']})"
+    )
+    for column in (
+        "configuration",
+        "decode tok/s",
+        "vs single",
+        "TTFT ms",
+        "end-to-end tok/s",
+        "compute ms/token",
+        "messaging ms/token",
+        "aggregate tok/s (requests at once)",
+        "identical",
+    ):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(
+            row["config"],
+            str(row["decode_tokens_per_s"]),
+            f"{row['vs_single']:.3f}" if row["vs_single"] is not None else "",
+            f"{row['ttft_ms']:.1f}",
+            str(row["e2e_tokens_per_s"]),
+            str(row.get("compute_ms_per_token", "")),
+            str(row.get("messaging_ms_per_token", "")),
+            f"{row['aggregate_tokens_per_s']} (x{row['concurrent_requests']})"
+            if row.get("aggregate_tokens_per_s") is not None
+            else "",
+            "yes" if row["identical_to_single"] else "NO",
+        )
+    return table
+
+
+def loss_sweep_table(result: dict[str, Any]) -> Table:
+    """One row per loss rate: goodput per message size, token latency, identity."""
+    receivers = f"{result['receivers']} receiver{'s' * (result['receivers'] > 1)}"
+    table = Table(
+        title=f"p2pr bench loss-sweep: goodput (1 publisher, {receivers}) and "
+        f"{result['model']} over {result['nodes']} stages ({result['tokens']} tokens, "
+        f"{result['generations']} timed requests) against dropped frames"
+    )
+    table.add_column("loss", justify="right")
+    for size in result["sizes"]:
+        table.add_column(f"{size_label(size)}\nMB/s (msg/s)", justify="right")
+    for column in ("TTFT ms", "token p50 ms", "token p99 ms", "tok/s", "complete, same"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        same = row["completed"] and row["matches_loss_free"]
+        table.add_row(
+            percent(row["loss_rate"]),
+            *(
+                f"{g['goodput_mb_per_s']:.2f} ({g['goodput_msg_per_s']:.0f})"
+                + ("" if g["delivery_ratio"] == 1.0 else f" [red]{g['delivery_ratio']:.1%}[/]")
+                for g in row["goodput"]
+            ),
+            str(row["ttft_ms"]),
+            str(row["token_latency_p50_ms"]),
+            str(row["token_latency_p99_ms"]),
+            str(row["decode_tokens_per_s"]),
+            "yes" if same else "[red]NO[/]",
+        )
+    return table
