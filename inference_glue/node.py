@@ -1,7 +1,10 @@
 """A pipeline stage node: serves one contiguous range of a model's layers over a `Router`.
 
 `StageNode` runs in any process with a running router; `python -m p2pr.stage_node` is the
-process that holds one (`p2pr.stage_cluster` starts several).
+process that holds one (`p2pr.stage_cluster` starts several). This module is its request
+lifecycle and routing; the MLX calls are `StageCompute`'s (`inference_glue.stage_compute`),
+the control plane `StageControl`'s (`inference_glue.node_control`), the delivery of token
+chunks `TokenPublisher`'s (`inference_glue.token_publisher`).
 
 How a request flows (see `inference_glue.messages` for the streams):
 
@@ -14,48 +17,40 @@ How a request flows (see `inference_glue.messages` for the streams):
    token with `sampling.sample` (greedy, or keyed by (seed, position)), sends it back to the
    first stage as `TokenFeedback` at once (the critical path), then hands its `TokenChunk` to
    the requester: sent to it alone (`chunks="direct"`) or published on the `TOKENS` topic.
+   With a split LM head the last stage sends its final hidden state to the first stage
+   (`HeadShare`), which computes part of the logits (`HeadPart`) while it computes the rest.
 4. The first stage embeds the token and runs the next step, until the last stage marks the
    token `done` (end of sequence or `max_tokens`); then every stage releases the request's
    KV caches (the last stage sends `Release` to the middle stages).
 
-Failover (driven by the client, see `inference_glue.failover`): a `Reconfigure` gives the node
-new layers, stage index and plan epoch; it drops every request in flight, loads the layers from
-its own copy of the model (refusing, with a reason, layers beyond its `--memory-budget`) and
-answers with its `InfoReply`. A request with `RequestMeta.resume` replays the prompt in the
-same prefill pieces and then the resumed tokens one at a time, exactly as the first attempt
-computed them, so the KV caches and the next sampled token are bit for bit the same.
+Failover (driven by the client, see `inference_glue.failover_driver`): a `Reconfigure` gives
+the node new layers, stage index and plan epoch (`StageControl.reconfigure`). A request with
+`RequestMeta.resume` replays the prompt in the same prefill pieces and then the resumed
+tokens one at a time, exactly as the first attempt computed them, so the KV caches and the
+next sampled token are bit for bit the same.
 
 Any number of requests may be in flight: each stage keeps KV caches per request id and works
-through its messages one at a time, in arrival order. The model compute is synchronous MLX; it
-runs inline on the event loop (default; measured faster, see `--compute`) or in a worker
-thread with a limiter of one.
+through its messages one at a time, in arrival order (one worker task).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import logging
-import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import anyio
 import attrs
-import mlx.core as mx
-import xxhash
 
 from inference_glue.blas import blas_in_use
-from inference_glue.footprint import ModelFootprint, format_bytes
-from inference_glue.head_split import HeadSplitTuner
+from inference_glue.footprint import ModelFootprint, available_memory
+from inference_glue.head_exchange import HeadExchange
 from inference_glue.local_pipeline import prefill_pieces
 from inference_glue.messages import (
     ACTIVATION_STREAM,
-    CHUNK_STREAM,
     CLIENT_STREAM,
     CONTROL_STREAM,
     HEAD_STREAM,
@@ -67,191 +62,43 @@ from inference_glue.messages import (
     GenerateRequest,
     HeadPart,
     HeadShare,
-    InfoQuery,
-    InfoReply,
     Message,
     MessageDecodeError,
     Reconfigure,
     Release,
     RequestMeta,
-    SetFaults,
-    StatsQuery,
-    StatsReply,
     TokenFeedback,
     decode_message,
     encode_message,
 )
-from inference_glue.sampling import SamplingParams, logprobs_from_logits, sample
-from inference_glue.stage import PipelineStage, restage
-from inference_glue.tensor_codec import TensorDecodeError, decode_tensor, encode_tensor
-from inference_glue.tokens import TokenChunk, TokenStreamWriter
-from router import DirectMessage, FaultConfig, Router
+from inference_glue.node_control import StageControl
+from inference_glue.node_counters import NodeCounters
+from inference_glue.sampling import SamplingParams
+from inference_glue.stage import PipelineStage, check_stage
+from inference_glue.stage_compute import HeadShared, RequestState, StageCompute
+from inference_glue.tensor_codec import TensorDecodeError, damage
+from inference_glue.token_publisher import TokenPublisher
+from inference_glue.tokens import TokenStreamWriter
+from inference_glue.worker import MlxWorker
+from router import DirectMessage, Router
 
-__all__ = [
-    "COMPUTE_MODES",
-    "NodeCounters",
-    "StageNode",
-    "available_memory",
-    "model_fingerprint",
-]
+__all__ = ["NodeCounters", "StageNode", "StaleEpochError", "Work"]
 
 log = logging.getLogger("p2pr.inference.node")
 
-T = TypeVar("T")
-
-COMPUTE_MODES = ("inline", "thread")
 # Messages waiting for the compute worker; beyond this the direct streams hold their senders
 # back (the router's flow control), so memory stays bounded.
 WORK_QUEUE = 256
-# How long the last stage waits for a requester to appear as a subscriber of the token topic
-# before it publishes (a chunk published earlier would not be sent to it).
-SUBSCRIBER_WAIT = 15.0
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new process (Linux MemAvailable), the default memory
-    budget of a node; 1 TiB where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fd:
-            for line in fd:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 40
 
 
 class StaleEpochError(ValueError):
     """A request for a plan epoch other than the node's."""
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
-    """xxh3-64 over the model's config, tokenizer and weight files (names and bytes).
-
-    Nodes of one pipeline must load the same model; the client compares fingerprints.
-    """
-    root = Path(model_dir)
-    digest = xxhash.xxh3_64()
-    names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
-    names += sorted(p.name for p in root.glob("*.safetensors"))
-    for name in names:
-        path = root / name
-        if not path.is_file():
-            continue
-        digest.update(name.encode() + b"\0")
-        with open(path, "rb") as fd:
-            while block := fd.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-class MlxWorker:
-    """Where a node runs its MLX work: inline on the event loop, or on one dedicated thread.
-
-    MLX keeps streams per thread, so all of a node's MLX work (loading included) stays on one
-    thread: "inline" is the event loop's thread; "thread" is one long-lived worker thread
-    (not a pool, whose threads would change between calls).
-    """
-
-    def __init__(self, mode: str) -> None:
-        if mode not in COMPUTE_MODES:
-            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {mode!r}")
-        self.mode = mode
-        self._executor = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
-            if mode == "thread"
-            else None
-        )
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the MLX thread; the event loop keeps running meanwhile in "thread"
-        mode."""
-        if self._executor is None:
-            return fn(*args)
-        token = anyio.lowlevel.current_token()
-        done = anyio.Event()
-
-        def wake(_: concurrent.futures.Future[T]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                anyio.from_thread.run_sync(done.set, token=token)
-
-        future = self._executor.submit(fn, *args)
-        future.add_done_callback(wake)
-        await done.wait()
-        return future.result()
-
-    def close(self) -> None:
-        """Let the worker thread finish its current call and end."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-@attrs.define
-class NodeCounters:
-    """What a stage node did, besides what the router counts."""
-
-    requests: int = 0
-    finished: int = 0
-    failed: int = 0
-    abandoned: int = 0
-    forwards: int = 0
-    tokens_sampled: int = 0
-    chunks_published: int = 0
-    compute_seconds: float = 0.0
-    # First stage: from sending a hidden state to be sampled to receiving its token back.
-    round_trips: int = 0
-    round_trip_seconds: float = 0.0
-    bytes_out: int = 0
-    tensor_checksum_failures: int = 0
-    bad_messages: int = 0
-    stale_messages: int = 0
-    # The same hidden state or token delivered twice (the router promises exactly once).
-    duplicate_deliveries: int = 0
-    replayed_tokens: int = 0
-    reconfigurations: int = 0
-    # Fault injection (--corrupt-activations): hidden states damaged after their checksum.
-    activations_corrupted: int = 0
-    # First stage, split LM head: parts of the logits computed for the last stage, and the
-    # time that took (also in compute_seconds).
-    head_parts: int = 0
-    head_seconds: float = 0.0
-
-
-@attrs.define
-class _Request:
-    meta: RequestMeta
-    params: SamplingParams
-    writer: TokenStreamWriter | None = None
-    generated: int = 0
-    # Last stage, split LM head: its own part, until the first stage's part arrives.
-    head: _PendingHead | None = None
-
-
-@attrs.define
-class _PendingHead:
-    """The last stage's part of a split head: its logits (rows `0 .. rows - 1`, being
-    computed from `started`, perf_counter seconds), the input's position and length, and
-    whether the tuner times this token."""
-
-    own: mx.array
-    position: int
-    length: int
-    rows: int
-    started: float
-    timed: bool = False
-
-
 @attrs.frozen
-class _HeadShared:
-    """What the last stage's forward gives when the first stage computes part of the head:
-    the hidden state to send it, and the rows the last stage computes itself."""
+class Work:
+    """A message for the node's worker, from `peer` on `stream`."""
 
-    hidden: bytes
-    rows: int
-
-
-@attrs.frozen
-class _Work:
     stream: str
     peer: str
     message: Message
@@ -298,58 +145,68 @@ class StageNode:
         allow_fault_control: bool = False,
         adaptive_head_split: bool = True,
     ) -> None:
-        _check_stage(stage, stage_index, num_stages)
+        check_stage(stage, stage_index, num_stages)
         self.router = router
-        self.stage = stage
         self.tokenizer = tokenizer
         self.index = stage_index
         self.num_stages = num_stages
         self.model = model
         self.fingerprint = fingerprint
-        self.worker = worker or MlxWorker("inline")
         self.vocab_size = vocab_size
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.footprint = ModelFootprint.from_dir(model_dir) if model_dir is not None else None
         self.memory_budget = memory_budget if memory_budget is not None else available_memory()
         self.epoch = 0
         self.corrupt_activations = corrupt_activations
-        self.allow_fault_control = allow_fault_control
-        self.adaptive_head_split = adaptive_head_split
-        self._head_tuner: HeadSplitTuner | None = None
         self._fault_rng = random.Random(fault_seed)
         self.counters = NodeCounters()
+        self.blas = blas_in_use()
+        self.compute = StageCompute(
+            stage, worker or MlxWorker("inline"), self.counters, adaptive_head_split
+        )
+        self.control = StageControl(self, allow_fault_control)
+        self.heads = HeadExchange(self)
+        self.publisher = TokenPublisher(router, self.counters)
         self._eos = set(tokenizer.eos_token_ids)
-        self._blas = blas_in_use()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._sent_at: dict[str, float] = {}
-        self._local: deque[_Work] = deque()
-        self._chunks_send, self._chunks_recv = anyio.create_memory_object_stream[
-            tuple[TokenChunk, RequestMeta]
-        ](1024)
+        self._local: deque[Work] = deque()
+
+    @property
+    def stage(self) -> PipelineStage:
+        """This node's layers."""
+        return self.compute.stage
 
     @property
     def name(self) -> str:
         """'stage 1 (12D3KooW…)'."""
         return f"stage {self.index} ({self.router.node_id})"
 
+    @property
+    def in_flight(self) -> int:
+        """Requests this stage holds state for."""
+        return len(self._requests)
+
     async def serve(self) -> None:
         """Serve until cancelled. Registers the token topic first on the last stage."""
         if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
             await self.router.register_topic(TOKENS)
         await self.router.wait_ready()
-        work_send, work_recv = anyio.create_memory_object_stream[_Work](WORK_QUEUE)
+        self.publisher.name = self.name
+        work_send, work_recv = anyio.create_memory_object_stream[Work](WORK_QUEUE)
         async with anyio.create_task_group() as tg:
             for stream in (REQUEST_STREAM, ACTIVATION_STREAM, TOKEN_STREAM, HEAD_STREAM):
                 tg.start_soon(self._pump, stream, work_send.clone())
-            tg.start_soon(self._control, work_send.clone())
+            tg.start_soon(self.control.pump, work_send.clone())
             tg.start_soon(self._worker, work_recv)
             # On every node: a failover may make any of them the last stage.
-            tg.start_soon(self._publisher)
+            tg.start_soon(self.publisher.run)
             work_send.close()
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def _decode(self, item: DirectMessage) -> Message | None:
+    def decode(self, item: DirectMessage) -> Message | None:
+        """The pipeline message `item` carries; None (counted, refused) if it is not one."""
         try:
             return decode_message(item.payload)
         except MessageDecodeError as exc:
@@ -357,129 +214,34 @@ class StageNode:
             self.router.refused(item.peer, "bad pipeline message", f"on {item.stream}: {exc}")
             return None
 
-    async def _pump(self, stream: str, work: anyio.abc.ObjectSendStream[_Work]) -> None:
+    def unexpected(self, peer: str, message: Message, stream: str) -> None:
+        """`peer` sent a message that does not belong on `stream`: counted, refused."""
+        self.counters.bad_messages += 1
+        self.router.refused(
+            peer, "unexpected pipeline message", f"{type(message).__name__} on {stream}"
+        )
+
+    async def _pump(self, stream: str, work: anyio.abc.ObjectSendStream[Work]) -> None:
         async with work:
             async for item in self.router.direct_receiver(stream):
-                message = self._decode(item)
+                message = self.decode(item)
                 if message is not None:
-                    await work.send(_Work(stream, item.peer, message))
-
-    async def _control(self, work: anyio.abc.ObjectSendStream[_Work]) -> None:
-        async with work:
-            async for item in self.router.direct_receiver(CONTROL_STREAM):
-                message = self._decode(item)
-                if isinstance(message, Release | Reconfigure):
-                    # Through the worker, so that it never races a computation.
-                    await work.send(_Work(item.stream, item.peer, message))
-                elif isinstance(message, InfoQuery):
-                    await self._reply(item.peer, self.info(message.nonce))
-                elif isinstance(message, StatsQuery):
-                    await self._reply(item.peer, await self.stats(message.nonce))
-                elif isinstance(message, SetFaults):
-                    await self._set_faults(message, item.peer)
-                elif message is not None:
-                    self.counters.bad_messages += 1
-                    self.router.refused(
-                        item.peer,
-                        "unexpected pipeline message",
-                        f"{type(message).__name__} on {item.stream}",
-                    )
-
-    async def _reply(self, peer: str, message: Message) -> None:
-        await self.router.send_to(peer, CLIENT_STREAM, encode_message(message))
-
-    async def _set_faults(self, message: SetFaults, peer: str) -> None:
-        error = ""
-        if not self.allow_fault_control:
-            error = "this node does not take fault settings (no --allow-fault-control)"
-        else:
-            try:
-                self.router.set_faults(FaultConfig.parse(message.faults), message.partition)
-            except (ValueError, RuntimeError) as exc:  # a bad setting; the router not running
-                error = str(exc)
-        if error:
-            self.counters.bad_messages += 1
-            log.warning("%s: fault settings from %s refused: %s", self.name, peer, error)
-        else:
-            log.warning(
-                "%s: faults now %r, partitioned from %s",
-                self.name,
-                message.faults,
-                list(message.partition),
-            )
-        await self._reply(peer, attrs.evolve(self.info(message.nonce), error=error))
-
-    def info(self, nonce: int = 0) -> InfoReply:
-        """What this node serves."""
-        return InfoReply(
-            nonce=nonce,
-            node_id=self.router.node_id,
-            stage=self.index,
-            num_stages=self.num_stages,
-            layer_start=self.stage.layers.start,
-            layer_stop=self.stage.layers.stop,
-            num_layers=self.stage.num_model_layers,
-            model=self.model,
-            model_fingerprint=self.fingerprint,
-            blas=self._blas.kind,
-            blas_threads=self._blas.threads,
-            pid=os.getpid(),
-            epoch=self.epoch,
-            memory_budget=self.memory_budget,
-        )
-
-    async def stats(self, nonce: int = 0) -> StatsReply:
-        """This node's counters (the router's read on its engine loop)."""
-        snap = await self.router.counters(timeout=10.0)
-        work = attrs.asdict(self.counters)
-        work["in_flight"] = len(self._requests)
-        if self._head_tuner is not None:
-            work["head_split"] = self._head_tuner.as_dict()
-        work["bad_payloads"] = dict(self.router.bad_payloads)
-        return StatsReply(
-            nonce=nonce,
-            node_id=self.router.node_id,
-            stage=self.index,
-            protocol=snap["protocol"],
-            shim=snap["shim"],
-            peers=snap["peers"],
-            work=work,
-        )
+                    await work.send(Work(stream, item.peer, message))
 
     # -- the worker ------------------------------------------------------------------------
 
-    async def _worker(self, work: anyio.abc.ObjectReceiveStream[_Work]) -> None:
+    async def _worker(self, work: anyio.abc.ObjectReceiveStream[Work]) -> None:
         async with work:
             while True:
                 item = self._local.popleft() if self._local else await work.receive()
                 await self._handle(item)
 
-    async def _handle(self, item: _Work) -> None:
+    async def _handle(self, item: Work) -> None:
         message = item.message
         meta = message.meta if isinstance(message, GenerateRequest | Activation) else None
         request_id = meta.request_id if meta is not None else getattr(message, "request_id", "?")
         try:
-            if isinstance(message, GenerateRequest) and item.stream == REQUEST_STREAM:
-                await self._start(message, item.peer)
-            elif isinstance(message, Activation) and item.stream == ACTIVATION_STREAM:
-                await self._activation(message)
-            elif isinstance(message, TokenFeedback) and item.stream == TOKEN_STREAM:
-                await self._token(message)
-            elif isinstance(message, HeadShare) and item.stream == HEAD_STREAM:
-                await self._head_share(message, item.peer)
-            elif isinstance(message, HeadPart) and item.stream == HEAD_STREAM:
-                await self._head_part(message)
-            elif isinstance(message, Release):
-                self._release(message.request_id)
-            elif isinstance(message, Reconfigure):
-                await self._reconfigure(message, item.peer)
-            else:
-                self.counters.bad_messages += 1
-                self.router.refused(
-                    item.peer,
-                    "unexpected pipeline message",
-                    f"{type(message).__name__} on {item.stream}",
-                )
+            await self._dispatch(item)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
@@ -495,104 +257,35 @@ class StageNode:
             log.warning("%s: request %r failed (%s): %s", self.name, request_id, kind, detail)
             await self._fail(request_id, detail, meta, kind, suspect)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        start = time.perf_counter()
-        try:
-            return await self.worker.run(fn, *args)
-        finally:
-            self.counters.compute_seconds += time.perf_counter() - start
+    async def _dispatch(self, item: Work) -> None:
+        message, stream = item.message, item.stream
+        if isinstance(message, GenerateRequest) and stream == REQUEST_STREAM:
+            await self._start(message)
+        elif isinstance(message, Activation) and stream == ACTIVATION_STREAM:
+            await self._activation(message)
+        elif isinstance(message, TokenFeedback) and stream == TOKEN_STREAM:
+            await self._token(message)
+        elif isinstance(message, HeadShare) and stream == HEAD_STREAM:
+            await self.heads.on_share(message, item.peer)
+        elif isinstance(message, HeadPart) and stream == HEAD_STREAM:
+            await self.heads.on_part(message)
+        elif isinstance(message, Release):
+            self._release(message.request_id)
+        elif isinstance(message, Reconfigure):
+            await self.control.reconfigure(message, item.peer)
+        else:
+            self.unexpected(item.peer, message, stream)
 
-    def _compute(
-        self, request_id: str, inputs: Sequence[int] | bytes, position: int, sample_it: bool
-    ) -> bytes | int | _HeadShared | None:
-        """One forward of this stage: codec bytes for the next stage, a sampled token id
-        (last stage, `sample_it`), the hidden state for the first stage (last stage,
-        `sample_it`, split head) or None (last stage, prefill piece: caches only)."""
-        have = self.stage.offset(request_id)
-        if have > position:
-            self.counters.duplicate_deliveries += 1
-        if have != position:
-            raise RuntimeError(
-                f"request {request_id!r}: this stage holds {have} tokens of KV cache but the "
-                f"input starts at position {position}"
-            )
-        # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
-        x = decode_tensor(inputs) if isinstance(inputs, bytes) else mx.array(list(inputs))
-        state = self._requests[request_id]
-        split, timed = (
-            self._head_plan(state.meta, x) if sample_it and self.stage.is_last else (0, False)
+    async def _forward(
+        self, state: RequestState, inputs: list[int] | bytes, position: int, sample_it: bool
+    ) -> bytes | int | HeadShared | None:
+        return await self.compute.run(
+            self.compute.forward, state, inputs, position, sample_it, self.num_stages
         )
-        out = self.stage.forward(request_id, x, head=not (split or timed))
-        self.counters.forwards += 1
-        if not self.stage.is_last:
-            return encode_tensor(out)
-        if not sample_it:
-            # As generate_step does for prefill pieces: evaluate the caches only.
-            mx.eval(self.stage.cache_state(request_id))
-            return None
-        if split:
-            # The first stage's part starts when it gets this; ours computes meanwhile.
-            shared = _HeadShared(encode_tensor(out), split)
-            own = self.stage.head_rows(out, range(0, split))
-            mx.async_eval(own)
-            state.head = _PendingHead(
-                own, position, out.shape[1], split, time.perf_counter(), timed
-            )
-            return shared
-        start = None
-        if timed:
-            # The whole head here, timed as a split one is: from the final hidden state to
-            # the sampled token, for the tuner to compare.
-            mx.eval(out)
-            start = time.perf_counter()
-            out = self.stage.head(out)
-        logprobs = logprobs_from_logits(out[:, -1, :])
-        token = cast(int, sample(logprobs, state.params, position + out.shape[1]).item())
-        if start is not None:
-            assert self._head_tuner is not None
-            self._head_tuner.observe_whole(time.perf_counter() - start)
-        return token
 
-    def _head_plan(self, meta: RequestMeta, inputs: mx.array) -> tuple[int, bool]:
-        """For a token the last stage samples: the rows of the head it computes itself while
-        the first stage computes the rest (0: no split, it computes them all), and whether
-        the tuner times this token's head (decode steps only, on an adaptive node)."""
-        if not meta.head_split or self.num_stages < 2:
-            return 0, False
-        if not self.adaptive_head_split:
-            return meta.head_split, False
-        # Only the worker calls this and the tuner's observers, one item at a time.
-        if self._head_tuner is None:
-            self._head_tuner = HeadSplitTuner(self.stage.vocab_size, meta.head_split)
-        rows = self._head_tuner.next_rows()
-        return (rows if rows < self.stage.vocab_size else 0), inputs.shape[-2] == 1
+    # -- a request's life ------------------------------------------------------------------
 
-    def _head_rows_last(self, hidden: bytes, row_start: int) -> bytes:
-        """First stage: logits of rows `row_start ..` at the last position, codec bytes."""
-        h = decode_tensor(hidden)
-        logits = self.stage.head_rows(h, range(row_start, self.stage.vocab_size))
-        return encode_tensor(logits[:, -1, :])
-
-    def _sample_joined(
-        self, request_id: str, own: mx.array, other: bytes, position: int
-    ) -> tuple[int, float]:
-        """Last stage: its part of the logits joined with the first stage's, sampled; and
-        how long it waited for its own part."""
-        start = time.perf_counter()
-        mx.eval(own)
-        own_wait = time.perf_counter() - start
-        part = decode_tensor(other)
-        if part.shape[-1] + own.shape[-1] != self.stage.vocab_size:
-            raise ValueError(
-                f"the first stage's part of the head has {part.shape[-1]} rows; "
-                f"{self.stage.vocab_size - own.shape[-1]} were asked"
-            )
-        logits = mx.concatenate([own[:, -1, :], part], axis=-1)
-        state = self._requests[request_id]
-        token = cast(int, sample(logprobs_from_logits(logits), state.params, position).item())
-        return token, own_wait
-
-    async def _start(self, request: GenerateRequest, peer: str) -> None:
+    def _check_request(self, request: GenerateRequest) -> None:
         meta = request.meta
         rid = meta.request_id
         if rid in self._requests:
@@ -613,15 +306,18 @@ class StageNode:
                 raise ValueError(
                     f"prompt token ids {bad[:5]} are outside the vocabulary (0-{self.vocab_size - 1})"
                 )
-        self._requests[rid] = self._new_request(meta)
+
+    async def _start(self, request: GenerateRequest) -> None:
+        self._check_request(request)
+        meta = request.meta
+        rid = meta.request_id
+        state = self._requests[rid] = self._new_request(meta)
         self.counters.requests += 1
-        prompt = request.prompt_ids
-        pieces = prefill_pieces(len(request.prompt_ids), meta.prefill_step_size)
+        prompt = list(request.prompt_ids)
+        pieces = prefill_pieces(len(prompt), meta.prefill_step_size)
         for n, piece in enumerate(pieces):
             last = n == len(pieces) - 1 and not meta.resume
-            out = await self._run(
-                self._compute, rid, prompt[piece.start : piece.stop], piece.start, last
-            )
+            out = await self._forward(state, prompt[piece.start : piece.stop], piece.start, last)
             await self._emit(meta, out, piece.start, last, first=n == 0)
         # A resumed request: the tokens generated before the failover, one decode step each,
         # as they were first computed (a one-shot prefill would differ in the last bits).
@@ -631,18 +327,18 @@ class StageNode:
                 return  # released meanwhile (a single-stage node samples inline)
             position = len(prompt) + i
             last = i == len(meta.resume) - 1
-            out = await self._run(self._compute, rid, [token], position, last)
+            out = await self._forward(state, [token], position, last)
             self.counters.replayed_tokens += 1
             await self._emit(meta, out, position, last, first=False)
 
-    def _new_request(self, meta: RequestMeta) -> _Request:
+    def _new_request(self, meta: RequestMeta) -> RequestState:
         params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
         writer = (
             TokenStreamWriter(meta.request_id, self.tokenizer, meta.resume)
             if self.stage.is_last
             else None
         )
-        return _Request(meta, params, writer, generated=len(meta.resume))
+        return RequestState(meta, params, writer, generated=len(meta.resume))
 
     async def _activation(self, act: Activation) -> None:
         rid = act.request_id
@@ -663,20 +359,20 @@ class StageNode:
             self.counters.stale_messages += 1
             log.info("%s: activation for unknown request %r dropped", self.name, rid)
             return
-        out = await self._run(self._compute, rid, act.tensor, act.position, act.sample)
+        out = await self._forward(state, act.tensor, act.position, act.sample)
         await self._emit(state.meta, out, act.position, act.sample, first=act.meta is not None)
 
     async def _emit(
         self,
         meta: RequestMeta,
-        out: bytes | int | _HeadShared | None,
+        out: bytes | int | HeadShared | None,
         position: int,
         sample_it: bool,
         first: bool,
     ) -> None:
         if isinstance(out, bytes):
             if self.corrupt_activations and self._fault_rng.random() < self.corrupt_activations:
-                out = _damage(out, self._fault_rng)
+                out = damage(out, self._fault_rng)
                 self.counters.activations_corrupted += 1
             payload = encode_message(
                 Activation(meta.request_id, position, sample_it, out, meta if first else None)
@@ -686,53 +382,15 @@ class StageNode:
             if sample_it and self.index == 0:
                 self._sent_at[meta.request_id] = time.perf_counter()
         elif isinstance(out, int):
-            await self._sampled(meta.request_id, out)
-        elif isinstance(out, _HeadShared):
-            share = HeadShare(meta.request_id, position, out.rows, out.hidden)
-            await self.router.send_to(meta.route[0], HEAD_STREAM, encode_message(share))
+            await self.sampled(meta.request_id, out)
+        elif isinstance(out, HeadShared):
+            await self.heads.share(meta, out, position)
 
-    async def _head_share(self, share: HeadShare, peer: str) -> None:
-        """First stage: compute the asked part of the head and send it back."""
-        state = self._requests.get(share.request_id)
-        if state is None:
-            self.counters.stale_messages += 1
-            log.info("%s: head share for unknown request %r dropped", self.name, share.request_id)
-            return
-        if peer != state.meta.route[-1] or self.index != 0:
-            raise ValueError(
-                f"a head share from {peer}, which is not the last stage of {share.request_id!r}"
-                f", or to stage {self.index}, which is not the first"
-            )
-        start = time.perf_counter()
-        part = await self._run(self._head_rows_last, share.tensor, share.row_start)
-        self.counters.head_parts += 1
-        self.counters.head_seconds += time.perf_counter() - start
-        reply = HeadPart(share.request_id, share.position, share.row_start, part)
-        await self.router.send_to(peer, HEAD_STREAM, encode_message(reply))
+    def request(self, request_id: str) -> RequestState | None:
+        """The state of request `request_id` at this stage, if it is in flight."""
+        return self._requests.get(request_id)
 
-    async def _head_part(self, part: HeadPart) -> None:
-        """Last stage: the first stage's part of the logits arrived; sample the token."""
-        state = self._requests.get(part.request_id)
-        pending = state.head if state is not None else None
-        if pending is None or pending.position != part.position or pending.rows != part.row_start:
-            self.counters.stale_messages += 1
-            log.info("%s: head part for %r dropped (not awaited)", self.name, part.request_id)
-            return
-        assert state is not None
-        state.head = None
-        token, own_wait = await self._run(
-            self._sample_joined,
-            part.request_id,
-            pending.own,
-            part.tensor,
-            pending.position + pending.length,
-        )
-        if pending.timed and self._head_tuner is not None:
-            elapsed = time.perf_counter() - pending.started
-            self._head_tuner.observe_split(pending.rows, elapsed, own_wait)
-        await self._sampled(part.request_id, token)
-
-    async def _sampled(self, request_id: str, token: int) -> None:
+    async def sampled(self, request_id: str, token: int) -> None:
         """The last stage sampled `token`: back to the first stage, then to the requester."""
         state = self._requests[request_id]
         meta = state.meta
@@ -753,13 +411,13 @@ class StageNode:
         if self.num_stages > 1:
             await self.router.send_to(meta.route[0], TOKEN_STREAM, encode_message(feedback))
         elif not done:
-            self._local.append(_Work(TOKEN_STREAM, self.router.node_id, feedback))
+            self._local.append(Work(TOKEN_STREAM, self.router.node_id, feedback))
         if gone:
             self.counters.abandoned += 1
             log.info("%s: requester %s of %r is gone", self.name, meta.reply_to, request_id)
         else:
             assert state.writer is not None
-            await self._chunks_send.send((state.writer.chunk(token, finish), meta))
+            await self.publisher.put(state.writer.chunk(token, finish), meta)
         if done:
             self._finish(request_id)
             for peer in meta.route[1:-1]:
@@ -779,7 +437,7 @@ class StageNode:
         if feedback.done:
             self._finish(rid)
             return
-        out = await self._run(self._compute, rid, [feedback.token_id], feedback.position, True)
+        out = await self._forward(state, [feedback.token_id], feedback.position, True)
         await self._emit(state.meta, out, feedback.position, True, first=False)
 
     def _finish(self, request_id: str) -> None:
@@ -820,111 +478,23 @@ class StageNode:
             for peer in meta.route:
                 await self._send_release(peer, request_id, "failed")
 
-    async def _reconfigure(self, message: Reconfigure, peer: str) -> None:
-        """Serve other layers under a new plan; answer with this node's `InfoReply`."""
-        layers = range(message.layer_start, message.layer_stop)
-        start = time.perf_counter()
-        error = ""
-        try:
-            if self.model_dir is None or self.footprint is None:
-                raise RuntimeError("this node was started without a model directory to reload")
-            if not 0 <= message.stage < message.num_stages:
-                raise ValueError(f"stage {message.stage} of {message.num_stages} does not exist")
-            if message.epoch <= self.epoch:
-                # A late or replayed plan must not take a node back to an older layout.
-                raise ValueError(f"plan epoch {message.epoch} is not newer than {self.epoch}")
-            need = self.footprint.stage_bytes(layers)
-            if need > self.memory_budget:
-                raise MemoryError(
-                    f"layers {layers.start}-{layers.stop - 1} need {format_bytes(need)}, more "
-                    f"than this node's memory budget of {format_bytes(self.memory_budget)}"
-                )
-            for rid in list(self._requests):
-                self._release(rid)
-            self._local.clear()
-            stage = self.stage
-            if layers != stage.layers:
-                # Loaded before the old stage is let go: a node that cannot load keeps serving
-                # its old layers (and says why), at the price of both in memory for a moment.
-                stage = await self._run(restage, stage, self.model_dir, layers)
-            _check_stage(stage, message.stage, message.num_stages)
-            for rid in self.stage.request_ids:
-                self.stage.release(rid)
-            self.stage = stage
-            self.index, self.num_stages, self.epoch = (
-                message.stage,
-                message.num_stages,
-                message.epoch,
-            )
-            self.counters.reconfigurations += 1
-            if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
-                await self.router.register_topic(TOKENS)
-            log.warning(
-                "%s: reconfigured for epoch %d: layers %d-%d in %.2f s",
-                self.name,
-                self.epoch,
-                layers.start,
-                layers.stop - 1,
-                time.perf_counter() - start,
-            )
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: cannot reconfigure: %s", self.name, error)
-        reply = attrs.evolve(
-            self.info(message.nonce),
-            error=error,
-            load_seconds=round(time.perf_counter() - start, 3),
-        )
-        await self._reply(peer, reply)
+    # -- a new plan (StageControl.reconfigure) ---------------------------------------------
 
-    # -- the token stream ------------------------------------------------------------------
+    def release_all(self) -> None:
+        """Drop every request in flight (a new plan is coming)."""
+        for rid in list(self._requests):
+            self._release(rid)
+        self._local.clear()
 
-    async def _publisher(self) -> None:
-        """Hand chunks to the requesters, off the critical path of the next token."""
-        sender = None
-        async with self._chunks_recv:
-            async for chunk, meta in self._chunks_recv:
-                if meta.chunks == "direct":
-                    await self.router.send_to(meta.reply_to, CHUNK_STREAM, chunk.to_bytes())
-                else:
-                    if sender is None:
-                        if TOKENS.topic not in self.router.topic_routers:
-                            await self.router.register_topic(TOKENS)
-                        sender = self.router.sender(TOKENS)
-                    await self._await_subscriber(meta.reply_to, chunk.request_id)
-                    await sender.send(chunk)
-                self.counters.chunks_published += 1
-
-    async def _await_subscriber(self, peer: str, request_id: str) -> None:
-        """A chunk published before the requester's subscription is known here would not be
-        sent to it: wait for the subscription (bounded)."""
-        with anyio.move_on_after(SUBSCRIBER_WAIT):
-            await self.router.wait_for_subscriber(TOKENS.topic, peer)
-            return
-        log.warning(
-            "%s: requester %s of %r is not subscribed to %s; publishing anyway",
-            self.name,
-            peer,
-            request_id,
-            TOKENS.topic,
-        )
-
-
-def _check_stage(stage: PipelineStage, index: int, num_stages: int) -> None:
-    if not 0 <= index < num_stages:
-        raise ValueError(f"stage {index} of {num_stages} does not exist")
-    if stage.is_first != (index == 0) or stage.is_last != (index == num_stages - 1):
-        raise ValueError(
-            f"stage {index} of {num_stages} cannot serve layers "
-            f"{stage.layers.start}-{stage.layers.stop - 1} of {stage.num_model_layers}"
-        )
-
-
-def _damage(data: bytes, rng: random.Random) -> bytes:
-    """`data` with one byte of its second half flipped: the tensor's elements, not the codec
-    header, so the receiver's checksum (not its parser) is what catches it."""
-    damaged = bytearray(data)
-    damaged[rng.randrange(len(data) // 2, len(data))] ^= 0xFF
-    return bytes(damaged)
+    async def take_plan(
+        self, stage: PipelineStage, index: int, num_stages: int, epoch: int
+    ) -> None:
+        """Serve `stage` as stage `index` of `num_stages` under plan `epoch` from now on."""
+        check_stage(stage, index, num_stages)
+        for rid in self.stage.request_ids:
+            self.stage.release(rid)
+        self.compute.stage = stage
+        self.index, self.num_stages, self.epoch = index, num_stages, epoch
+        self.counters.reconfigurations += 1
+        if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
+            await self.router.register_topic(TOKENS)

@@ -26,7 +26,14 @@ from mlx.utils import tree_flatten
 from inference_glue.architectures import Architecture, architecture_for, untested_allowed
 from inference_glue.model_view import LayerRangeView, check_layout, model_type_of
 
-__all__ = ["PipelineStage", "load_stage", "load_stage_layers", "restage", "stages_for"]
+__all__ = [
+    "PipelineStage",
+    "check_stage",
+    "load_stage",
+    "load_stage_layers",
+    "restage",
+    "stages_for",
+]
 
 _LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -250,3 +257,14 @@ def stages_for(
         if before.layers.stop != after.layers.start:
             raise ValueError(f"stages {before.layers} and {after.layers} are not contiguous")
     return stages
+
+
+def check_stage(stage: PipelineStage, index: int, num_stages: int) -> None:
+    """Raise ValueError unless `stage` can be stage `index` of `num_stages`."""
+    if not 0 <= index < num_stages:
+        raise ValueError(f"stage {index} of {num_stages} does not exist")
+    if stage.is_first != (index == 0) or stage.is_last != (index == num_stages - 1):
+        raise ValueError(
+            f"stage {index} of {num_stages} cannot serve layers "
+            f"{stage.layers.start}-{stage.layers.stop - 1} of {stage.num_model_layers}"
+        )

@@ -13,6 +13,7 @@ was encoded. Hosts are assumed little-endian (x86-64 and arm64 both are).
 from __future__ import annotations
 
 import math
+import random
 import struct
 from functools import reduce
 
@@ -23,6 +24,7 @@ import xxhash
 __all__ = [
     "TensorDecodeError",
     "combine",
+    "damage",
     "decode_tensor",
     "encode_tensor",
     "fingerprint",
@@ -177,3 +179,12 @@ def fingerprint(array: mx.array, row_offset: int = 0) -> int:
 def combine(*fingerprints: int) -> int:
     """Combine fingerprints of disjoint row shards into the fingerprint of their union."""
     return reduce(lambda a, b: a ^ b, fingerprints, 0) & _MASK64
+
+
+def damage(data: bytes, rng: random.Random) -> bytes:
+    """Fault injection: `data` (codec bytes) with one byte of its second half flipped: the
+    tensor's elements, not the codec header, so the receiver's checksum (not its parser) is
+    what catches it."""
+    damaged = bytearray(data)
+    damaged[rng.randrange(len(data) // 2, len(data))] ^= 0xFF
+    return bytes(damaged)

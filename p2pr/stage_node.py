@@ -29,15 +29,16 @@ from typing import Any
 import anyio
 
 from discovery.share import share_health
-from inference_glue.footprint import ModelFootprint, format_bytes, parse_bytes
-from inference_glue.node import (
-    COMPUTE_MODES,
-    MlxWorker,
-    StageNode,
+from inference_glue.footprint import (
+    ModelFootprint,
     available_memory,
+    format_bytes,
     model_fingerprint,
+    parse_bytes,
 )
+from inference_glue.node import StageNode
 from inference_glue.stage import PipelineStage, load_stage
+from inference_glue.worker import COMPUTE_MODES, MlxWorker
 from router import EngineConfig, FaultConfig, Router, RouterConfig
 from router.faults import FAULTS_ENV
 

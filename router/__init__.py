@@ -8,6 +8,7 @@ retransmission, in-order exactly-once delivery, flow control).
 from .channels import Receiver, Sender, channel
 from .config import EngineConfig
 from .faults import FaultConfig
+from .interface import RouterLike
 from .router import Router, RouterConfig
 from .topic_router import DirectMessage, TopicRouter
 from .topics import (
@@ -28,6 +29,7 @@ __all__ = [
     "Receiver",
     "Router",
     "RouterConfig",
+    "RouterLike",
     "Sender",
     "TopicDecodeError",
     "TopicRouter",

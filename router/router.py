@@ -15,7 +15,7 @@ import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import attrs
@@ -93,6 +93,7 @@ class Router:
         # Set (and replaced) whenever subscribers change or local sending makes progress.
         self._subscribers_event: anyio.Event | None = None
         self._local_event: anyio.Event | None = None
+        self._protocol_event: anyio.Event | None = None
 
     @property
     def node_id(self) -> str:
@@ -337,6 +338,15 @@ class Router:
     def protocol_event(self, event: Gap | Unrecoverable | Rejected) -> None:
         """A loss verdict or a rejected input; kept for inspection, already logged."""
         self.protocol_events.append(event)
+        waiting, self._protocol_event = self._protocol_event, None
+        if waiting is not None:
+            waiting.set()
+
+    async def wait_protocol_event(self) -> None:
+        """Wait for the next loss verdict or rejected input (see `protocol_events`)."""
+        if self._protocol_event is None:
+            self._protocol_event = anyio.Event()
+        await self._protocol_event.wait()
 
     def subscribers_changed(self, topic: str) -> None:
         """The remote subscribers of `topic` changed: wake whoever waits for them."""
@@ -421,3 +431,9 @@ def _loop_poster() -> Callable[..., None]:
             pass  # the application's loop is gone: nobody is left to tell
 
     return post
+
+
+if TYPE_CHECKING:
+    from .interface import RouterLike
+
+    _provides: type[RouterLike] = Router  # checked by mypy: it is a RouterLike

@@ -1,0 +1,63 @@
+"""Where a stage node runs its MLX work: inline on the event loop, or on one dedicated thread.
+
+MLX keeps streams per thread, so all of a node's MLX work (loading included) stays on one
+thread: "inline" is the event loop's thread (measured faster); "thread" is one long-lived
+worker thread (not a pool, whose threads would change between calls), and the event loop
+keeps serving the network meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+
+__all__ = ["COMPUTE_MODES", "MlxWorker"]
+
+T = TypeVar("T")
+
+COMPUTE_MODES = ("inline", "thread")
+
+
+class MlxWorker:
+    """Where a node runs its MLX work: inline on the event loop, or on one dedicated thread.
+
+    MLX keeps streams per thread, so all of a node's MLX work (loading included) stays on one
+    thread: "inline" is the event loop's thread; "thread" is one long-lived worker thread
+    (not a pool, whose threads would change between calls).
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {mode!r}")
+        self.mode = mode
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
+            if mode == "thread"
+            else None
+        )
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the MLX thread; the event loop keeps running meanwhile in "thread"
+        mode."""
+        if self._executor is None:
+            return fn(*args)
+        token = anyio.lowlevel.current_token()
+        done = anyio.Event()
+
+        def wake(_: concurrent.futures.Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                anyio.from_thread.run_sync(done.set, token=token)
+
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(wake)
+        await done.wait()
+        return future.result()
+
+    def close(self) -> None:
+        """Let the worker thread finish its current call and end."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
