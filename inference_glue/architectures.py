@@ -6,7 +6,7 @@ its layers (embedding scales, logit scaling or soft-capping, its own masks) is d
 does it. What remains architecture-specific is whether that code has the layout the stage
 cuts (`model.embed_tokens`, `model.layers`, the rest on the last stage) and whether the LM
 head is a plain matrix product (the split head needs that): both are only trusted for the
-architectures below, each of which tests/test_architectures.py runs on 2 and 3 stages against
+architectures below, each of which tests/inference_glue/test_architectures.py runs on 2 and 3 stages against
 single-process mlx-lm in every format listed. Anything else is refused when it is loaded,
 unless `P2PR_ALLOW_UNTESTED_ARCHITECTURE=1` (`--allow-untested-architecture`), and then
 `p2pr generate` checks its output against single-process mlx-lm.

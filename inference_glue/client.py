@@ -81,6 +81,7 @@ from router import (
     FaultConfig,
     Router,
     RouterConfig,
+    RouterLike,
 )
 
 __all__ = [
@@ -144,7 +145,7 @@ class PipelineClient:
 
     def __init__(
         self,
-        router: Router,
+        router: RouterLike,
         tokenizer: Any,
         stages: Sequence[StageInfo] = (),
         *,
@@ -237,14 +238,45 @@ class PipelineClient:
         split_head: bool = True,
     ) -> AsyncIterator[PipelineClient]:
         """Join the pipeline whose nodes listen at `addrs` (one multiaddr per node is
-        enough); `model_dir` gives the tokenizer and the layers' sizes. `faults`: this
-        client's fault shim. `chunks`: how token chunks come by default, "direct" or
-        "topic". `policy`: failover settings. `split_head`: the first and last stages each
-        compute part of the LM head (when the model's embeddings are tied)."""
+        enough) over a new `Router`; `model_dir` gives the tokenizer and the layers' sizes.
+        `faults`: this client's fault shim. The other options are `over`'s."""
         config = RouterConfig(
             engine=EngineConfig(faults=FaultConfig.parse(faults) if faults else None)
         )
         router = Router.create(bootstrap_peers=list(addrs), config=config)
+        peers = list(dict.fromkeys(peer_id_of(a) for a in addrs))
+        async with cls.over(
+            router,
+            peers,
+            model_dir,
+            timeout=timeout,
+            chunks=chunks,
+            policy=policy,
+            split_head=split_head,
+        ) as client:
+            client._join_addrs = list(addrs)
+            yield client
+
+    @classmethod
+    @asynccontextmanager
+    async def over(
+        cls,
+        router: RouterLike,
+        peers: Sequence[str],
+        model_dir: str | Path,
+        *,
+        timeout: float = 60.0,
+        chunks: str = DEFAULT_CHUNKS,
+        policy: FailoverPolicy | None = None,
+        split_head: bool = True,
+        keep_plan: bool = True,
+    ) -> AsyncIterator[PipelineClient]:
+        """Join the pipeline of the stage nodes `peers` over `router` (not running yet: the
+        client runs it until the block ends). `chunks`: how token chunks come by default,
+        "direct" or "topic". `policy`: failover settings. `split_head`: the first and last
+        stages each compute part of the LM head (when the model's embeddings are tied).
+        `keep_plan`: between requests, bring nodes that return or join into the plan by
+        itself (False: only `rebalance()` does)."""
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, model_dir)
         footprint = await anyio.to_thread.run_sync(ModelFootprint.from_dir, model_dir)
         client = cls(
@@ -255,15 +287,14 @@ class PipelineClient:
             policy=policy,
             split_head=split_head,
         )
-        client._join_addrs = list(addrs)
         async with client._running(router) as tg:
-            peers = list(dict.fromkeys(peer_id_of(a) for a in addrs))
-            await client._join(peers, timeout)
-            tg.start_soon(client.planner.keep_plan)
+            await client._join(list(peers), timeout)
+            if keep_plan:
+                tg.start_soon(client.planner.keep_plan)
             yield client
 
     @asynccontextmanager
-    async def _running(self, router: Router) -> AsyncIterator[anyio.abc.TaskGroup]:
+    async def _running(self, router: RouterLike) -> AsyncIterator[anyio.abc.TaskGroup]:
         """The router and the client's tasks, until the caller is done; then leave politely:
         what we sent is acknowledged and our own acks are out, so the nodes do not
         retransmit to (and give up on) a peer that left."""

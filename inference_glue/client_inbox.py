@@ -25,7 +25,7 @@ from inference_glue.messages import (
 )
 from inference_glue.rpc import RequestReply
 from inference_glue.tokens import TokenChunk, TokenChunkDecodeError
-from router import ConnectionMessage, DirectMessage, Receiver, Router
+from router import ConnectionMessage, DirectMessage, Receiver, RouterLike
 
 __all__ = ["WAKE", "ClientInbox", "StreamItem", "Wake"]
 
@@ -51,7 +51,7 @@ class ClientInbox:
     """
 
     def __init__(
-        self, router: Router, rpc: RequestReply, on_connection: Callable[[str, bool], None]
+        self, router: RouterLike, rpc: RequestReply, on_connection: Callable[[str, bool], None]
     ) -> None:
         self.router = router
         self.rpc = rpc

@@ -35,7 +35,7 @@ from inference_glue.planner import Planner
 from inference_glue.stream_checks import raise_incomplete
 from inference_glue.tokens import TokenChunk, TokenStreamAssembler
 from p2p_reliable import Gap, Unrecoverable
-from router import Router
+from router import RouterLike
 
 __all__ = ["FailoverDriver", "StreamWatch"]
 
@@ -48,7 +48,7 @@ class StreamWatch:
     """One request's stream as the driver follows it: its attempts, the protocol verdicts
     already seen, when a token last came, and the recovery in progress."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: RouterLike) -> None:
         self.router = router
         self.attempt = 0
         self.recovery: Recovery | None = None
@@ -74,7 +74,7 @@ class FailoverDriver:
 
     def __init__(
         self,
-        router: Router,
+        router: RouterLike,
         planner: Planner,
         policy: FailoverPolicy,
         release: Callable[[RequestMeta, str], Awaitable[None]],

@@ -80,7 +80,7 @@ from inference_glue.tensor_codec import TensorDecodeError, damage
 from inference_glue.token_publisher import TokenPublisher
 from inference_glue.tokens import TokenStreamWriter
 from inference_glue.worker import MlxWorker
-from router import DirectMessage, Router
+from router import DirectMessage, RouterLike
 
 __all__ = ["NodeCounters", "StageNode", "StaleEpochError", "Work"]
 
@@ -128,7 +128,7 @@ class StageNode:
 
     def __init__(
         self,
-        router: Router,
+        router: RouterLike,
         stage: PipelineStage,
         tokenizer: Any,
         *,

@@ -41,7 +41,7 @@ from inference_glue.messages import (
 from inference_glue.plan import PipelineError, StageInfo, check_pipeline, check_pipeline_models
 from inference_glue.roster import Roster
 from inference_glue.rpc import RequestReply
-from router import Router
+from router import RouterLike
 
 __all__ = ["Planner"]
 
@@ -62,7 +62,7 @@ class Planner:
 
     def __init__(
         self,
-        router: Router,
+        router: RouterLike,
         rpc: RequestReply,
         footprint: ModelFootprint | None,
         policy: FailoverPolicy,

@@ -27,12 +27,12 @@ from inference_glue.messages import (
     encode_message,
 )
 from inference_glue.plan import PipelineError
-from router import Router
+from router import RouterLike
 
 __all__ = ["RequestReply", "reply"]
 
 
-async def reply(router: Router, peer: str, message: Message) -> None:
+async def reply(router: RouterLike, peer: str, message: Message) -> None:
     """Answer `peer` (a node's side)."""
     await router.send_to(peer, CLIENT_STREAM, encode_message(message))
 
@@ -49,7 +49,7 @@ class RequestReply:
 
     def __init__(
         self,
-        router: Router,
+        router: RouterLike,
         wait_until: Callable[[Callable[[], bool], float], Awaitable[bool]],
         notify: Callable[[], None],
     ) -> None:

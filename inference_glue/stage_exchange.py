@@ -23,7 +23,7 @@ import anyio
 
 from discovery.health import HEALTH_TOPIC, ClusterViews, HealthView
 from discovery.peers import ExchangeBook
-from router import Router
+from router import RouterLike
 
 __all__ = ["StageExchange", "exchanged_addrs"]
 
@@ -39,7 +39,7 @@ class StageExchange:
 
     def __init__(
         self,
-        router: Router,
+        router: RouterLike,
         skip: Callable[[], Collection[str]],
         heard: Callable[[HealthView], None],
     ) -> None:

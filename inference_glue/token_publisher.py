@@ -16,7 +16,7 @@ import anyio
 from inference_glue.messages import CHUNK_STREAM, TOKENS, RequestMeta
 from inference_glue.node_counters import NodeCounters
 from inference_glue.tokens import TokenChunk
-from router import Router
+from router import RouterLike
 
 __all__ = ["SUBSCRIBER_WAIT", "TokenPublisher"]
 
@@ -30,7 +30,7 @@ SUBSCRIBER_WAIT = 15.0
 class TokenPublisher:
     """Delivers the chunks handed to `put` in order, from its own task (`run`)."""
 
-    def __init__(self, router: Router, counters: NodeCounters, name: str = "") -> None:
+    def __init__(self, router: RouterLike, counters: NodeCounters, name: str = "") -> None:
         self.router = router
         self.counters = counters
         self.name = name

@@ -98,6 +98,9 @@ class RowResult:
     seconds: float = 0.0
     error: str = ""
     notes: str = ""
+    # What arrived (every generation of the row, in order), for checks of their own.
+    token_ids: list[list[int]] = attrs.Factory(list)
+    texts: list[str] = attrs.Factory(list)
 
     @property
     def passed(self) -> bool:
@@ -183,6 +186,8 @@ class _Runner:
         result.duplicates_delivered += stats.duplicates + (len(seqs) - len(set(seqs)))
         result.corrupted_accepted += stats.corrupted
         result.tokens = len(tokens)
+        result.token_ids.append(tokens)
+        result.texts.append("".join(text))
         result.identical = (
             tokens == self.expected["token_ids"] and "".join(text) == (self.expected["text"])
         )
@@ -302,6 +307,8 @@ class _Runner:
         second = RowResult(row.name, row.action)
         await self.generate(client, second)
         result.identical = result.identical and second.identical
+        result.token_ids += second.token_ids
+        result.texts += second.texts
         result.duplicates_delivered += second.duplicates_delivered
         result.corrupted_accepted += second.corrupted_accepted
         new_id = restarted.get("node_id", "")
@@ -395,6 +402,7 @@ def run_chaos(
     return {
         "model": model_dir.name,
         "tokens": tokens,
+        "case": case,
         "nodes": 3,
         "rows": [r.to_dict() for r in results],
         "passed": all(r.passed for r in results),

@@ -61,6 +61,7 @@ class DirectStats:
     """Transport counters of the direct streams."""
 
     frames_sent: int = 0
+    bytes_sent: int = 0
     queue_drops: int = 0
     stream_errors: int = 0
     oversized_frames: int = 0
@@ -157,8 +158,10 @@ class DirectTransport:
                 frames = _take(link.queue, 64)
                 for piece in _pieces(frames, WRITE_CHUNK):
                     await stream.write(piece)
-                link.queued_bytes -= sum(len(f) for f in frames)
+                written = sum(len(f) for f in frames)
+                link.queued_bytes -= written
                 self.stats.frames_sent += len(frames)
+                self.stats.bytes_sent += written
                 self._drained(peer)
         except Exception as exc:
             self.stats.stream_errors += 1

@@ -49,6 +49,7 @@ class GossipLink:
         self._changed = changed
         self.topics: set[str] = set()
         self.published_frames = 0
+        self.published_bytes = 0
         self.bad_origins = 0
         # The sets are replaced whole, so other threads may read them.
         self._subscribers: dict[str, frozenset[str]] = {}
@@ -122,6 +123,7 @@ class GossipLink:
             await pubsub.publish(topic, data)
             self.backlog -= len(data)
             self.published_frames += 1
+            self.published_bytes += len(data)
             self._drained()
 
     async def _subscriber_poll(self) -> None:

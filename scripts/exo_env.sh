@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# exo, ready to run against this checkout, outside the repository (tests/test_exo_swap.py,
+# exo, ready to run against this checkout, outside the repository (tests/exo_swap/test_exo_swap.py,
 # `python -m p2pr.exo.check`):
 #   bash scripts/exo_env.sh [DIR]        (DIR: default a new `mktemp -d` folder)
 # 1. extracts exo's archive (EXO_ARCHIVE, default ../shared/exo/exo-81d7cb0fcd66.tar.gz beside

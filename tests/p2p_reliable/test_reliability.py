@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import attrs
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from p2p_reliable import (
     Unrecoverable,
     WindowOpen,
 )
+from p2p_reliable.envelope import MAGIC, VERSION, DecodeError, Envelope, Flags, Kind, decode, encode
 from p2p_reliable.testing import LinkFaults, SimNetwork
 
 TOPIC = "t"
@@ -343,6 +345,50 @@ def test_garbage_never_crashes_and_is_counted(frames: list[bytes]) -> None:
     events = list(iter(ep.next_event, None))
     assert not [e for e in events if isinstance(e, Delivered | Gap | Unrecoverable)]
     assert rejected == len([e for e in events if type(e).__name__ == "Rejected"])
+
+
+@st.composite
+def resealed_frames(draw: st.DrawFn) -> bytes:
+    """A data envelope from A whose body was damaged and then sealed again (valid header
+    and checksum): a frame that reaches the endpoint's parser and its checks."""
+    env = Envelope(
+        kind=draw(st.sampled_from(list(Kind))),
+        origin="A",
+        stream=TOPIC,
+        epoch=draw(st.integers(0, 2**40)),
+        seq=draw(st.integers(0, 64)),
+        payload=draw(st.binary(max_size=64)),
+        flags=draw(st.sampled_from([Flags.NONE, Flags.COMPRESSED, Flags.DIRECT])),
+    )
+    body = bytearray(encode(env)[len(MAGIC) + 1 : -8])
+    pos = draw(st.integers(0, len(body) - 1))
+    body[pos] ^= draw(st.integers(1, 255))
+    data = MAGIC + bytes([VERSION]) + bytes(body)
+    return data + xxhash.xxh3_64_digest(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(resealed_frames(), min_size=1, max_size=10))
+def test_resealed_garbage_reaches_the_parser_and_is_counted(frames: list[bytes]) -> None:
+    net = SimNetwork(seed=0)
+    net.add_node("A")
+    b = net.add_node("B")
+    net.subscribe("B", TOPIC)
+    ep = b.endpoint
+    refused = 0
+    for i, frame in enumerate(frames):
+        try:
+            decode(frame)
+        except DecodeError:
+            refused += 1
+        ep.receive(frame, "A", float(i))
+        ep.handle_timer(float(i))
+    stats = ep.stats
+    assert stats.corrupted == 0  # every checksum held: what was refused, the parser refused
+    assert stats.malformed >= refused
+    events = list(iter(ep.next_event, None))
+    rejected = [e for e in events if type(e).__name__ == "Rejected"]
+    assert len(rejected) >= refused
 
 
 def test_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:

@@ -26,20 +26,14 @@ import pytest
 
 from discovery.share import SHARE_HEALTH_ENV, sharing_enabled
 from inference_glue.client import GenerationResult, PipelineClient, load_tokenizer
-from inference_glue.tiny_model import build_tiny_model
 from p2pr.kept import running_cluster
 
 pytestmark = pytest.mark.multinode
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 P2PR = str(Path(sys.executable).parent / "p2pr")
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")

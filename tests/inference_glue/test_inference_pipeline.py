@@ -38,11 +38,6 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_dir: Path) -> tuple[Any, Any]:
     model, tokenizer = mlx_lm.load(str(tiny_dir))[:2]
     return model, tokenizer

@@ -31,7 +31,7 @@ import pytest
 
 pytestmark = pytest.mark.multinode
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SKIP_REASON = (
     "EXO_SRC is not set: exo's checkout is needed (exo-explore/exo at the parent of "
     "'libp2p -> zenoh', 81d7cb0fcd66, outside this repository; see exo_swap/README.md)"

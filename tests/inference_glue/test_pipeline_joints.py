@@ -23,7 +23,6 @@ import pytest
 
 from inference_glue.client import PipelineClient, load_tokenizer
 from inference_glue.local_pipeline import prompt_token_ids
-from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenChunk
 from p2pr.kept import running_cluster
 from p2pr.reference import run_reference
@@ -40,8 +39,8 @@ DUPLICATE_WORDS = ("MY identity", "duplicate")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3, num_layers=8)
+def tiny_dir(tiny_8_layers: Path) -> Path:
+    return tiny_8_layers
 
 
 @pytest.fixture(scope="module")

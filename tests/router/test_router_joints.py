@@ -1,4 +1,4 @@
-"""Joins, hangs and returns between real router processes (tests/joint_node.py).
+"""Joins, hangs and returns between real router processes (tests/router/joint_node.py).
 
 - A peer that publishes the moment it hears of a connection loses nothing (join semantics).
 - A hung peer (SIGSTOP) is cut and reported as disconnected; once it resumes it is back.
@@ -8,100 +8,49 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import queue
 import signal
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from p2pr.launch import Launched
+
 pytestmark = pytest.mark.multinode
 
 NODE = str(Path(__file__).with_name("joint_node.py"))
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRIALS = int(os.environ.get("P2PR_JOIN_TRIALS", "200"))
 TRIAL_PROCESSES = 4  # fresh process pairs the trials are spread over
 
 
-class Proc:
-    """A node process whose JSON lines are read by a thread into a queue."""
+class Proc(Launched):
+    """A joint node process (its JSON lines in `seen`, see `p2pr.launch`)."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
+        super().__init__([sys.executable, *args], label=f"joint node {' '.join(args)}", cwd=REPO)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.lines.put(json.loads(line))
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            del self.stderr[:-100]
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, match: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-        """The first line (seen before or arriving within `timeout`) that `match`es."""
-        for line in self.seen:
-            if match(line):
-                return line
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if match(line):
-                return line
-        raise AssertionError(
-            f"no matching line within {timeout} s; seen {self.seen[-10:]}; "
-            f"stderr: {''.join(self.stderr[-15:])}"
-        )
+    @property
+    def stderr(self) -> list[str]:
+        """The last lines the process wrote to its standard error."""
+        return list(self.stderr_tail)
 
     def conn_events(self, peer: str) -> list[bool]:
         """The connection events heard so far about `peer`, in order."""
-        while True:
-            try:
-                self.seen.append(self.lines.get_nowait())
-            except queue.Empty:
-                break
+        self.fresh()
         return [line["connected"] for line in self.seen if line.get("conn") == peer]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGCONT)
+    def stop(self, timeout: float = 10.0, terminate: bool = False) -> int:
+        """Resume it if it hangs, ask it to quit, and wait (SIGKILL if it does not)."""
+        if self.running():
+            self.signal(signal.SIGCONT)
+            with contextlib.suppress(OSError):
                 self.send("quit")
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+        return super().stop(timeout, terminate)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
-"""A hostile peer, for tests/test_adversary.py: real py-libp2p hosts doing what a broken or
+"""A hostile peer, for tests/router/test_adversary.py: real py-libp2p hosts doing what a broken or
 malicious node would. It never runs outside tests.
 
-    python tests/attacker.py ATTACK --target MULTIADDR [--count N] [--victim PEER_ID]
+    python tests/router/attacker.py ATTACK --target MULTIADDR [--count N] [--victim PEER_ID]
 
 Attacks that need well-formed envelopes run our own Router with its safeguards bent (a
 publisher that ignores credit, a codec that sends a zstd bomb); raw-stream attacks run a bare

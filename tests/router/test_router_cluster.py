@@ -85,6 +85,7 @@ def test_a_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
                 f"--expect-count={count}",
                 "--consume-delay=0.005",
                 "--buffer=4",
+                "--record-consumption",
                 *window,
             ]
         )
@@ -92,9 +93,12 @@ def test_a_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
         assert publisher.result is not None
     receiver = results[1]
     _check_exact(receiver, [0], count)
-    # The consumer needs >= 2 s; the publisher could have pushed everything in a fraction of
-    # that, but flow control held it back: the protocol refused its sends until the consumer
-    # granted credit.
-    assert receiver["elapsed"] >= count * 0.005
+    # Flow control held the publisher back: the protocol refused its sends until the consumer
+    # granted credit, so its last message could only go out (and be acknowledged) once the
+    # consumer had taken all but a window's worth: the credit (32), the receiver's channel
+    # (4) and what is between the two (a few). Without it the publisher would have been done
+    # long before the consumer, which takes 5 ms per message, got that far.
+    assert len(receiver["consumed_at"]) == count
+    assert results[0]["drained_at"] >= receiver["consumed_at"][count - 64]
     assert results[0]["protocol"]["window_full"] > 0
     assert results[0]["protocol"]["unrecoverable"] == 0

@@ -1,6 +1,6 @@
 """A hostile peer against a live node and a live pipeline (issue 13's rows, replayed).
 
-One `p2pr node` (with --metrics-port) stands through every attack of tests/attacker.py, each
+One `p2pr node` (with --metrics-port) stands through every attack of tests/router/attacker.py, each
 from a fresh attacker identity. Throughout, a watcher asks its /health every 0.25 s; after
 each attack the test checks that the node is still running, /health always answered within
 1 s, its RSS never went more than RSS_BUDGET above the idle RSS, its CPU went back to idle
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -26,10 +25,11 @@ from typing import Any
 
 import anyio
 import pytest
+from support import P2prNode
 
 pytestmark = pytest.mark.multinode
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ATTACKER = str(Path(__file__).with_name("attacker.py"))
 RSS_BUDGET = 64 * 1024 * 1024
 IDLE_CPU = 0.25  # share of one core a node may use while idle (heartbeats, health views)
@@ -51,22 +51,12 @@ def cpu_seconds(pid: int) -> float:
 class Target:
     """A `p2pr node` and a watcher thread on its /health and its memory."""
 
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pr", "node", "--identity", "none",
-             "--metrics-port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        ready = json.loads(self.proc.stdout.readline())
-        self.node_id: str = ready["node_id"]
-        self.addr: str = ready["addrs"][0]
-        self.metrics_port: int = ready["metrics_port"]
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read_err, daemon=True).start()
+    def __init__(self, log_path: Path) -> None:
+        self.node = P2prNode("--identity", "none", "--metrics-port", "0", log_path=log_path)
+        self.proc = self.node.proc
+        self.node_id: str = self.node.node_id
+        self.addr: str = self.node.addr
+        self.metrics_port: int = self.node.ready["metrics_port"]
         self.worst_health = 0.0
         self.health_failures: list[str] = []
         self.peak_rss = 0
@@ -75,10 +65,10 @@ class Target:
         self.idle_rss = self._settled_rss()
         threading.Thread(target=self._watch, daemon=True).start()
 
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
+    @property
+    def stderr(self) -> list[str]:
+        """Every line the node wrote to its standard error."""
+        return self.node.process.stderr_text(lines=1_000_000).splitlines()
 
     def _get(self, path: str, timeout: float) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}{path}"
@@ -133,18 +123,12 @@ class Target:
 
     def stop(self) -> None:
         self._stop.set()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.node.stop()
 
 
 @pytest.fixture(scope="module")
-def target() -> Iterator[Target]:
-    node = Target()
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    node = Target(tmp_path_factory.mktemp("target") / "stderr.log")
     yield node
     node.stop()
 
@@ -194,8 +178,8 @@ def test_a_node_stands_through(target: Target, name: str, count: int, kinds: set
     assert kinds & set(counted), f"{name}: refusals counted for the attacker: {counted}"
 
 
-def test_views_are_accepted_only_from_their_own_node(target: Target) -> None:
-    honest = Target()  # a second node, the one the attacker pretends to be
+def test_views_are_accepted_only_from_their_own_node(target: Target, tmp_path: Path) -> None:
+    honest = Target(tmp_path / "honest.log")  # a second node, the one the attacker pretends to be
     try:
         result = attack("impersonate", target, 40, victim=honest.node_id)
         assert_stood(target, "impersonate")

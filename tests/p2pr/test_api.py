@@ -19,7 +19,6 @@ import pytest
 import trio
 
 from inference_glue.client import PipelineClient, load_tokenizer
-from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenChunk, TokenStreamWriter
 from p2pr.api import ApiSettings, PipelineBackend, TokenizerPrompts, create_app, serve_app
 from p2pr.reference import run_reference
@@ -28,11 +27,6 @@ from p2pr.stage_cluster import StageCluster
 SCRIPT = "Hello wörld 🙂 the capital of France is Paris. The end."
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 WAIT = 30  # the bound on every wait for an event
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""A router node process for the join/hang/return tests (tests/test_router_joints.py).
+"""A router node process for the join/hang/return tests (tests/router/test_router_joints.py).
 
-    python tests/joint_node.py [--bootstrap ADDR]... [--role member|observer]
+    python tests/router/joint_node.py [--bootstrap ADDR]... [--role member|observer]
 
 Prints JSON lines: {"event": "ready", "node_id": id, "addrs": [...]} once listening, then {"conn": peer,
 "connected": bool, "t": seconds} for every connection event the application hears, and

@@ -129,11 +129,6 @@ def assert_identical(results: Sequence[GenerationResult], expected: Sequence[dic
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
 def two_stages(tiny_dir: Path) -> Iterator[StageCluster]:
     with StageCluster(tiny_dir, 2) as cluster:
         yield cluster
@@ -300,7 +295,7 @@ def test_a_lost_stage_ends_the_stream_with_an_error_naming_it(tiny_dir: Path) ->
     received: list[int] = []
 
     async def main(cluster: StageCluster) -> None:
-        # Without failover (tests/test_failover.py has it): the stream must end in an error.
+        # Without failover (tests/inference_glue/test_failover.py has it): the stream must end in an error.
         policy = FailoverPolicy(enabled=False)
         async with PipelineClient.connect(cluster.addrs, tiny_dir, policy=policy) as client:
             async for chunk in client.stream(prompt, 100_000, idle_timeout=20):

@@ -48,7 +48,7 @@ SPLITS = {
     "3 stages": [range(0, 2), range(2, 3), range(3, 6)],
 }
 TOKENS = 20
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,37 @@ def test_any_bytes_decode_or_raise_decode_error(data: bytes) -> None:
         assert isinstance(env, Envelope)
 
 
+@st.composite
+def resealed_mutations(draw: st.DrawFn) -> bytes:
+    """A real envelope whose body was damaged (bytes flipped, cut, inserted or repeated) and
+    then sealed again with a valid header and checksum: input that reaches the parser, as
+    random bytes almost never do (they fail the magic or the checksum first)."""
+    body = bytearray(encode(draw(envelopes()))[len(MAGIC) + 1 : -8])
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "cut", "insert", "repeat"]))
+        pos = draw(st.integers(0, len(body)))
+        if op == "flip" and pos < len(body):
+            body[pos] ^= draw(st.integers(1, 255))
+        elif op == "cut":
+            del body[pos : pos + draw(st.integers(1, 16))]
+        elif op == "insert":
+            body[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            body[pos:pos] = body[pos : pos + draw(st.integers(1, 16))]
+    return _seal(bytes(body))
+
+
+@given(resealed_mutations())
+def test_resealed_mutations_reach_the_parser_and_raise_only_decode_error(wire: bytes) -> None:
+    try:
+        env = decode(wire)
+    except DecodeError as exc:
+        assert not isinstance(exc, ChecksumError)  # the checksum held: the parser refused it
+        assert exc.reason
+    else:
+        assert encode(env) == wire  # only a real envelope gets through, exactly as it was
+
+
 @given(st.binary(max_size=512))
 def test_any_body_with_valid_checksum_decodes_or_raises_decode_error(body: bytes) -> None:
     # Past the checksum, the parser itself must hold against every body.
@@ -158,13 +189,32 @@ def test_batch_round_trip(envs: list[Envelope]) -> None:
 def test_any_batch_bytes_raise_only_decode_error(data: bytes) -> None:
     try:
         items = decode_batch(BATCH_MAGIC + data)
-    except DecodeError:
+    except DecodeError as exc:
+        assert exc.reason
         return
+    assert all(isinstance(raw, bytes) for raw in items)
     for raw in items:
         try:
             decode(raw)
-        except DecodeError:
-            pass
+        except DecodeError as exc:
+            assert exc.reason
+
+
+@given(st.lists(envelopes(), min_size=1, max_size=5), resealed_mutations(), st.data())
+def test_a_batch_with_a_resealed_mutation_keeps_its_good_envelopes(
+    envs: list[Envelope], bad: bytes, data: st.DataObject
+) -> None:
+    raws = [encode(e) for e in envs]
+    at = data.draw(st.integers(0, len(raws)))
+    raws.insert(at, bad)
+    items = decode_batch(encode_batch(raws))
+    assert items == raws
+    good = [decode(raw) for i, raw in enumerate(items) if i != at]
+    assert good == envs  # the damaged one does not spoil its neighbours
+    try:
+        decode(items[at])
+    except DecodeError as exc:
+        assert not isinstance(exc, ChecksumError)
 
 
 # -- cluster secrets -------------------------------------------------------------------------
@@ -198,6 +248,15 @@ def test_damage_to_a_tagged_envelope_is_damage_not_intrusion(
 @given(st.binary(max_size=2048))
 def test_keyed_decoder_raises_only_decode_error(data: bytes) -> None:
     try:
-        EnvelopeCodec(b"k").decode(data)
-    except DecodeError:
-        pass
+        env = EnvelopeCodec(b"k").decode(data)
+    except DecodeError as exc:
+        assert exc.reason
+    else:
+        assert EnvelopeCodec(b"k").encode(env) == data
+
+
+@given(resealed_mutations())
+def test_keyed_decoder_refuses_resealed_mutations_without_the_tag(wire: bytes) -> None:
+    # A plain envelope, however well sealed, carries no cluster tag: refused as a stranger's.
+    with pytest.raises(AuthError):
+        EnvelopeCodec(b"k").decode(wire)

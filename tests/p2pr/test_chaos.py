@@ -10,22 +10,32 @@ from pathlib import Path
 import pytest
 
 from p2pr.chaos import ROWS
+from p2pr.reference import run_reference
 
 pytestmark = pytest.mark.multinode
 
 P2PR = str(Path(sys.executable).parent / "p2pr")
 
 
-def test_chaos_matrix_passes_every_row() -> None:
+def test_chaos_matrix_passes_every_row(tiny_dir: Path) -> None:
     proc = subprocess.run(
-        [P2PR, "chaos", "--json", "--tokens", "32"], capture_output=True, text=True, timeout=900
+        [P2PR, "chaos", "--json", "--tokens", "32", "--model", str(tiny_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.stdout.strip(), proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(report, indent=1))
     assert [row["name"] for row in report["rows"]] == [row.name for row in ROWS]
+    # The single-device output, computed here (not the runner's own verdict): every
+    # generation of every row must be it, token for token.
+    [expected] = run_reference(tiny_dir, [report["case"]])
+    assert len(expected["token_ids"]) == 32
     for row in report["rows"]:
         assert row["error"] == "", row
+        assert row["token_ids"] and all(ids == expected["token_ids"] for ids in row["token_ids"])
+        assert all(text == expected["text"] for text in row["texts"]), row["name"]
         assert row["tokens"] == 32 and row["identical"], row
         assert row["duplicates_delivered"] == 0 and row["corrupted_accepted"] == 0, row
         assert row["delivered"] > 0, row

@@ -66,11 +66,23 @@ def test_delays_back_off_exponentially_on_average_and_are_jittered() -> None:
     assert means[5] > 10 * means[0]
 
 
-def test_same_seed_same_schedule() -> None:
+def test_the_schedule_is_the_seeds_full_jitter_draws() -> None:
     policy = RetryPolicy()
-    one = [policy.delay(0.05, a, random.Random(7)) for a in range(8)]
-    two = [policy.delay(0.05, a, random.Random(7)) for a in range(8)]
-    assert one == two
+
+    def schedule(seed: int) -> list[float]:
+        rng = random.Random(seed)  # one generator for the whole schedule, as a sender has
+        return [policy.delay(0.05, attempt, rng) for attempt in range(8)]
+
+    one = schedule(7)
+    assert schedule(7) == one  # replays exactly
+    assert schedule(8) != one  # the jitter comes from the seed
+    # Each wait is the next draw of the seed's stream, uniform up to the attempt's ceiling,
+    # never below the floor (full jitter).
+    draws = random.Random(7)
+    floor = min(max(0.05, policy.min_rto), policy.cap)
+    for attempt, delay in enumerate(one):
+        ceiling = min(policy.cap, floor * 2**attempt)
+        assert delay == max(floor, draws.uniform(0.0, ceiling))
 
 
 def test_inconsistent_policy_is_refused() -> None:
@@ -95,8 +107,12 @@ def test_timeouts_back_off_the_rto_until_a_new_sample() -> None:
         est.on_timeout()
     assert est.rto == pytest.approx(min(10.0, 64 * fresh))  # bounded backoff, and the cap
     est.on_sample(0.05)
+    after_sample = est.rto
+    assert est.srtt is not None
+    assert after_sample == pytest.approx(est.srtt + 4 * est.rttvar)  # the backoff was reset
     for _ in range(50):
         est.on_timeout()
+    assert est.rto == pytest.approx(min(10.0, 64 * after_sample))  # and grows back to its cap
     est2 = RttEstimator(RetryPolicy(base=0.1, min_rto=0.01, cap=1.0))
     est2.on_sample(0.5)
     est2.on_timeout()

@@ -4,6 +4,7 @@ streams, quarantine counting, and the new pipeline messages."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,13 +27,12 @@ from inference_glue.messages import (
     encode_message,
 )
 from inference_glue.stage import load_stage_layers, restage
-from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import TokenStreamAssembler, TokenStreamWriter
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=5, num_layers=6)
+def tiny_dir(tiny_models: Callable[..., Path]) -> Path:
+    return tiny_models(5, num_layers=6)
 
 
 def test_footprint_matches_the_loaded_weights(tiny_dir: Path) -> None:

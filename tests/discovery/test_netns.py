@@ -1,4 +1,4 @@
-"""The network-namespace harness (tests/netns.py): three "machines" on a bridged LAN, each
+"""The network-namespace harness (tests/discovery/netns.py): three "machines" on a bridged LAN, each
 with its own address and a 1 Gbit/s link; TCP between them and from the root namespace;
 `p2pr node` in each, finding the others by one bootstrap address or by mDNS, seen whole by
 `p2pr health` from one machine; and teardown that leaves nothing behind, also after a
@@ -150,19 +150,25 @@ def test_teardown_after_a_failure_and_of_a_killed_run(available: None) -> None:
 def start_node(
     lan: NetnsLan, machine: Machine, secret: str, logs: Path, *extra: str
 ) -> dict[str, Any]:
-    """`p2pr node` inside `machine`, on its own address; its ready line."""
-    log = (logs / f"node-{machine.index}.log").open("w")
-    proc = lan.popen(
+    """`p2pr node` inside `machine`, on its own address; its ready event."""
+    listen = f"/ip4/{machine.address}/tcp/0"
+    process = lan.launch(
         machine,
-        [P2PR, "node", "--identity", "none", "--listen", f"/ip4/{machine.address}/tcp/0", "--cluster-secret", secret, *extra],
-        stderr=log,
-    )  # fmt: skip
-    line = read_line(proc.stdout, WAIT)
-    assert line, (
-        f"node {machine.index} ended: {(logs / f'node-{machine.index}.log').read_text()[-2000:]}"
+        [
+            P2PR,
+            "node",
+            "--identity",
+            "none",
+            "--listen",
+            listen,
+            "--cluster-secret",
+            secret,
+            *extra,
+        ],
+        label=f"node {machine.index}",
+        log_path=logs / f"node-{machine.index}.log",
     )
-    ready: dict[str, Any] = json.loads(line)
-    return ready
+    return process.expect("ready", WAIT)
 
 
 def full_mesh(cluster: dict[str, Any], nodes: dict[str, str]) -> bool:

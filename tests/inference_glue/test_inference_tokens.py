@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -10,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference_glue.tiny_model import build_tiny_model
 from inference_glue.tokens import (
     IncompleteStreamError,
     TextMismatchError,
@@ -28,9 +28,8 @@ FIXTURE_SETTINGS = settings(
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-    return mlx_lm.load(str(path))[1]
+def tokenizer(tiny_dir: Path) -> Any:
+    return mlx_lm.load(str(tiny_dir))[1]
 
 
 def stream(tokenizer: Any, text: str, request_id: str = "r1") -> list[TokenChunk]:

@@ -7,8 +7,8 @@ a process with the nodes' BLAS set-up), token for token and text for text.
 
 from __future__ import annotations
 
+import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,21 @@ from p2pr.stage_node import HEAD_SPLIT_ENV
 pytestmark = pytest.mark.multinode
 
 TOKENS = 64
+# Where the SIGKILL falls is drawn from this seed (printed with the kill point): a failing
+# run is replayed with the same P2PR_KILL_SEED.
+KILL_SEED = int(os.environ.get("P2PR_KILL_SEED", "14"))
+
+
+def kill_point(test: str) -> int:
+    """The token after which `test` kills its node: drawn from KILL_SEED, printed."""
+    at = random.Random(f"{KILL_SEED}/{test}").randrange(1, TOKENS - 8)
+    print(f"{test}: SIGKILL after token {at} (P2PR_KILL_SEED={KILL_SEED})")
+    return at
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Eight layers: three stages of 3/3/2, and room to re-plan them over two nodes or one.
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3, num_layers=8)
+def tiny_dir(tiny_8_layers: Path) -> Path:
+    return tiny_8_layers
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +86,7 @@ def assert_same_as_reference(chunks: list[TokenChunk], expected: dict[str, Any])
 def test_sigkill_of_a_middle_stage_mid_generation_changes_nothing(
     tiny_dir: Path, case: dict[str, Any], expected: dict[str, Any]
 ) -> None:
-    at = random.Random(time.time_ns()).randrange(1, TOKENS - 8)
-    print(f"SIGKILL of the middle stage after token {at}")
+    at = kill_point("middle stage")
     with StageCluster(tiny_dir, 3) as cluster:
         middle = cluster.nodes[1].node_id
         chunks, client, killed = anyio.run(stream_with_kill, cluster, tiny_dir, case, {at: 1})
@@ -111,8 +119,7 @@ def test_a_split_head_survives_the_loss_of_either_end(
     prompt = prompt_token_ids(load_tokenizer(model_dir), "Once upon a time, far away")
     case = {"prompt_ids": prompt, "max_tokens": TOKENS, "temp": 0.8, "seed": 11}
     expected = run_reference(model_dir, [case])[0]
-    at = random.Random(time.time_ns()).randrange(1, TOKENS - 8)
-    print(f"SIGKILL of stage {victim} after token {at}")
+    at = kill_point(f"split head, stage {victim}")
     with StageCluster(model_dir, 3, extra_env={HEAD_SPLIT_ENV: "fixed"}) as cluster:
         lost = cluster.nodes[victim].node_id
         chunks, client, _ = anyio.run(stream_with_kill, cluster, model_dir, case, {at: victim})

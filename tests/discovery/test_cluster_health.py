@@ -14,49 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import P2prNode
+
+from p2pr.launch import Launched, python_module, stop_all
 
 pytestmark = pytest.mark.multinode
 
 
-class Node:
-    """A `p2pr node` process."""
-
-    def __init__(self, *args: str, faults: str | None = None) -> None:
-        env = {**os.environ, "P2PR_FAULTS": faults} if faults else None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pr", "node", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"node did not start: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-        ready = json.loads(line)
-        self.node_id: str = ready["node_id"]
-        self.addr: str = ready["addrs"][0]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
+def nodes() -> Iterator[list[P2prNode]]:
+    started: list[P2prNode] = []
     yield started
-    for node in started:  # all at once: each takes a moment to close its connections
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)
-    for node in started:
-        node.stop()
+    stop_all([node.process for node in started], timeout=10)
 
 
 def health_once(*args: str, must_hear: bool = True) -> dict[str, Any]:
@@ -97,15 +66,15 @@ def wait_for(predicate: Any, timeout: float, step: float = 0.5) -> Any:
     return predicate()
 
 
-def test_join_kill_and_restart(nodes: list[Node], tmp_path: Path) -> None:
-    a = Node("--identity", str(tmp_path / "a.key"))
+def test_join_kill_and_restart(nodes: list[P2prNode], tmp_path: Path) -> None:
+    a = P2prNode("--identity", str(tmp_path / "a.key"))
     nodes.append(a)
     for name in ("b", "c"):
-        nodes.append(Node("--identity", str(tmp_path / f"{name}.key"), "--bootstrap", a.addr))
+        nodes.append(P2prNode("--identity", str(tmp_path / f"{name}.key"), "--bootstrap", a.addr))
     members = [n.node_id for n in nodes]
 
     # A node that joins through bootstrap shows up, alive, in every other node's view.
-    d = Node("--identity", str(tmp_path / "d.key"), "--bootstrap", a.addr)
+    d = P2prNode("--identity", str(tmp_path / "d.key"), "--bootstrap", a.addr)
     nodes.append(d)
     joined = time.monotonic()
 
@@ -131,18 +100,18 @@ def test_join_kill_and_restart(nodes: list[Node], tmp_path: Path) -> None:
     print(f"dead in every view within {time.monotonic() - killed:.1f} s (incl. CLI start-up)")
 
     # Restarted with the same identity file: the same peer comes back.
-    d2 = Node("--identity", str(tmp_path / "d.key"), "--bootstrap", a.addr)
+    d2 = P2prNode("--identity", str(tmp_path / "d.key"), "--bootstrap", a.addr)
     nodes.append(d2)
     assert d2.node_id == d.node_id
     assert wait_for(everyone_sees_d, timeout=30), "the restarted node did not come back"
 
 
-def test_a_lossy_link_shows_its_loss_rate(nodes: list[Node]) -> None:
-    a = Node("--identity", "none")
+def test_a_lossy_link_shows_its_loss_rate(nodes: list[P2prNode]) -> None:
+    a = P2prNode("--identity", "none")
     nodes.append(a)
-    nodes.append(Node("--identity", "none", "--bootstrap", a.addr))
+    nodes.append(P2prNode("--identity", "none", "--bootstrap", a.addr))
     # This node loses 30% of what reaches it (the fault shim, between protocol and libp2p).
-    lossy = Node("--identity", "none", "--bootstrap", a.addr, faults="drop=0.3,seed=5")
+    lossy = P2prNode("--identity", "none", "--bootstrap", a.addr, faults="drop=0.3,seed=5")
     nodes.append(lossy)
 
     def loss_seen() -> bool:
@@ -162,11 +131,11 @@ def test_a_lossy_link_shows_its_loss_rate(nodes: list[Node]) -> None:
     assert clean and max(clean) == 0.0  # links without faults show none
 
 
-def test_wrong_cluster_secret_gets_nothing_in_or_out(nodes: list[Node], tmp_path: Path) -> None:
-    a = Node("--identity", "none", "--cluster-secret", "ours")
+def test_wrong_cluster_secret_gets_nothing_in_or_out(nodes: list[P2prNode], tmp_path: Path) -> None:
+    a = P2prNode("--identity", "none", "--cluster-secret", "ours")
     nodes.append(a)
-    nodes.append(Node("--identity", "none", "--cluster-secret", "ours", "--bootstrap", a.addr))
-    m = Node("--identity", "none", "--cluster-secret", "theirs", "--bootstrap", a.addr)
+    nodes.append(P2prNode("--identity", "none", "--cluster-secret", "ours", "--bootstrap", a.addr))
+    m = P2prNode("--identity", "none", "--cluster-secret", "theirs", "--bootstrap", a.addr)
     nodes.append(m)
 
     def rejected_counted() -> dict[str, Any] | None:
@@ -183,21 +152,30 @@ def test_wrong_cluster_secret_gets_nothing_in_or_out(nodes: list[Node], tmp_path
         for row in view["peers"]:
             if row["peer"] == m.node_id:
                 assert row["received"] == 0  # no envelope of its was accepted
-    # And nothing got out to it: an observer with the intruder's secret hears only the
-    # intruder itself.
-    theirs = health_once(
-        "--bootstrap", a.addr, "--cluster-secret", "theirs", "--wait", "3", must_hear=False
-    )
-    assert set(theirs["nodes"]) <= {m.node_id}
+
+    # And nothing of ours got out to it: an observer that shares the intruder's secret hears
+    # the intruder's own view, in which our node's envelopes were all refused.
+    def intruders_view() -> dict[str, Any] | None:
+        theirs = health_once("--bootstrap", m.addr, "--cluster-secret", "theirs", "--wait", "3")
+        rows = theirs["nodes"].get(m.node_id, {}).get("peers", [])
+        row = next((r for r in rows if r["peer"] == a.node_id), None)
+        if row is None or row["rejections"].get("cluster secret", 0) == 0:
+            return None
+        return {"cluster": theirs, "row": row}
+
+    seen = wait_for(intruders_view, timeout=30)
+    assert seen, "the intruder's view never showed our node's envelopes refused"
+    assert set(seen["cluster"]["nodes"]) == {m.node_id}  # no view of ours reached it
+    assert seen["row"]["received"] == 0  # and no envelope of ours was accepted there
 
 
-def test_one_identity_on_two_live_nodes_is_reported(nodes: list[Node], tmp_path: Path) -> None:
-    a = Node("--identity", str(tmp_path / "a.key"))
+def test_one_identity_on_two_live_nodes_is_reported(nodes: list[P2prNode], tmp_path: Path) -> None:
+    a = P2prNode("--identity", str(tmp_path / "a.key"))
     nodes.append(a)
-    nodes.append(Node("--identity", str(tmp_path / "b.key"), "--bootstrap", a.addr))
+    nodes.append(P2prNode("--identity", str(tmp_path / "b.key"), "--bootstrap", a.addr))
     # A cloned disk: the same key under another path (so the file lock cannot tell).
     shutil.copy(tmp_path / "b.key", tmp_path / "clone.key")
-    clone = Node("--identity", str(tmp_path / "clone.key"), "--bootstrap", a.addr)
+    clone = P2prNode("--identity", str(tmp_path / "clone.key"), "--bootstrap", a.addr)
     nodes.append(clone)
 
     def reported() -> bool:
@@ -208,7 +186,7 @@ def test_one_identity_on_two_live_nodes_is_reported(nodes: list[Node], tmp_path:
 
 
 def test_same_identity_file_twice_on_one_machine_is_refused(tmp_path: Path) -> None:
-    first = Node("--identity", str(tmp_path / "a.key"))
+    first = P2prNode("--identity", str(tmp_path / "a.key"))
     try:
         second = subprocess.run(
             [
@@ -265,29 +243,15 @@ def test_mdns_finds_peers_in_a_network_namespace(two_namespaces: list[str]) -> N
     try:
         ready = []
         for ns, ip in zip(NETNS, two_namespaces):
-            proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    sys.executable,
-                    "-m",
-                    "p2pr",
-                    "node",
-                    "--identity",
-                    "none",
-                    "--mdns",
-                    "--listen",
-                    f"/ip4/{ip}/tcp/0",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+            listen = f"/ip4/{ip}/tcp/0"
+            args = ["node", "--identity", "none", "--mdns", "--listen", listen]
+            procs.append(
+                Launched(
+                    ["ip", "netns", "exec", ns, *python_module("p2pr", *args)],
+                    label=f"p2pr node in {ns}",
+                )
             )
-            procs.append(proc)
-            assert proc.stdout is not None
-            ready.append(json.loads(proc.stdout.readline()))
+            ready.append(procs[-1].expect("ready", 60))
         a_id, b_id = ready[0]["node_id"], ready[1]["node_id"]
 
         def found() -> bool:
@@ -315,10 +279,4 @@ def test_mdns_finds_peers_in_a_network_namespace(two_namespaces: list[str]) -> N
 
         assert wait_for(found, timeout=40), "the nodes did not find each other over mDNS"
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs, timeout=10)

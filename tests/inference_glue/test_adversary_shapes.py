@@ -8,7 +8,7 @@ anyio blocking portal); the stage node is a real process of a 2-stage pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ from inference_glue.messages import (
     TokenFeedback,
     encode_message,
 )
-from inference_glue.tiny_model import build_tiny_model
 from p2pr.reference import run_reference
 from p2pr.stage_cluster import StageCluster
 from router import PublishPolicy, Router, TypedTopic
@@ -147,8 +146,8 @@ class Attacker:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("shapes") / "model", seed=9, num_layers=4)
+def tiny(tiny_models: Callable[..., Path]) -> Path:
+    return tiny_models(9, num_layers=4)
 
 
 @pytest.fixture(scope="module")

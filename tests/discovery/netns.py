@@ -40,6 +40,8 @@ from typing import IO, Any
 
 import attrs
 
+from p2pr.launch import Launched
+
 __all__ = ["LINK_RATE_BITS", "Machine", "NetnsError", "NetnsLan", "skip_reason"]
 
 LINK_RATE_BITS = 1_000_000_000
@@ -287,6 +289,15 @@ class NetnsLan:
         )
         self._procs.append(proc)
         return proc
+
+    def launch(
+        self, machine: Machine, argv: Sequence[str], *, label: str, log_path: Path | None = None
+    ) -> Launched:
+        """Start one of our processes (`p2pr.launch`: JSON event lines) inside `machine`; it
+        is ended at teardown if still running."""
+        process = Launched(machine.command(argv), label=label, log_path=log_path)
+        self._procs.append(process.proc)
+        return process
 
     def run(
         self,
