@@ -49,6 +49,9 @@ for _noisy in ("libp2p.pubsub.gossipsub", "libp2p.network.auto_connector"):
 # Every redial of a peer that is down (a killed node) logs an ERROR there; the dial planner
 # counts failures and backs off, and the health table shows the peer as dead.
 logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
+# A stream that cannot be opened (a peer that does not speak the protocol, or is going away)
+# is logged there as a 7-line ERROR; the caller gets StreamFailure, and ours handle it.
+logging.getLogger("libp2p.host.basic_host").setLevel(logging.CRITICAL)
 
 
 def listen_addrs(host: str, port: int) -> list[multiaddr.Multiaddr]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
@@ -22,6 +23,7 @@ import attrs
 import sniffio
 import trio
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 
@@ -86,6 +88,7 @@ class Router:
         self.protocol_events: deque[Gap | Unrecoverable | Rejected] = deque(maxlen=1000)
         self.connected: set[str] = set()
         self._tg: TaskGroup | None = None
+        self._starts: MemoryObjectSendStream[TopicRouter[Any]] | None = None
         self._slots: anyio.Semaphore | None = None
         # Events are made on the application's loop (the router may be built outside one).
         self._ready: anyio.Event | None = None
@@ -242,8 +245,13 @@ class Router:
             await anyio.to_thread.run_sync(engine.ready.wait, abandon_on_cancel=True)
             if engine.error is not None:
                 raise RuntimeError(f"libp2p engine failed to start: {engine.error}")
+            # Unbounded in itself; there are at most as many direct streams as the protocol
+            # keeps state for (ProtocolConfig.max_inbound_streams) plus the application's own.
+            starts_send, starts_recv = anyio.create_memory_object_stream[TopicRouter[Any]](math.inf)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                self._starts = starts_send
+                tg.start_soon(self._start_routers, starts_recv)
                 tg.start_soon(self._watch_engine, engine, thread)
                 for router in [*self.topic_routers.values(), *self._direct.values()]:
                     tg.start_soon(router.run)
@@ -253,6 +261,7 @@ class Router:
                 await anyio.sleep_forever()
         finally:
             self._tg = None
+            self._starts = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 engine.stop()
                 await anyio.to_thread.run_sync(thread.join)
@@ -294,9 +303,16 @@ class Router:
             topic = TypedTopic(stream, PublishPolicy.Never, DirectMessage)
             router = TopicRouter(topic, self, self.config.receiver_buffer, hold=True)
             self._direct[stream] = router
-            if self._tg is not None:
-                self._tg.start_soon(router.run)
+            if self._starts is not None:
+                # Through the starter task: this may be called from a plain callback (the
+                # engine's delivery), where asyncio has no current task to spawn from.
+                self._starts.send_nowait(router)
         return router
+
+    async def _start_routers(self, starts: MemoryObjectReceiveStream[TopicRouter[Any]]) -> None:
+        assert self._tg is not None
+        async for router in starts:
+            self._tg.start_soon(router.run)
 
     # -- AppSink: called by the engine, on this loop ---------------------------------------
 
