@@ -3,6 +3,23 @@
 Library code only: the processes and commands that use it are in `p2pr` (the stage node
 process `p2pr.stage_node`, local clusters `p2pr.stage_cluster`, `p2pr verify`, chaos, benchmarks).
 
+How a request flows (see `inference_glue.messages` for the streams):
+
+1. The client sends `GenerateRequest` to the first stage. The first stage feeds the prompt in
+   `generate_step`'s pieces (`prefill_pieces`) and sends each piece's hidden state to the next
+   stage as `Activation` (codec bytes: exact dtype, shape, xxh3-64 checksum), the request's
+   `RequestMeta` with the first piece.
+2. Middle stages run their layers and pass the hidden state on.
+3. The last stage turns the logits of the last prompt token (and then of each new token) into a
+   token with `sampling.sample` (greedy, or keyed by (seed, position)), sends it back to the
+   first stage as `TokenFeedback` at once (the critical path), then hands its `TokenChunk` to
+   the requester: sent to it alone (`chunks="direct"`) or published on the `TOKENS` topic.
+   With a split LM head the last stage sends its final hidden state to the first stage
+   (`HeadShare`), which computes part of the logits (`HeadPart`) while it computes the rest.
+4. The first stage embeds the token and runs the next step, until the last stage marks the
+   token `done` (end of sequence or `max_tokens`); then every stage releases the request's
+   KV caches (the last stage sends `Release` to the middle stages).
+
 | module | what it holds |
 | --- | --- |
 | **models** | |
@@ -28,6 +45,8 @@ process `p2pr.stage_node`, local clusters `p2pr.stage_cluster`, `p2pr verify`, c
 | `rpc` | request/reply by nonce over direct streams (the client asks, nodes answer) |
 | **the stage node** | |
 | `node` | `StageNode`: a request's life at one stage and its routing to the next |
+| `stage_requests` | `StageRequests`: the requests in flight at a stage (states, KV caches, round trips) |
+| `admission` | whether a stage takes a new request (plan epoch, route, vocabulary) |
 | `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan |
 | `node_counters` | `NodeCounters`: what a stage node did |
 | `head_exchange` | the split LM head's messages between the first and last stages |

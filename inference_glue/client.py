@@ -25,7 +25,6 @@ returns or restarts is planned in again, in its old place. `client.events` and
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -34,17 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import attrs
 
 from discovery.health import ClusterViews, HealthView
 from inference_glue.client_inbox import ClientInbox
 from inference_glue.client_stats import LINK_COUNTERS, cluster_stats, stage_records
-from inference_glue.failover import (
-    CorruptionTracker,
-    FailoverPolicy,
-    PeerEvent,
-    Recovery,
-)
+from inference_glue.failover import CorruptionTracker, FailoverPolicy, PeerEvent, Recovery
 from inference_glue.failover_driver import FailoverDriver
 from inference_glue.fault_control import set_pipeline_faults
 from inference_glue.footprint import ModelDoesNotFitError, ModelFootprint
@@ -59,22 +52,14 @@ from inference_glue.messages import (
     StatsQuery,
     StatsReply,
 )
-from inference_glue.plan import (
-    PipelineError,
-    StageFailedError,
-    StageInfo,
-)
+from inference_glue.plan import PipelineError, StageFailedError, StageInfo, peer_id_of
 from inference_glue.planner import Planner
-from inference_glue.request_stream import RequestOptions, RequestStream
+from inference_glue.request_stream import GenerationResult, RequestOptions, RequestStream
 from inference_glue.rpc import RequestReply
 from inference_glue.sampling import SamplingParams
 from inference_glue.stage_exchange import StageExchange
 from inference_glue.stream_checks import TokenStreamError
-from inference_glue.tokens import (
-    AssemblerStats,
-    TokenChunk,
-    decode_rate,
-)
+from inference_glue.tokens import AssemblerStats, TokenChunk, load_tokenizer
 from router import (
     CONNECTION_MESSAGES,
     EngineConfig,
@@ -102,42 +87,6 @@ __all__ = [
 # and forwarding per chunk: 3.5 vs 4.0 ms of messaging per token, tiny model, 2 stages), no
 # subscription race, and no client receives (or is slowed by) other clients' streams.
 DEFAULT_CHUNKS = "direct"
-
-
-@attrs.frozen
-class GenerationResult:
-    """One finished request, as the client saw it."""
-
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None
-    chunks: tuple[TokenChunk, ...]
-    ttft_s: float
-    elapsed_s: float
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        """Tokens after the first, per second from the first to the last."""
-        return decode_rate(len(self.token_ids), self.ttft_s, self.elapsed_s)
-
-
-def peer_id_of(addr: str) -> str:
-    """The peer id at the end of a multiaddr '/ip4/…/tcp/…/p2p/<id>'."""
-    _, sep, peer = addr.rpartition("/p2p/")
-    if not sep or not peer:
-        raise ValueError(f"multiaddr {addr!r} has no /p2p/<peer id>")
-    return peer
-
-
-def load_tokenizer(model_dir: str | Path) -> Any:
-    """The model's tokenizer (mlx-lm's TokenizerWrapper), without loading any weights."""
-    from mlx_lm.utils import load_tokenizer as _load
-
-    path = Path(model_dir)
-    config = json.loads((path / "config.json").read_text())
-    return _load(path, eos_token_ids=config.get("eos_token_id"))
 
 
 class PipelineClient:

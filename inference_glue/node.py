@@ -6,22 +6,7 @@ lifecycle and routing; the MLX calls are `StageCompute`'s (`inference_glue.stage
 the control plane `StageControl`'s (`inference_glue.node_control`), the delivery of token
 chunks `TokenPublisher`'s (`inference_glue.token_publisher`).
 
-How a request flows (see `inference_glue.messages` for the streams):
-
-1. The client sends `GenerateRequest` to the first stage. The first stage feeds the prompt in
-   `generate_step`'s pieces (`prefill_pieces`) and sends each piece's hidden state to the next
-   stage as `Activation` (codec bytes: exact dtype, shape, xxh3-64 checksum), the request's
-   `RequestMeta` with the first piece.
-2. Middle stages run their layers and pass the hidden state on.
-3. The last stage turns the logits of the last prompt token (and then of each new token) into a
-   token with `sampling.sample` (greedy, or keyed by (seed, position)), sends it back to the
-   first stage as `TokenFeedback` at once (the critical path), then hands its `TokenChunk` to
-   the requester: sent to it alone (`chunks="direct"`) or published on the `TOKENS` topic.
-   With a split LM head the last stage sends its final hidden state to the first stage
-   (`HeadShare`), which computes part of the logits (`HeadPart`) while it computes the rest.
-4. The first stage embeds the token and runs the next step, until the last stage marks the
-   token `done` (end of sequence or `max_tokens`); then every stage releases the request's
-   KV caches (the last stage sends `Release` to the middle stages).
+How a request flows through the stages: `inference_glue` (the package's docstring).
 
 Failover (driven by the client, see `inference_glue.failover_driver`): a `Reconfigure` gives
 the node new layers, stage index and plan epoch (`StageControl.reconfigure`). A request with
@@ -45,6 +30,7 @@ from typing import Any
 import anyio
 import attrs
 
+from inference_glue.admission import StaleEpochError, check_request
 from inference_glue.blas import blas_in_use
 from inference_glue.footprint import ModelFootprint, available_memory
 from inference_glue.head_exchange import HeadExchange
@@ -76,6 +62,7 @@ from inference_glue.node_counters import NodeCounters
 from inference_glue.sampling import SamplingParams
 from inference_glue.stage import PipelineStage, check_stage
 from inference_glue.stage_compute import HeadShared, RequestState, StageCompute
+from inference_glue.stage_requests import StageRequests
 from inference_glue.tensor_codec import TensorDecodeError, damage
 from inference_glue.token_publisher import TokenPublisher
 from inference_glue.tokens import TokenStreamWriter
@@ -89,10 +76,6 @@ log = logging.getLogger("p2pr.inference.node")
 # Messages waiting for the compute worker; beyond this the direct streams hold their senders
 # back (the router's flow control), so memory stays bounded.
 WORK_QUEUE = 256
-
-
-class StaleEpochError(ValueError):
-    """A request for a plan epoch other than the node's."""
 
 
 @attrs.frozen
@@ -168,8 +151,8 @@ class StageNode:
         self.heads = HeadExchange(self)
         self.publisher = TokenPublisher(router, self.counters)
         self._eos = set(tokenizer.eos_token_ids)
-        self._requests: dict[str, RequestState] = {}
-        self._sent_at: dict[str, float] = {}
+        # Through a lambda: a new plan replaces the stage.
+        self._requests = StageRequests(lambda rid: self.stage.release(rid))
         self._local: deque[Work] = deque()
 
     @property
@@ -270,7 +253,7 @@ class StageNode:
         elif isinstance(message, HeadPart) and stream == HEAD_STREAM:
             await self.heads.on_part(message)
         elif isinstance(message, Release):
-            self._release(message.request_id)
+            self._requests.drop(message.request_id)
         elif isinstance(message, Reconfigure):
             await self.control.reconfigure(message, item.peer)
         else:
@@ -285,33 +268,15 @@ class StageNode:
 
     # -- a request's life ------------------------------------------------------------------
 
-    def _check_request(self, request: GenerateRequest) -> None:
-        meta = request.meta
-        rid = meta.request_id
-        if rid in self._requests:
-            raise ValueError(f"request id {rid!r} is already in flight")
-        if meta.epoch != self.epoch:
-            raise StaleEpochError(
-                f"request {rid!r} is for plan epoch {meta.epoch}; this node is at {self.epoch}"
-            )
-        if len(meta.route) != self.num_stages or meta.route[self.index] != self.router.node_id:
-            raise ValueError(
-                f"the route {list(meta.route)} does not have this node as stage {self.index} "
-                f"of {self.num_stages}"
-            )
-        if self.vocab_size is not None:
-            bad = [t for t in request.prompt_ids + meta.resume if not 0 <= t < self.vocab_size]
-            if bad:
-                # MLX's embedding lookup would not fail: it would read outside the table.
-                raise ValueError(
-                    f"prompt token ids {bad[:5]} are outside the vocabulary (0-{self.vocab_size - 1})"
-                )
-
     async def _start(self, request: GenerateRequest) -> None:
-        self._check_request(request)
         meta = request.meta
+        if meta.request_id in self._requests:
+            raise ValueError(f"request id {meta.request_id!r} is already in flight")
+        check_request(
+            request, self.epoch, self.index, self.num_stages, self.router.node_id, self.vocab_size
+        )
         rid = meta.request_id
-        state = self._requests[rid] = self._new_request(meta)
+        state = self._requests.add(self._new_request(meta))
         self.counters.requests += 1
         prompt = list(request.prompt_ids)
         pieces = prefill_pieces(len(prompt), meta.prefill_step_size)
@@ -350,9 +315,7 @@ class StageNode:
                     "%s: activation of %r from epoch %d dropped", self.name, rid, act.meta.epoch
                 )
                 return
-            if rid in self._requests:
-                raise ValueError(f"request id {rid!r} is already in flight")
-            self._requests[rid] = self._new_request(act.meta)
+            self._requests.add(self._new_request(act.meta))
             self.counters.requests += 1
         state = self._requests.get(rid)
         if state is None:
@@ -380,7 +343,7 @@ class StageNode:
             self.counters.bytes_out += len(payload)
             await self.router.send_to(meta.route[self.index + 1], ACTIVATION_STREAM, payload)
             if sample_it and self.index == 0:
-                self._sent_at[meta.request_id] = time.perf_counter()
+                self._requests.sent(meta.request_id, time.perf_counter())
         elif isinstance(out, int):
             await self.sampled(meta.request_id, out)
         elif isinstance(out, HeadShared):
@@ -392,7 +355,8 @@ class StageNode:
 
     async def sampled(self, request_id: str, token: int) -> None:
         """The last stage sampled `token`: back to the first stage, then to the requester."""
-        state = self._requests[request_id]
+        state = self._requests.get(request_id)
+        assert state is not None
         meta = state.meta
         position = self.stage.offset(request_id)  # the sampled token's position
         state.generated += 1
@@ -425,10 +389,10 @@ class StageNode:
 
     async def _token(self, feedback: TokenFeedback) -> None:
         rid = feedback.request_id
-        sent = self._sent_at.pop(rid, None)
-        if sent is not None:
+        round_trip = self._requests.returned(rid, time.perf_counter())
+        if round_trip is not None:
             self.counters.round_trips += 1
-            self.counters.round_trip_seconds += time.perf_counter() - sent
+            self.counters.round_trip_seconds += round_trip
         state = self._requests.get(rid)
         if state is None:
             self.counters.stale_messages += 1
@@ -441,15 +405,8 @@ class StageNode:
         await self._emit(state.meta, out, feedback.position, True, first=False)
 
     def _finish(self, request_id: str) -> None:
-        self._sent_at.pop(request_id, None)
-        if self._requests.pop(request_id, None) is not None:
+        if self._requests.drop(request_id) is not None:
             self.counters.finished += 1
-        self.stage.release(request_id)
-
-    def _release(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
-        self._sent_at.pop(request_id, None)
-        self.stage.release(request_id)
 
     async def _send_release(self, peer: str, request_id: str, reason: str) -> None:
         if peer != self.router.node_id:
@@ -465,9 +422,7 @@ class StageNode:
         suspect: str = "",
     ) -> None:
         """Tell the requester which stage failed and why; release the request everywhere."""
-        self._sent_at.pop(request_id, None)
-        state = self._requests.pop(request_id, None)
-        self.stage.release(request_id)
+        state = self._requests.drop(request_id)
         self.counters.failed += 1
         meta = state.meta if state is not None else meta
         if meta is None:
@@ -482,8 +437,7 @@ class StageNode:
 
     def release_all(self) -> None:
         """Drop every request in flight (a new plan is coming)."""
-        for rid in list(self._requests):
-            self._release(rid)
+        self._requests.drop_all()
         self._local.clear()
 
     async def take_plan(

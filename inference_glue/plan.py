@@ -16,6 +16,7 @@ __all__ = [
     "StageInfo",
     "check_pipeline",
     "check_pipeline_models",
+    "peer_id_of",
 ]
 
 
@@ -103,3 +104,11 @@ def check_pipeline(infos: Sequence[InfoReply]) -> list[StageInfo]:
     if expected != stages[0].num_layers or len(stages) != infos[0].num_stages:
         raise PipelineError(f"the nodes do not cover the whole model: {described}")
     return stages
+
+
+def peer_id_of(addr: str) -> str:
+    """The peer id at the end of a multiaddr '/ip4/…/tcp/…/p2p/<id>'."""
+    _, sep, peer = addr.rpartition("/p2p/")
+    if not sep or not peer:
+        raise ValueError(f"multiaddr {addr!r} has no /p2p/<peer id>")
+    return peer

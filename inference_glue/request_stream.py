@@ -29,9 +29,28 @@ from inference_glue.messages import (
 )
 from inference_glue.planner import Planner
 from inference_glue.stream_checks import check_stream_text
-from inference_glue.tokens import AssemblerStats, TokenChunk, TokenStreamAssembler
+from inference_glue.tokens import AssemblerStats, TokenChunk, TokenStreamAssembler, decode_rate
 
-__all__ = ["RequestOptions", "RequestStream"]
+__all__ = ["GenerationResult", "RequestOptions", "RequestStream"]
+
+
+@attrs.frozen
+class GenerationResult:
+    """One finished request, as the client saw it."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    chunks: tuple[TokenChunk, ...]
+    ttft_s: float
+    elapsed_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first, per second from the first to the last."""
+        return decode_rate(len(self.token_ids), self.ttft_s, self.elapsed_s)
 
 
 @attrs.frozen

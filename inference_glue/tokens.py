@@ -15,7 +15,9 @@ token is the end-of-sequence token, which is not detokenized).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -37,6 +39,7 @@ __all__ = [
     "decode_rate",
     "expected_stream_text",
     "format_ranges",
+    "load_tokenizer",
 ]
 
 FINISH_REASONS = ("stop", "length")
@@ -391,3 +394,12 @@ class TokenStreamAssembler:
             if text != expected:
                 raise TextMismatchError(self.request_id, text, expected)
         return text
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The model's tokenizer (mlx-lm's TokenizerWrapper), without loading any weights."""
+    from mlx_lm.utils import load_tokenizer as _load
+
+    path = Path(model_dir)
+    config = json.loads((path / "config.json").read_text())
+    return _load(path, eos_token_ids=config.get("eos_token_id"))

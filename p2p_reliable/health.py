@@ -12,12 +12,14 @@ clock); a query further in the past sees only what was kept.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import deque
-from collections.abc import Sequence
 
 import attrs
+
+from .health_config import HealthConfig, PeerState
+from .phi import PHI_CAP, PhiAccrual
+from .windowed import RATE_BUCKETS, RateCounter, nearest_rank
 
 __all__ = [
     "PHI_CAP",
@@ -32,176 +34,8 @@ __all__ = [
     "nearest_rank",
 ]
 
-PHI_CAP = 1e3
-"""Largest phi ever reported; keeps phi finite (and JSON-friendly) for huge silences."""
-
-RATE_BUCKETS = 20
-"""Buckets per ``rate_window``; ratios are windowed to within one bucket's width."""
-
 RTT_GOOD = 0.05
 """p99 RTT (seconds) at or below which the score takes no RTT penalty."""
-
-_LN10 = math.log(10.0)
-
-
-class PeerState(enum.Enum):
-    """Liveness verdict for a peer."""
-
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-    UNKNOWN = "unknown"
-
-
-@attrs.frozen
-class HealthConfig:
-    """Tuning knobs shared by every peer in a :class:`HealthTable`."""
-
-    phi_suspect: float = 3.0
-    phi_dead: float = 8.0
-    phi_window: int = 100
-    # With 100 ms heartbeats these put DEAD ~0.45 s into a silence: well inside the 1 s a
-    # cluster wants, yet a 200 ms scheduling hiccup of a Python node is not a death.
-    min_std: float = 0.05
-    acceptable_pause: float = 0.1
-    first_interval: float = 0.1
-    rtt_alpha: float = 0.125
-    rtt_window: int = 256
-    rate_window: float = 10.0
-
-    def __attrs_post_init__(self) -> None:
-        # Fail at construction: a bad config would otherwise surface as a silently wrong
-        # verdict much later.
-        if not 0.0 < self.phi_suspect <= self.phi_dead:
-            raise ValueError("need 0 < phi_suspect <= phi_dead")
-        if self.phi_window < 1 or self.rtt_window < 1:
-            raise ValueError("windows must hold at least one sample")
-        if not (self.min_std > 0.0 and self.first_interval > 0.0 and self.rate_window > 0.0):
-            raise ValueError("min_std, first_interval and rate_window must be positive")
-        if not self.acceptable_pause >= 0.0:
-            raise ValueError("acceptable_pause must be >= 0")
-        if not 0.0 < self.rtt_alpha <= 1.0:
-            raise ValueError("rtt_alpha must be in (0, 1]")
-
-
-def nearest_rank(ordered: Sequence[float], p: float) -> float:
-    """The nearest-rank `p`-th percentile (0-100) of already sorted, non-empty values."""
-    n = len(ordered)
-    rank = max(1, math.ceil(p / 100.0 * n))
-    return ordered[min(rank, n) - 1]
-
-
-def _softplus(z: float) -> float:
-    """ln(1 + e^z) without overflow for large |z|."""
-    if z > 0.0:
-        return z + math.log1p(math.exp(-z))
-    return math.log1p(math.exp(z))
-
-
-class PhiAccrual:
-    """Hayashibara et al.'s phi accrual failure detector, following Akka's variant."""
-
-    def __init__(self, config: HealthConfig | None = None) -> None:
-        self._config = config if config is not None else HealthConfig()
-        self._intervals: deque[float] = deque(maxlen=self._config.phi_window)
-        self._last: float | None = None
-        self._stats: tuple[float, float] | None = None
-
-    @property
-    def last_arrival(self) -> float | None:
-        """Time of the latest heartbeat, or None before the first."""
-        return self._last
-
-    def heartbeat(self, now: float) -> None:
-        """Record a heartbeat arriving at ``now``."""
-        if self._last is None or math.isnan(self._last):
-            self._last = now
-            return
-        # An out-of-order timestamp carries no interval information; keeping the later
-        # arrival means phi is never computed against a time from the past.
-        if now >= self._last:
-            self._intervals.append(now - self._last)
-            self._last = now
-            self._stats = None
-
-    def _mean_std(self) -> tuple[float, float]:
-        if self._stats is None:
-            n = len(self._intervals)
-            if n < 2:
-                # Akka's first-heartbeat-estimate: one interval says nothing about spread.
-                first = self._config.first_interval
-                self._stats = (first, first / 4.0)
-            else:
-                mean = sum(self._intervals) / n
-                var = sum((x - mean) * (x - mean) for x in self._intervals) / n
-                self._stats = (mean, math.sqrt(var))
-        return self._stats
-
-    def interval_mean(self) -> float:
-        """Mean inter-arrival time (``first_interval`` until two intervals are known)."""
-        return self._mean_std()[0]
-
-    def interval_std(self) -> float:
-        """Population std of inter-arrival times, before the ``min_std`` floor."""
-        return self._mean_std()[1]
-
-    def phi(self, now: float) -> float:
-        """Suspicion level: -log10 P(a heartbeat is still to come | silence so far).
-
-        0.0 before any heartbeat; always in ``[0, PHI_CAP]``, never NaN. A NaN ``now``
-        is treated as infinitely late.
-        """
-        if self._last is None:
-            return 0.0
-        mean, std = self._mean_std()
-        mean += self._config.acceptable_pause
-        std = max(std, self._config.min_std)
-        y = (now - self._last - mean) / std
-        if math.isnan(y):
-            return PHI_CAP
-        # Akka's logistic approximation of the normal CDF: F(y) = 1 / (1 + e^-z) with
-        # z = y(1.5976 + 0.07056 y^2), so 1 - F = 1 / (1 + e^z) and
-        # phi = log10(1 + e^z). Evaluating it as a softplus avoids the log10(0) and
-        # exp overflow that the textbook form hits in the tails.
-        z = y * (1.5976 + 0.07056 * y * y) if abs(y) < 1e100 else math.copysign(math.inf, y)
-        phi = _softplus(z) / _LN10
-        return min(phi, PHI_CAP)
-
-
-class _RateCounter:
-    """Event counts over a sliding window, bucketed so memory stays bounded."""
-
-    __slots__ = ("_buckets", "_newest", "_width")
-
-    def __init__(self, window: float) -> None:
-        self._width = window / RATE_BUCKETS
-        self._buckets: dict[int, int] = {}
-        self._newest: int | None = None
-
-    def _index(self, now: float) -> int:
-        return math.floor(now / self._width)
-
-    def add(self, now: float, n: int) -> None:
-        if n == 0 or not math.isfinite(now):
-            return  # a non-finite time has no bucket; the caller's totals still count it
-        idx = self._index(now)
-        if self._newest is None or idx > self._newest:
-            self._newest = idx
-            horizon = idx - RATE_BUCKETS
-            for stale in [k for k in self._buckets if k <= horizon]:
-                del self._buckets[stale]
-        elif idx <= self._newest - RATE_BUCKETS:
-            return  # already outside every window that ends at or after _newest
-        self._buckets[idx] = self._buckets.get(idx, 0) + n
-
-    def count(self, now: float) -> int:
-        if not math.isfinite(now):
-            return 0
-        # An event counts while its bucket is among the RATE_BUCKETS ending at now's,
-        # i.e. for between (1 - 1/RATE_BUCKETS) and 1 times rate_window.
-        hi = self._index(now)
-        lo = hi - RATE_BUCKETS
-        return sum(c for k, c in self._buckets.items() if lo < k <= hi)
 
 
 def _check_n(n: int) -> int:
@@ -263,12 +97,12 @@ class PeerHealth:
         self._rtts_sorted: list[float] | None = None
         self._last_seen: float | None = None
         w = self.config.rate_window
-        self._w_sent = _RateCounter(w)
-        self._w_retx = _RateCounter(w)
-        self._w_received = _RateCounter(w)
-        self._w_lost = _RateCounter(w)
-        self._w_faults = _RateCounter(w)
-        self._w_unrecoverable = _RateCounter(w)
+        self._w_sent = RateCounter(w)
+        self._w_retx = RateCounter(w)
+        self._w_received = RateCounter(w)
+        self._w_lost = RateCounter(w)
+        self._w_faults = RateCounter(w)
+        self._w_unrecoverable = RateCounter(w)
         self.sent = 0
         self.retransmits = 0
         self.received = 0

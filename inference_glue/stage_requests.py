@@ -1,0 +1,57 @@
+"""The requests in flight at one stage node: their states, and the first stage's round trips."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from inference_glue.stage_compute import RequestState
+
+__all__ = ["StageRequests"]
+
+
+class StageRequests:
+    """Request states by id. Dropping one also frees its KV caches (`free_caches`), so a
+    request is never forgotten with its caches still held."""
+
+    def __init__(self, free_caches: Callable[[str], None]) -> None:
+        self._free_caches = free_caches
+        self._states: dict[str, RequestState] = {}
+        # When the first stage sent a step whose token is still to come back.
+        self._sent_at: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._states
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._states))
+
+    def get(self, request_id: str) -> RequestState | None:
+        return self._states.get(request_id)
+
+    def add(self, state: RequestState) -> RequestState:
+        rid = state.meta.request_id
+        if rid in self._states:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        self._states[rid] = state
+        return state
+
+    def sent(self, request_id: str, now: float) -> None:
+        self._sent_at[request_id] = now
+
+    def returned(self, request_id: str, now: float) -> float | None:
+        """Seconds since `sent`, or None if no step of the request was waiting."""
+        sent = self._sent_at.pop(request_id, None)
+        return None if sent is None else now - sent
+
+    def drop(self, request_id: str) -> RequestState | None:
+        """Forget the request and free its caches; its state, if it was in flight."""
+        self._sent_at.pop(request_id, None)
+        self._free_caches(request_id)
+        return self._states.pop(request_id, None)
+
+    def drop_all(self) -> None:
+        for rid in list(self._states):
+            self.drop(rid)
