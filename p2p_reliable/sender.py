@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import heapq
 import random
 from typing import Protocol
 
 from .budget import SendLedger, message_cost
 from .config import ProtocolConfig
+from .congestion import DelayWindow
 from .control import AckInfo, StreamMark, SyncInfo, encode_ranges, encode_sync
+from .detection import LossRecovery, out_of_budget
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Event, PeerUnreachable, Unrecoverable, WindowOpen
 from .fragment import MessageCodec
@@ -42,6 +43,7 @@ class SenderHost(Protocol):
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
     def rtt(self, peer: str) -> RttEstimator: ...
+    def congestion(self, peer: str) -> DelayWindow: ...
     def health(self, peer: str) -> PeerHealth: ...
 
 
@@ -52,8 +54,10 @@ class StreamSender:
     timers and ack state. A direct message leaves the log once its receiver has it; a topic
     message stays `retain_seconds` longer (within the retention bounds) so that a subscriber
     learned of late starts at the oldest retained message: learned of within that time, it
-    loses nothing published after it subscribed. Topic receivers that exhaust their retries are marked failed so that one
-    dead subscriber cannot stall the stream; they are revived by any sign of life.
+    loses nothing published after it subscribed. Lost messages are found and sent again as
+    detection.py describes. A topic receiver that leaves a message unacknowledged past the
+    retry budget is marked failed so that one dead subscriber cannot stall the stream; any
+    sign of life revives it.
     """
 
     def __init__(
@@ -72,7 +76,9 @@ class StreamSender:
         else:
             self.log = MessageLog(NO_RETENTION)
         self._receivers: dict[str, SendWindow] = {}
-        self._timers: list[tuple[float, str, int]] = []
+        self.recovery = LossRecovery(
+            host, topic=None if dest else name, data=lambda seq: self._fragment(seq).data
+        )
         self._blocked: int | None = None  # the size of the message refused, until it fits
         if dest is not None:
             self._receivers[dest] = self._new_receiver(dest, 0)
@@ -138,11 +144,18 @@ class StreamSender:
         return [
             rcv.peer
             for rcv in self._receivers.values()
-            if not rcv.failed and rcv.full(self.next_seq, size, cost, cfg, self.host.ledger)
+            if not rcv.failed
+            and rcv.full(
+                self.next_seq, size, cost, cfg, self.host.ledger, self.host.congestion(rcv.peer)
+            )
         ]
 
-    def send(self, payload: bytes, now: float) -> int:
-        """Queue a message for transmission; return its first sequence number."""
+    def send(self, payload: bytes, now: float, *, redundant: bool = False) -> int:
+        """Queue a message for transmission; return its first sequence number.
+
+        `redundant`: send it a second time `redundant_spacing` later unless acknowledged by
+        then (messages over `redundant_max_bytes` never are).
+        """
         blocking = self.blocking_receivers(len(payload))
         if blocking:
             self._blocked = len(payload)
@@ -178,12 +191,14 @@ class StreamSender:
             rcv.hold(start, start + count, cost, ledger)
             ledger.unacked += count
             self.host.health(rcv.peer).on_sent(now, count)
-            delay = self._delay(rcv.peer, 0)
             for seq in range(start, start + count):
-                rcv.unacked[seq] = InFlight(0, now, now, now + delay)
-                heapq.heappush(self._timers, (now + delay, rcv.peer, seq))
+                rcv.unacked[seq] = InFlight(0, now, now)
             rcv.pending_per_msg[start] = count
             rcv.unacked_bytes += total
+            self.host.congestion(rcv.peer).on_sent(total)
+            self.recovery.on_sent(rcv, now)
+        if redundant and active and len(payload) <= self.host.config.redundant_max_bytes:
+            self.recovery.send_twice(range(start, start + count), now)
         self._retire(now)
         return start
 
@@ -199,18 +214,13 @@ class StreamSender:
         rcv.acked_floor = max(rcv.acked_floor, info.floor)
         if rcv.acked_floor >= rcv.pin_stop:
             rcv.pin_stop = 0
-        newest: tuple[int, InFlight] | None = None
-        for seq in [s for s in rcv.unacked if s < info.floor or s in info.ranges]:
-            flight = self._settle(rcv, seq)
-            if flight.attempt == 0 and (newest is None or seq > newest[0]):
-                newest = (seq, flight)
-        if newest is not None:
-            # Karn's rule: only messages sent once give unambiguous samples.
-            sample = now - newest[1].first_sent
-            if sample > info.ack_delay:
-                sample -= info.ack_delay
-            self.host.rtt(peer).on_sample(sample)
-            self.host.health(peer).on_rtt_sample(sample, now)
+        congestion = self.host.congestion(peer)
+        in_flight = congestion.in_flight
+        acked = [s for s in rcv.unacked if s < info.floor or s in info.ranges]
+        flights = [self._settle(rcv, seq) for seq in acked]
+        if flights:
+            self.recovery.on_acked(rcv, info, acked, flights, now)
+            congestion.on_acked(in_flight - congestion.in_flight, in_flight, now)
         self._retire(now)
 
     def on_nack(self, peer: str, ranges: RangeSet, now: float) -> None:
@@ -237,14 +247,15 @@ class StreamSender:
                 elif frag is None:
                     lost.add(seq)
                 elif seq in rcv.unacked:
-                    flight = rcv.unacked[seq]
                     # A NACK right after a (re)transmission is probably about the same loss.
-                    if now - flight.last_sent >= self.host.rtt(peer).rto / 2:
-                        self._retransmit(rcv, seq, flight, now)
+                    if now - rcv.unacked[seq].last_sent >= self.host.rtt(peer).rto / 2:
+                        self.recovery.retransmit(rcv, seq, now)
+                        self.host.stats.nack_retransmits += 1
                 else:
                     self.host.transmit(peer, None, frag.data)
                     self.host.health(peer).on_retransmit(now)
                     self.host.stats.retransmits += 1
+                    self.host.stats.nack_retransmits += 1
         self.host.health(peer).on_nack_received(now, ranges.count())
         if need_sync:
             self._send_sync(peer, now)
@@ -265,37 +276,26 @@ class StreamSender:
 
     def next_timer(self) -> float | None:
         """When handle_timer next has work to do."""
-        while self._timers:
-            deadline, peer, seq = self._timers[0]
-            rcv = self._receivers.get(peer)
-            flight = rcv.unacked.get(seq) if rcv else None
-            if flight is not None and flight.deadline == deadline:
-                return deadline
-            heapq.heappop(self._timers)
-        return None
+        return self.recovery.next_timer(self._receivers.values())
 
     def handle_timer(self, now: float) -> None:
-        """Retransmit what timed out; give a verdict on what ran out of attempts."""
-        max_attempts = self.host.config.retry.max_attempts
-        timed_out: set[str] = set()
-        while (deadline := self.next_timer()) is not None and deadline <= now:
-            _, peer, seq = heapq.heappop(self._timers)
-            rcv = self._receivers[peer]
-            flight = rcv.unacked[seq]
-            if peer not in timed_out:
-                # One backoff per expiry batch: a burst lost together is one congestion event.
-                timed_out.add(peer)
-                self.host.rtt(peer).on_timeout()
-            if flight.attempt + 1 < max_attempts:
-                self._retransmit(rcv, seq, flight, now)
-            elif self.dest is not None:
-                msg = self._fragment(seq).msg_start
-                seqs = [s for s in rcv.unacked if self._fragment(s).msg_start == msg]
-                self._abandon(rcv, seqs, now, "retries exhausted")
-            else:
-                self._abandon(rcv, list(rcv.unacked), now, "retries exhausted")
+        """Send due copies and probes; give a verdict on what ran out of budget."""
+        self.recovery.send_copies(self._receivers.values(), now)
+        budget = self.host.config.retry.max_span()
+        for rcv in list(self._receivers.values()):
+            if rcv.failed or not rcv.unacked:
+                continue
+            expired = out_of_budget(rcv, now, budget)
+            if expired and self.dest is not None:
+                msgs = {self._fragment(s).msg_start for s in expired}
+                seqs = [s for s in rcv.unacked if self._fragment(s).msg_start in msgs]
+                self._abandon(rcv, seqs, now, "retry budget exhausted")
+            elif expired:
+                self._abandon(rcv, list(rcv.unacked), now, "retry budget exhausted")
                 rcv.failed = True
-                self.host.emit(PeerUnreachable(peer=peer, stream=self.name))
+                self.host.emit(PeerUnreachable(peer=rcv.peer, stream=self.name))
+                continue
+            self.recovery.run_timers(rcv, now)
         self._retire(now)
 
     def expire(self, now: float) -> None:
@@ -318,18 +318,6 @@ class StreamSender:
     def _new_receiver(self, peer: str, start: int) -> SendWindow:
         return SendWindow(peer=peer, start=start, limit=start + self.host.config.receive_window)
 
-    def _delay(self, peer: str, attempt: int) -> float:
-        return self.host.config.retry.delay(self.host.rtt(peer).rto, attempt, self.host.rng)
-
-    def _retransmit(self, rcv: SendWindow, seq: int, flight: InFlight, now: float) -> None:
-        flight.attempt += 1
-        flight.last_sent = now
-        flight.deadline = now + self._delay(rcv.peer, flight.attempt)
-        heapq.heappush(self._timers, (flight.deadline, rcv.peer, seq))
-        self.host.transmit(rcv.peer, None, self._fragment(seq).data)
-        self.host.health(rcv.peer).on_retransmit(now)
-        self.host.stats.retransmits += 1
-
     def _fragment(self, seq: int) -> Fragment:
         # Only for sequence numbers some receiver waits for: those are never evicted.
         frag = self.log.fragment(seq)
@@ -341,6 +329,7 @@ class StreamSender:
         self.host.ledger.unacked -= 1
         frag = self._fragment(seq)
         rcv.unacked_bytes -= frag.size
+        self.host.congestion(rcv.peer).on_settled(frag.size)
         left = rcv.pending_per_msg[frag.msg_start] - 1
         if left:
             rcv.pending_per_msg[frag.msg_start] = left
