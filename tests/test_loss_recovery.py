@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from p2p_reliable import Endpoint, KiB, MiB, ProtocolConfig, RetryPolicy, Unrecoverable
 from p2p_reliable.envelope import Kind, decode, decode_batch
@@ -278,3 +280,57 @@ def test_the_delay_window_keeps_the_queue_short_at_full_speed() -> None:
     # The link stays busy all the same, and nothing is sent twice.
     assert elapsed < 1.05 * elapsed_unlimited
     assert retransmits == 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    drop=st.floats(0.0, 0.3),
+    duplicate=st.floats(0.0, 0.2),
+    reorder=st.floats(0.0, 0.3),
+    bandwidth=st.sampled_from([None, 2e5, 2e6]),
+    spacing=st.sampled_from([0.0, 0.002, 0.05]),
+    count=st.integers(1, 30),
+)
+def test_exactly_once_in_order_with_copies_probes_and_a_narrow_link(
+    seed: int,
+    drop: float,
+    duplicate: float,
+    reorder: float,
+    bandwidth: float | None,
+    spacing: float,
+    count: int,
+) -> None:
+    config = ProtocolConfig(
+        max_fragment_payload=256,
+        max_frame_bytes=1 * KiB,
+        max_message_size=64 * KiB,
+        compress_threshold=512,
+        window_messages=16,
+        min_window_bytes=2 * KiB,
+        redundant_streams={STREAM, "topic"},
+        redundant_max_bytes=600,  # some messages go twice, some (fragmented ones too) not
+        redundant_spacing=spacing,
+        retry=RetryPolicy(base=0.05, min_rto=0.02, cap=1.0, budget=60.0),
+    )
+    faults = LinkFaults(drop=drop, duplicate=duplicate, reorder=reorder, bandwidth=bandwidth)
+    net = SimNetwork(seed=seed, faults=faults)
+    for name in "ABC":
+        net.add_node(name, config=config)
+    net.subscribe("B", "topic")
+    net.subscribe("C", "topic")
+    msgs = [bytes([i % 256]) * (i * 97 % 1500) for i in range(count)]
+    for m in msgs:
+        net.send("A", "B", STREAM, m)
+        net.publish("A", "topic", m)
+    b, c = net.nodes["B"], net.nodes["C"]
+
+    def done() -> bool:
+        return len(b.delivered()) == 2 * count and len(c.delivered()) == count
+
+    assert net.run_until(done, until=50.0), f"stuck at t={net.now}"
+    net.run(net.now + 2.0)
+    assert [m.payload for m in b.delivered(STREAM)] == msgs
+    assert [m.payload for m in b.delivered("topic")] == msgs
+    assert [m.payload for m in c.delivered("topic")] == msgs
+    assert not (b.gaps() or c.gaps() or net.nodes["A"].unrecoverable())
