@@ -2,19 +2,23 @@
 
 Loss detection is per receiver (a `SendWindow`), not per message:
 
-- RACK (RFC 8985): an acknowledgement that shows a message arrived shows that every message
-  sent more than a reordering window before it and still unacknowledged was lost; those go
-  again at once, at the speed of the link instead of a timer. Only a transmission known to
-  have arrived counts: a first one, or (on a direct stream, whose frames share one ordered
-  path) a retransmission acknowledged at least a minimum RTT after it left. A topic's
-  retransmissions go point to point, overtaking what gossip still carries: they never count.
+- RACK (RFC 8985), on direct streams: an acknowledgement that shows a message arrived shows
+  that every message sent more than an RTT plus a reordering window before it and still
+  unacknowledged was lost; those go again at once, at the speed of the link instead of a
+  timer. Only a transmission known to have arrived counts: a first one, or a retransmission
+  acknowledged at least a minimum RTT after it left. A direct stream's frames share one
+  ordered path; a topic's do not (the router sends small frames through gossipsub, which
+  handles each message in a task of its own, and large ones point to point, and measured
+  under load 40% of a topic's messages arrive after later ones, some by more than an RTT),
+  so on topics the receiver's NACK (which waits for reordering) and the probes repair.
 - Tail probes (RACK-TLP's TLP, QUIC's PTO): nothing sent after a lost message can reveal its
   loss when nothing was sent after it, as with one token in flight. When the newest
   unacknowledged data goes unanswered for a probe timeout (about two smoothed RTTs plus the
   receiver's ack delay), its newest fragment goes again; the receiver acknowledges a
-  duplicate at once, so either way the answer shows the holes to RACK. Unanswered probes
-  back off exponentially up to the policy's cap; from the second on, each also resends the
-  oldest unacknowledged fragment, the one in-order delivery waits for.
+  duplicate at once, so either way its answer shows the holes (to RACK; on a topic the
+  receiver NACKs them). Unanswered probes back off exponentially up to the policy's cap;
+  from the second on, each also resends the oldest unacknowledged fragment, the one
+  in-order delivery waits for.
 - The budget: a message still unacknowledged `retry.max_span()` after its first
   transmission is given up (and a receiver the endpoint is told is gone, at once).
 
@@ -42,7 +46,7 @@ from .windows import InFlight, SendWindow
 
 
 def delivered_sent_at(
-    acked: list[int], flights: list[InFlight], now: float, min_rtt: float, same_path: bool
+    acked: list[int], flights: list[InFlight], now: float, min_rtt: float
 ) -> tuple[float, int]:
     """(when it was sent, seq) of the most recently sent of just-acknowledged transmissions,
     counting only those known to be the ones that arrived; (-inf, -1) if none is."""
@@ -50,7 +54,7 @@ def delivered_sent_at(
     for seq, flight in zip(acked, flights, strict=True):
         if flight.attempt == 0:
             latest = max(latest, (flight.first_sent, seq))
-        elif same_path and now - flight.last_sent >= min_rtt:
+        elif now - flight.last_sent >= min_rtt:
             latest = max(latest, (flight.last_sent, seq))
     return latest
 
@@ -191,26 +195,21 @@ class LossRecovery:
         rtt = host.rtt(rcv.peer)
         # The ack delay the receiver reports is that of the largest sequence number it has:
         # a sample only from that one, and only if it was sent once (Karn's rule).
-        largest = max(info.floor - 1, info.ranges[-1].stop - 1 if info.ranges else -1)
-        if acked[-1] == largest and flights[-1].attempt == 0:
+        if acked[-1] == rcv.largest_acked and flights[-1].attempt == 0:
             sample = rtt.on_sample(now - flights[-1].first_sent, info.ack_delay)
             host.health(rcv.peer).on_rtt_sample(sample, now)
             host.congestion(rcv.peer).on_sample(sample, now)
-        sent, seq = delivered_sent_at(acked, flights, now, rtt.min_rtt or 0.0, self.topic is None)
-        if (sent, seq) > (rcv.rack_sent, rcv.rack_seq):
-            rcv.rack_sent, rcv.rack_seq, rcv.rack_rtt = sent, seq, now - sent
-            self.rack(rcv, now)
+        if self.topic is None:
+            sent, seq = delivered_sent_at(acked, flights, now, rtt.min_rtt or 0.0)
+            if (sent, seq) > (rcv.rack_sent, rcv.rack_seq):
+                rcv.rack_sent, rcv.rack_seq, rcv.rack_rtt = sent, seq, now - sent
+                self.rack(rcv, now)
         rcv.probes = 0
         self._arm(rcv, now)
 
     def rack(self, rcv: SendWindow, now: float) -> None:
         """Send again what RACK finds lost by `now`."""
-        rtt = self.host.rtt(rcv.peer)
-        window = rtt.reorder_window()
-        if self.topic is not None:
-            # Gossip reorders (py-libp2p handles each message in a task of its own): there
-            # RACK allows a whole RTT, its upper bound, for it.
-            window = max(rtt.srtt or 0.0, window)
+        window = self.host.rtt(rcv.peer).reorder_window()
         for seq in rack_lost(rcv, window, now):
             self.retransmit(rcv, seq, now)
             self.host.stats.rack_retransmits += 1

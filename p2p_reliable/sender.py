@@ -212,6 +212,8 @@ class StreamSender:
         rcv.limit = max(rcv.limit, info.limit)
         rcv.release_consumed(self.host.config.receive_window, self.host.ledger)
         rcv.acked_floor = max(rcv.acked_floor, info.floor)
+        largest = max(info.floor - 1, info.ranges[-1].stop - 1 if info.ranges else -1)
+        rcv.largest_acked = max(rcv.largest_acked, largest)
         if rcv.acked_floor >= rcv.pin_stop:
             rcv.pin_stop = 0
         congestion = self.host.congestion(peer)
@@ -247,8 +249,13 @@ class StreamSender:
                 elif frag is None:
                     lost.add(seq)
                 elif seq in rcv.unacked:
-                    # A NACK right after a (re)transmission is probably about the same loss.
-                    if now - rcv.unacked[seq].last_sent >= self.host.rtt(peer).rto / 2:
+                    # Only a hole below something it acknowledged shows a loss: a tail it
+                    # learned of from our heartbeat may still wait in our transport's queue
+                    # (the probes see to a lost tail). And a NACK right after a
+                    # (re)transmission is probably about the same loss.
+                    if seq < rcv.largest_acked and (
+                        now - rcv.unacked[seq].last_sent >= self.host.rtt(peer).rto / 2
+                    ):
                         self.recovery.retransmit(rcv, seq, now)
                         self.host.stats.nack_retransmits += 1
                 else:

@@ -53,6 +53,7 @@ class SendWindow:
     abandoned: RangeSet = attrs.Factory(RangeSet)
     failed: bool = False
     acked_floor: int = 0  # its cumulative ack: it has everything below
+    largest_acked: int = -1  # the largest sequence number it acknowledged
     # A receiver that joined late may lack the retained messages below pin_stop: until it acks
     # them (or pin_until passes) they outlive retain_seconds, though not the byte bounds.
     pin_stop: int = 0
