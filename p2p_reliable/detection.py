@@ -2,19 +2,22 @@
 
 Loss detection is per receiver (a `SendWindow`), not per message:
 
-- RACK (RFC 8985), on direct streams: an acknowledgement that shows a message arrived shows
-  that every message sent more than an RTT plus a reordering window before it and still
-  unacknowledged was lost; those go again at once, at the speed of the link instead of a
-  timer. Only a transmission known to have arrived counts: a first one, or a retransmission
-  acknowledged at least a minimum RTT after it left. A direct stream's frames share one
-  ordered path; a topic's do not (the router sends small frames through gossipsub, which
-  handles each message in a task of its own, and large ones point to point, and measured
-  under load 40% of a topic's messages arrive after later ones, some by more than an RTT),
-  so on topics the receiver's NACK (which waits for reordering) and the probes repair.
+- RACK (RFC 8985): an acknowledgement that shows a message arrived shows that every message
+  sent before it, still unacknowledged and older than its RTT plus a reordering window, was
+  lost; those go again then, at the speed of the link instead of a timer. Only a
+  transmission known to have arrived counts: a first one, or (on a direct stream, whose
+  frames share one ordered path) a retransmission acknowledged at least a minimum RTT after
+  it left. The window is a quarter of the minimum RTT, or twice the lateness seen of
+  messages that arrived after later ones. A topic's frames take two paths (the router sends
+  small ones through gossipsub, which handles each message in a task of its own, large ones
+  and every retransmission point to point; measured under load, 40% of a topic's messages
+  arrive after later ones): there the window is at least SRTT + 4 * RTTVAR plus the ack
+  delay, and a retransmission never counts.
 - Tail probes (RACK-TLP's TLP, QUIC's PTO): nothing sent after a lost message can reveal its
   loss when nothing was sent after it, as with one token in flight. When the newest
-  unacknowledged data goes unanswered for a probe timeout (about two smoothed RTTs plus the
-  receiver's ack delay), its newest fragment goes again; the receiver acknowledges a
+  unacknowledged data goes unanswered for a probe timeout (two smoothed RTTs, plus the
+  receiver's ack delay unless it is one fragment sent after a quiet spell, which the
+  receiver acks at once), its newest fragment goes again; the receiver acknowledges a
   duplicate at once, so either way its answer shows the holes (to RACK; on a topic the
   receiver NACKs them). Unanswered probes back off exponentially up to the policy's cap;
   from the second on, each also resends the oldest unacknowledged fragment, the one
@@ -44,9 +47,15 @@ from .recovery import RetryPolicy, RttEstimator
 from .stats import EndpointStats
 from .windows import InFlight, SendWindow
 
+# RACK allows twice the largest lateness it saw (RFC 8985 widens its window when it finds a
+# retransmission was spurious; without DSACK here, from what arrived late unretransmitted),
+# forgotten by 1/64 per acknowledgement, so that one outlier does not blunt it for long.
+REORDER_MARGIN = 2.0
+REORDER_DECAY = 1 / 1024
+
 
 def delivered_sent_at(
-    acked: list[int], flights: list[InFlight], now: float, min_rtt: float
+    acked: list[int], flights: list[InFlight], now: float, min_rtt: float, same_path: bool
 ) -> tuple[float, int]:
     """(when it was sent, seq) of the most recently sent of just-acknowledged transmissions,
     counting only those known to be the ones that arrived; (-inf, -1) if none is."""
@@ -54,9 +63,24 @@ def delivered_sent_at(
     for seq, flight in zip(acked, flights, strict=True):
         if flight.attempt == 0:
             latest = max(latest, (flight.first_sent, seq))
-        elif now - flight.last_sent >= min_rtt:
+        elif same_path and now - flight.last_sent >= min_rtt:
             latest = max(latest, (flight.last_sent, seq))
     return latest
+
+
+def learn_reordering(
+    rcv: SendWindow, acked: list[int], flights: list[InFlight], now: float, min_rtt: float
+) -> None:
+    """How much later than expected messages that were not lost arrive: a first transmission
+    acknowledged after one sent later, later than that one's RTT by its lateness. It counts
+    too when it was sent again in between, but acknowledged sooner than the retransmission
+    could have been (a minimum RTT): that retransmission was spurious (RFC 8985 learns this
+    from DSACK). Remembered as a decaying maximum."""
+    rcv.reorder *= 1 - REORDER_DECAY
+    for seq, flight in zip(acked, flights, strict=True):
+        original = flight.attempt == 0 or now - flight.last_sent < min_rtt
+        if original and (flight.first_sent, seq) < (rcv.rack_sent, rcv.rack_seq):
+            rcv.reorder = max(rcv.reorder, now - flight.first_sent - rcv.rack_rtt)
 
 
 def rack_lost(rcv: SendWindow, reorder_window: float, now: float) -> list[int]:
@@ -180,6 +204,9 @@ class LossRecovery:
     def on_sent(self, rcv: SendWindow, now: float) -> None:
         """New data went to `rcv`: the probe timer runs from the newest transmission (the
         backed-off probes of an unresponsive receiver keep their schedule)."""
+        # The receiver acks at once what arrives after a quiet spell (feedback.py).
+        rcv.sent_quietly = now - rcv.last_new_send >= self.host.config.ack_delay
+        rcv.last_new_send = now
         if rcv.probes == 0:
             self._arm(rcv, now)
 
@@ -199,17 +226,20 @@ class LossRecovery:
             sample = rtt.on_sample(now - flights[-1].first_sent, info.ack_delay)
             host.health(rcv.peer).on_rtt_sample(sample, now)
             host.congestion(rcv.peer).on_sample(sample, now)
-        if self.topic is None:
-            sent, seq = delivered_sent_at(acked, flights, now, rtt.min_rtt or 0.0)
-            if (sent, seq) > (rcv.rack_sent, rcv.rack_seq):
-                rcv.rack_sent, rcv.rack_seq, rcv.rack_rtt = sent, seq, now - sent
-                self.rack(rcv, now)
+        learn_reordering(rcv, acked, flights, now, rtt.min_rtt or 0.0)
+        sent, seq = delivered_sent_at(acked, flights, now, rtt.min_rtt or 0.0, self.topic is None)
+        if (sent, seq) > (rcv.rack_sent, rcv.rack_seq):
+            rcv.rack_sent, rcv.rack_seq, rcv.rack_rtt = sent, seq, now - sent
+            self.rack(rcv, now)
         rcv.probes = 0
         self._arm(rcv, now)
 
     def rack(self, rcv: SendWindow, now: float) -> None:
         """Send again what RACK finds lost by `now`."""
-        window = self.host.rtt(rcv.peer).reorder_window()
+        rtt = self.host.rtt(rcv.peer)
+        window = max(rtt.reorder_window(), REORDER_MARGIN * rcv.reorder)
+        if self.topic is not None:
+            window = max(window, rtt.upper_bound() + self.host.config.ack_delay)
         for seq in rack_lost(rcv, window, now):
             self.retransmit(rcv, seq, now)
             self.host.stats.rack_retransmits += 1
@@ -263,4 +293,7 @@ class LossRecovery:
 
     def _arm(self, rcv: SendWindow, now: float) -> None:
         cfg = self.host.config
-        arm_probe(rcv, now, cfg.retry, self.host.rtt(rcv.peer), cfg.ack_delay, self.host.rng)
+        # A lone message sent after a quiet spell is acked at once: no ack delay to allow.
+        lone = rcv.sent_quietly and len(rcv.unacked) == 1
+        delay = 0.0 if lone else cfg.ack_delay
+        arm_probe(rcv, now, cfg.retry, self.host.rtt(rcv.peer), delay, self.host.rng)

@@ -135,7 +135,10 @@ class StreamReceiver:
         # Fragment 0 tells how long its message is: a lost tail fragment is a known hole.
         whole = seq - env.frag_index + min(env.frag_count, self.host.codec.max_fragments())
         self._learn(max(seq + 1, whole), now)
-        self._schedule_ack(now, immediate=quiet or not self.synced or seq != self.next)
+        # At once too when it is out of order or fills a hole (RFC 5681 4.2): the publisher
+        # learns of a loss, or of how late a reordered message was, without our delay.
+        fills = self._held[-1].stop - 1 > seq
+        self._schedule_ack(now, immediate=quiet or fills or not self.synced or seq != self.next)
         self._deliver(now)
         self._arm_nack(now)
 

@@ -127,14 +127,20 @@ class RttEstimator:
     def pto(self, max_ack_delay: float) -> float:
         """The probe timeout: how long the newest unacknowledged data may go unanswered.
 
-        RFC 8985's 2 * SRTT, or QUIC's SRTT + 4 * RTTVAR when the RTT varies more, plus the
-        longest the receiver may hold an acknowledgement back (it is not in the samples).
-        Before any sample: `base`.
+        RFC 8985's 2 * SRTT, plus the longest the receiver may hold its acknowledgement back
+        (not in the samples). Before any sample: `base`. Not QUIC's SRTT + 4 * RTTVAR: on a
+        loaded node the variance is scheduling noise, and waiting it out would cost a lost
+        token several RTTs where a spurious probe costs one small duplicate.
         """
         if self.srtt is None:
             return self.policy.base
-        spread = max(self.srtt, self.K * self.rttvar, GRANULARITY)
-        return min(self.srtt + spread + max_ack_delay, self.policy.cap)
+        return min(max(2 * self.srtt, GRANULARITY) + max_ack_delay, self.policy.cap)
+
+    def upper_bound(self) -> float:
+        """SRTT + 4 * RTTVAR: RFC 6298's RTO before its clamps, the RTT rarely exceeded."""
+        if self.srtt is None:
+            return self.policy.base
+        return self.srtt + max(self.K * self.rttvar, GRANULARITY)
 
     def reorder_window(self) -> float:
         """How much earlier than a delivered message another must have been sent to count as

@@ -62,13 +62,17 @@ class SendWindow:
     held: OrderedDict[int, tuple[int, int]] = attrs.Factory(OrderedDict)
     # Loss detection (detection.py): when to probe it next and probes it left unanswered;
     # RACK's most recently sent message it is known to have got (when it was sent, its seq,
-    # the RTT it took) and when a message sent before it counts as lost.
+    # the RTT it took), when a message sent before it counts as lost, and the lateness seen
+    # of messages that arrived after later ones.
     probe_at: float | None = None
     probes: int = 0
+    last_new_send: float = float("-inf")
+    sent_quietly: bool = False  # its newest message followed a pause of at least ack_delay
     rack_sent: float = float("-inf")
     rack_seq: int = -1
     rack_rtt: float = 0.0
     rack_at: float | None = None
+    reorder: float = 0.0
 
     def full(
         self,
