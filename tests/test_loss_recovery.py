@@ -352,5 +352,5 @@ def test_rack_learns_how_late_a_reordering_path_delivers() -> None:
     assert net.run_until(lambda: len(b.delivered()) == count, until=30.0)
     assert [m.payload for m in b.delivered()] == [f"m{i}".encode() for i in range(count)]
     # About 300 messages were held back; learning costs a few spurious retransmissions, a
-    # fixed window of a quarter RTT costs about 200 (what this test saw before RACK learnt).
+    # fixed window of a quarter of the minimum RTT costs about 250 here.
     assert net.nodes["A"].endpoint.stats.rack_retransmits < count * faults.reorder / 30
