@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-PKGS       := p2p_reliable router discovery inference_glue exo_swap
+PKGS       := p2p_reliable router discovery inference_glue exo_swap p2pr
 # tests/ and examples/ are linted when they exist (git keeps no empty folders).
 LINT_PATHS := $(wildcard $(PKGS) tests examples)
 

@@ -30,6 +30,7 @@ DUPLICATE_SLACK = 1.5
 
 
 MAX_VIEW_PEERS = 256
+MAX_VIEWS = 1024
 MAX_ADDRS = 16
 _ID = bounded_str(128)
 _ADDR = bounded_str(256)
@@ -106,9 +107,13 @@ class ClusterViews:
         self._twins = TwinDetector(window=DUPLICATE_WINDOW, slack=DUPLICATE_SLACK)
 
     def add(self, view: HealthView, now: float | None = None) -> None:
-        """Record a received view (our own, looped back, included)."""
+        """Record a received view (our own, looped back, included). At most MAX_VIEWS are
+        kept: the oldest (by arrival) goes first, as a node that stopped publishing does."""
         now = time.time() if now is None else now
+        self.views.pop(view.node_id, None)
         self.views[view.node_id] = view
+        while len(self.views) > MAX_VIEWS:
+            del self.views[next(iter(self.views))]
         self._twins.heard(view.node_id, view.instance, now)
         if view.node_id == self.own_id:
             # We are alive whether or not our own view came back: a view of another

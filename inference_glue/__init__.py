@@ -19,6 +19,8 @@
 | `node` | a stage node process: a `Router`, one layer range, per-request KV caches, sampling on the last stage |
 | `cluster` | starting, joining and stopping N local stage node processes |
 | `client` | submitting requests, reassembling token streams, per-link protocol counters |
+| `roster` | the client's peers: stage nodes, strangers, lost, quarantined; when to re-plan |
+| `stage_exchange` | finding stage nodes (a restarted one) through the others' health views |
 | `reference` | mlx-lm's `stream_generate` in a child process with the nodes' BLAS set-up |
 | `verify` | `p2pr verify`: the pipeline against single-process mlx-lm, token for token |
 | `bench` | `p2pr bench generate`: single process vs 2- and 3-stage pipelines |

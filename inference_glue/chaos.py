@@ -9,10 +9,12 @@ of the matrix, each compared token for token with mlx-lm's single-process genera
   and libp2p: drop 1%, 10%, 30%; duplicate; reorder; delay; corrupt bytes;
 - partition and heal: stages 1 and 2 cut from each other for a while mid-generation;
 - SIGKILL of the middle stage, SIGKILL of the last stage (each on a fresh pipeline);
-- kill and restart: SIGKILL of the middle stage and a new process in its place, which the
-  client brings back into the pipeline for the next generation;
-- a hung stage: SIGSTOP of the middle stage; its connections stay open, so only phi accrual
-  (no heartbeats) can tell it is gone.
+- kill and restart: SIGKILL of the middle stage and a new process in its place, bootstrapping
+  from the other stage nodes; the client finds it through them and brings it back into the
+  pipeline by itself for the next generation;
+- a hung stage: SIGSTOP of the middle stage; its connections stay open until phi accrual (no
+  heartbeats) and an unanswered ping tell the client (or its router, which then closes the
+  connection) that it is gone.
 
 Per row: protocol messages sent and delivered, retransmissions, corrupt frames rejected by the
 envelope checksum, duplicates delivered to the application (hidden states, tokens or chunks
@@ -34,7 +36,7 @@ from typing import Any
 import anyio
 import attrs
 
-from inference_glue.client import PipelineClient, load_tokenizer
+from inference_glue.client import PipelineClient, PipelineError, load_tokenizer
 from inference_glue.cluster import StageCluster
 from inference_glue.local_pipeline import prompt_token_ids
 from inference_glue.reference import run_reference
@@ -44,6 +46,8 @@ __all__ = ["ROWS", "ChaosRow", "RowResult", "run_chaos"]
 # The goal for a resumed generation after a SIGKILL (issue 6); reported, not a pass condition.
 RECOVER_GOAL_S = 3.0
 PARTITION_S = 2.0
+# How long the client may take to bring a restarted node back (a bound, not a goal).
+REJOIN_WAIT_S = 60.0
 
 
 @attrs.frozen
@@ -263,8 +267,13 @@ class _Runner:
                 await self.generate(client, result, kill_and_restart)
             recovery = client.recoveries[-1] if client.recoveries else None
             self._recovered(result, recovery, killed)
-            # The restarted node is back: the next generation runs on all three again.
-            rejoined = await client.rebalance()
+            # The client takes the restarted node back by itself (it found it through the
+            # survivors): the next generation runs on all three again.
+            try:
+                await client.wait_for_stages(3, REJOIN_WAIT_S)
+                rejoined = True
+            except PipelineError:
+                rejoined = False
             second = RowResult(row.name, row.action)
             await self.generate(client, second)
             result.identical = result.identical and second.identical
@@ -305,13 +314,10 @@ async def _restart(
     cluster: StageCluster, index: int, client: PipelineClient, out: dict[str, Any]
 ) -> None:
     start = time.perf_counter()
-    node = await anyio.to_thread.run_sync(cluster.restart, index, client.router.listen_addrs[:1])
+    # Bootstrapping from the other stage nodes only: the client finds it through them.
+    node = await anyio.to_thread.run_sync(cluster.restart, index)
     out["node_id"] = node.node_id
     out["seconds"] = time.perf_counter() - start
-    # Until the new node has dialled in, the client cannot ask it anything.
-    with anyio.move_on_after(30):
-        while node.node_id not in client.router.connected:
-            await anyio.sleep(0.05)
 
 
 async def _on_cluster(

@@ -19,6 +19,12 @@ Failover (`inference_glue.failover`, on by default): when a stage node dies, or 
 corrupt hidden states, the client re-plans the layers over the nodes left, has them load the
 layers, and resumes the request where the stream stopped; the caller sees one unbroken stream.
 `client.events` and `client.recoveries` record what happened and how long it took.
+
+Between requests the client keeps the pipeline whole by itself: a node that returns (it was
+paused, its link broke) or a restarted one (found through the stage nodes' health views,
+`inference_glue.stage_exchange`) is asked what it serves and planned in again, in its old place
+(`inference_glue.roster`); a node gone between requests is planned out. Plans change only
+while no request is in flight.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
+from discovery.health import ClusterViews, HealthView
 from inference_glue.failover import (
     CorruptionTracker,
     FailoverPolicy,
@@ -73,7 +80,9 @@ from inference_glue.messages import (
     encode_message,
 )
 from inference_glue.node import router_counters
+from inference_glue.roster import Roster
 from inference_glue.sampling import SamplingParams
+from inference_glue.stage_exchange import StageExchange
 from inference_glue.tokens import (
     AssemblerStats,
     IncompleteStreamError,
@@ -84,7 +93,16 @@ from inference_glue.tokens import (
     TokenStreamWriter,
 )
 from p2p_reliable import Gap, Unrecoverable
-from router import DirectMessage, EngineConfig, FaultConfig, Receiver, Router, RouterConfig
+from router import (
+    CONNECTION_MESSAGES,
+    ConnectionMessage,
+    DirectMessage,
+    EngineConfig,
+    FaultConfig,
+    Receiver,
+    Router,
+    RouterConfig,
+)
 
 __all__ = [
     "LINK_COUNTERS",
@@ -120,6 +138,14 @@ LINK_COUNTERS = (
 
 
 log = logging.getLogger("p2pr.inference.client")
+
+
+@attrs.frozen
+class _Wake:
+    """Put in a stream's channel when a connection opens or closes: look at the stages."""
+
+
+_WAKE = _Wake()
 
 
 class PipelineError(RuntimeError):
@@ -243,9 +269,9 @@ class PipelineClient:
         self.chunks = chunks
         self.tokenizer = tokenizer
         self.stages = list(stages)
-        self._streams: dict[str, MemoryObjectSendStream[TokenChunk | Failure]] = {}
+        self._streams: dict[str, MemoryObjectSendStream[TokenChunk | Failure | _Wake]] = {}
         self._replies: dict[int, InfoReply | StatsReply | None] = {}
-        self._reply_events: dict[int, anyio.Event] = {}
+        self._asked: dict[int, str] = {}  # nonce -> the peer whose answer it waits for
         self._nonces = itertools.count(1)
         self.bad_messages = 0
         self.footprint = footprint
@@ -254,16 +280,35 @@ class PipelineClient:
         self.split_head = split_head
         self.policy = policy or FailoverPolicy()
         self.epoch = 0
-        self.budgets: dict[str, int] = {}
         self.corruption = CorruptionTracker(self.policy.max_corrupt)
-        self.excluded: set[str] = set()  # lost or quarantined: never planned again
+        self.roster = Roster(router.node_id)
+        self.roster.quarantined = self.corruption.quarantined
+        # Finds stage nodes (a restarted one, through any survivor) in their health views,
+        # followed from the first node lost on.
+        self.exchange = StageExchange(router, lambda: self.excluded, self._heard_view)
         self.events: list[PeerEvent] = []
         self.recoveries: list[Recovery] = []
         # What each finished or failed stream's assembler rejected (duplicates, corrupt…).
         self.stream_stats: dict[str, AssemblerStats] = {}
         self._health_read = 0.0
         self._plan_lock = anyio.Lock()
-        self._silent: set[str] = set()  # connected peers that never answered an InfoQuery
+        self._ask_lock = anyio.Lock()
+        self._active = 0  # requests in flight: the plan changes only when there are none
+        self._changed = anyio.Event()  # set (and replaced) on connections, replies, new plans
+        self._plan_due = anyio.Event()  # set: see whether the plan should change
+        self._join_addrs: list[str] = []
+        self._gone: set[str] = set()  # nodes whose loss was reported, until they connect again
+        self._plan_broken = False  # a re-plan failed half-way: re-plan before the next use
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        """Stage nodes of this model that answered, and the bytes each may hold."""
+        return self.roster.budgets
+
+    @property
+    def excluded(self) -> set[str]:
+        """Nodes not to be planned now: quarantined, refusing, or lost and not back."""
+        return self.roster.excluded
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -291,7 +336,9 @@ class PipelineClient:
         )
         router = Router.create(bootstrap_peers=list(addrs), config=config)
         await router.register_topic(TOKENS)
+        await router.register_topic(CONNECTION_MESSAGES)
         topic_chunks = router.receiver(TOKENS)
+        connections = router.receiver(CONNECTION_MESSAGES)
         replies = router.direct_receiver(CLIENT_STREAM)
         direct_chunks = router.direct_receiver(CHUNK_STREAM)
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, model_dir)
@@ -304,14 +351,18 @@ class PipelineClient:
             policy=policy,
             split_head=split_head,
         )
+        client._join_addrs = list(addrs)
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(router.run)
             tg.start_soon(client._dispatch_chunks, topic_chunks)
             tg.start_soon(client._dispatch_direct_chunks, direct_chunks)
             tg.start_soon(client._dispatch_replies, replies)
+            tg.start_soon(client._watch_connections, connections)
+            tg.start_soon(client.exchange.run)
             try:
                 await client._join(peers, timeout)
+                tg.start_soon(client._keep_plan)
                 yield client
                 # Leave politely: what we sent is acknowledged and our own acks are out, so
                 # the nodes do not retransmit to (and give up on) a peer that left.
@@ -329,23 +380,23 @@ class PipelineClient:
         router = self.router
         with anyio.move_on_after(timeout):
             await router.wait_ready()
-            while not set(peers) <= router.connected:
-                await anyio.sleep(0.02)
+            await self.wait_until(lambda: set(peers) <= router.connected, timeout)
         missing = [p for p in peers if p not in router.connected]
         if missing:
             raise PipelineError(f"could not connect within {timeout:.0f} s to node(s) {missing}")
         infos: list[InfoReply] = await self._query(peers, InfoQuery, timeout)
-        self.budgets.update({i.node_id: i.memory_budget for i in infos})
+        for info in infos:
+            self.roster.served(info.node_id, info.memory_budget)
         self.epoch = max(i.epoch for i in infos)
         # After a failover the nodes of the newest plan form the pipeline; others are spares.
         current = [i for i in infos if i.epoch == self.epoch]
         try:
-            self.stages = check_pipeline(current)
+            self._set_stages(check_pipeline(current))
         except PipelineError:
             if not self.policy.enabled or self.footprint is None or len(current) == len(infos):
                 raise
             check_pipeline_models(infos)
-            self.stages = [StageInfo.from_reply(i) for i in infos]
+            self._set_stages([StageInfo.from_reply(i) for i in infos])
             async with self._plan_lock:
                 await self._replan("the nodes of the newest plan do not form a pipeline")
         await self._await_token_subscription(timeout)
@@ -385,8 +436,8 @@ class PipelineClient:
         nonces: dict[str, int] = {}
         for peer, make in asks.items():
             nonce = next(self._nonces)
-            self._reply_events[nonce] = anyio.Event()
             self._replies[nonce] = None
+            self._asked[nonce] = peer
             nonces[peer] = nonce
             await self.router.send_to(peer, CONTROL_STREAM, encode_message(make(nonce)))
 
@@ -397,19 +448,137 @@ class PipelineClient:
 
         required = [p for p in nonces if p not in optional]
         try:
+            # Woken by each reply and each connection event: a peer that leaves is not
+            # waited for.
             with anyio.move_on_after(timeout):
-                while pending := waiting(required):
-                    with anyio.move_on_after(0.05):
-                        await self._reply_events[nonces[pending[0]]].wait()
-                with anyio.move_on_after(grace):
-                    while pending := waiting(optional):
-                        with anyio.move_on_after(0.05):
-                            await self._reply_events[nonces[pending[0]]].wait()
+                await self.wait_until(lambda: not waiting(required), timeout)
+                await self.wait_until(lambda: not waiting(optional), grace)
             return {p: self._replies[n] for p, n in nonces.items()}
         finally:
             for nonce in nonces.values():
                 self._replies.pop(nonce, None)
-                self._reply_events.pop(nonce, None)
+                self._asked.pop(nonce, None)
+
+    # -- keeping the pipeline whole --------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake whatever waits in `wait_until`: a connection, a reply, a health view or a
+        new plan."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait at most `timeout` seconds until `done()`, checked again whenever the client
+        hears something (a connection opened or closed, a reply, a health view, a new plan);
+        whether it holds."""
+        with anyio.move_on_after(timeout):
+            while not done():
+                await self._changed.wait()
+        return done()
+
+    def _lose(self, peer: str, reason: str) -> None:
+        """Give up on `peer` for now: while its connection stays open (no answer to a probe)
+        until it answers; else until it connects again. Reported once per loss."""
+        self.roster.lose(peer, peer in self.router.connected)
+        self.exchange.follow()
+        if peer not in self._gone and peer not in self.corruption.quarantined:
+            self._gone.add(peer)
+            self._event(peer, "lost", reason)
+
+    def _set_stages(self, stages: Sequence[StageInfo]) -> None:
+        self.stages = list(stages)
+        self.roster.rank(s.node_id for s in self.stages)
+        self._notify()
+
+    async def wait_for_stages(self, count: int, timeout: float) -> list[StageInfo]:
+        """Wait until the pipeline spans `count` connected nodes (the client brings nodes
+        that return or join into it between requests); the stages. PipelineError after
+        `timeout` seconds."""
+
+        def whole() -> bool:
+            nodes = {s.node_id for s in self.stages}
+            return len(nodes) == count and nodes <= self.router.connected
+
+        if not await self.wait_until(whole, timeout):
+            raise PipelineError(
+                f"the pipeline has {len(self.stages)} stages, not {count}, after {timeout:.0f} s"
+            )
+        return list(self.stages)
+
+    async def _watch_connections(self, messages: Receiver[ConnectionMessage]) -> None:
+        """Connection events (the router's, prompt): streams in flight look at their stages
+        at once, and the plan is looked at again."""
+        async for message in messages:
+            peer = message.node_id
+            if not message.connected:
+                self.roster.disconnected(peer)
+                if peer in {s.node_id for s in self.stages}:
+                    self.exchange.follow()
+            elif peer in self._gone:
+                self._gone.discard(peer)
+                if peer not in self.excluded:
+                    self._event(peer, "returned", "connected again; planned between requests")
+            for stream in list(self._streams.values()):
+                stream.send_nowait(_WAKE)
+            self._notify()
+            self._plan_due.set()
+
+    @property
+    def views(self) -> ClusterViews:
+        """The stage nodes' health views (since the client follows them: see `exchange`)."""
+        return self.exchange.views
+
+    def _heard_view(self, view: HealthView) -> None:
+        if view.role == "stage" and self.roster.claims_stage(view.node_id):
+            self._plan_due.set()  # a node that did not answer in time says it serves
+        self._notify()
+
+    async def _keep_plan(self) -> None:
+        """Between requests, re-plan when the usable nodes change (see `_replan_if_better`)."""
+        while True:
+            await self._plan_due.wait()
+            self._plan_due = anyio.Event()
+            try:
+                await self._classify()
+                async with self._plan_lock:
+                    await self._replan_if_better()
+            except Exception as exc:  # the next event tries again; requests report their own
+                log.warning("the pipeline could not be re-planned: %s", exc)
+
+    async def _classify(self) -> None:
+        """Ask the connected peers that were never asked (or are lost, or came back) what
+        they serve."""
+        if not self.policy.enabled or not self.stages:
+            return
+        async with self._ask_lock:
+            peers = self.roster.to_ask(self.router.connected)
+            if peers:
+                replies = await self._ask({p: InfoQuery for p in peers}, self.policy.query_timeout)
+                for peer in peers:
+                    self._judge(peer, replies.get(peer), mark_silent=True)
+
+    async def _replan_if_better(self) -> bool:
+        """Re-plan (with the plan lock held) when the nodes a plan would use now differ from
+        the plan's: a node returned, restarted, joined or left. Never while a request is in
+        flight (its end looks again). True if the plan changed."""
+        if not self.policy.enabled or self.footprint is None or not self.stages or self._active:
+            return False
+        connected = self.router.connected
+        current = {s.node_id for s in self.stages}
+        offers = [NodeOffer(p, self.budgets[p] or (1 << 40)) for p in self.roster.usable(connected)]
+        try:
+            target = {node for node, _ in plan_stages(self.footprint, offers)}
+        except ModelDoesNotFitError:
+            if current <= connected:
+                return False  # what serves now still does
+            target = set()
+        if target == current and current <= connected and not self._plan_broken:
+            return False
+        for peer in sorted(current - connected):
+            self._lose(peer, "its connection closed between requests")
+        back = ", ".join(sorted(target - current)) or "none"
+        await self._replan(f"nodes to use changed (new or back: {back})")
+        return True
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -424,8 +593,9 @@ class PipelineClient:
             try:
                 # Unverified here: the assembler checks the checksum and counts failures.
                 chunk = TokenChunk.from_bytes(item.payload, verify=False)
-            except TokenChunkDecodeError:
+            except TokenChunkDecodeError as exc:
                 self.bad_messages += 1
+                self.router.refused(item.peer, "bad token chunk", str(exc))
                 continue
             stream = self._streams.get(chunk.request_id)
             if stream is not None:
@@ -435,13 +605,15 @@ class PipelineClient:
         async for item in replies:
             try:
                 message = decode_message(item.payload)
-            except MessageDecodeError:
+            except MessageDecodeError as exc:
                 self.bad_messages += 1
+                self.router.refused(item.peer, "bad pipeline message", str(exc))
                 continue
             if isinstance(message, InfoReply | StatsReply):
-                if message.nonce in self._reply_events:
+                # Only the asked peer answers for itself (nonces are easy to guess).
+                if self._asked.get(message.nonce) == item.peer == message.node_id:
                     self._replies[message.nonce] = message
-                    self._reply_events[message.nonce].set()
+                    self._notify()
             elif isinstance(message, Failure):
                 stream = self._streams.get(message.request_id)
                 if stream is not None:
@@ -505,11 +677,17 @@ class PipelineClient:
                 head_split=self._head_split(),
             )
 
-        meta = meta_for(rid, ())
+        # Between requests, nodes that returned or joined are brought into the plan (and
+        # nodes gone are left out); never while another request is in flight.
+        await self._classify()
+        async with self._plan_lock:
+            await self._replan_if_better()
+            meta = meta_for(rid, ())
+            self._active += 1
         # The text is checked below against mlx-lm's own streaming detokenizer (what
         # stream_generate yields), not against tokenizer.decode: the two differ for a NUL byte.
         assembler = TokenStreamAssembler(rid, source=self.stages[-1].label)
-        send, recv = anyio.create_memory_object_stream[TokenChunk | Failure](float("inf"))
+        send, recv = anyio.create_memory_object_stream[TokenChunk | Failure | _Wake](float("inf"))
         self._streams[rid] = send
         known_events = {id(e) for e in self.router.protocol_events}
         progress = time.monotonic()
@@ -518,9 +696,10 @@ class PipelineClient:
         try:
             await self._submit(meta, prompt_ids)
             while not assembler.complete:
-                item: TokenChunk | Failure | None = None
-                # Short: a closed connection is noticed within this, not a token later.
-                with anyio.move_on_after(0.05):
+                item: TokenChunk | Failure | _Wake | None = None
+                # A closed connection wakes this at once (_watch_connections); the health
+                # of the stages and the protocol's verdicts are read at least this often.
+                with anyio.move_on_after(self.policy.health_interval):
                     item = await recv.receive()
                 if isinstance(item, TokenChunk):
                     progress = time.monotonic()
@@ -537,10 +716,14 @@ class PipelineClient:
                     if item.request_id != meta.request_id:
                         continue  # of an attempt given up already
                     trouble = self._failure_trouble(item)
+                    if item.kind == "stale" and meta.epoch == self.epoch:
+                        self._plan_broken = True  # a node of the current plan is not on it
                 else:
                     trouble = await self._lost_stages(meta.route, progress)
                     if trouble is None:
-                        reason, retry = self._stream_trouble(known_events, progress, idle_timeout)
+                        reason, retry = self._stream_trouble(
+                            meta.route, known_events, progress, idle_timeout
+                        )
                         if reason is not None:
                             trouble = (reason, set()) if retry else None
                             if not retry or not self.policy.enabled:
@@ -562,6 +745,9 @@ class PipelineClient:
                 await self._submit(meta, prompt_ids)
             check_stream_text(self.tokenizer, assembler)
         finally:
+            self._active -= 1
+            if not self._active:
+                self._plan_due.set()  # what changed meanwhile may now be acted on
             self._streams.pop(meta.request_id, None)
             self.stream_stats[rid] = assembler.stats
             if not assembler.complete:
@@ -635,7 +821,7 @@ class PipelineClient:
         return f"lost {labels}: {why}", lost
 
     def _stream_trouble(
-        self, known: set[int], progress: float, idle_timeout: float
+        self, route: Sequence[str], known: set[int], progress: float, idle_timeout: float
     ) -> tuple[str | None, bool]:
         """Why the current stream cannot complete (None while it still may), and whether
         another attempt could help."""
@@ -645,7 +831,7 @@ class PipelineClient:
                 continue
             if isinstance(event, Gap) and event.origin == last and event.stream in CHUNK_STREAMS:
                 return f"the protocol reported a gap in the token chunks from {last}: {event}", True
-            if isinstance(event, Unrecoverable) and event.peer not in self.excluded:
+            if isinstance(event, Unrecoverable) and event.peer in route:
                 return f"the protocol gave up on a message: {event}", True
         if time.monotonic() - progress > idle_timeout:
             return f"no token chunk for {idle_timeout:.0f} s", False
@@ -665,16 +851,13 @@ class PipelineClient:
         recovery = Recovery(meta.request_id, attempt, reason, tuple(sorted(lost)), clock())
         self.recoveries.append(recovery)
         for peer in lost:
-            if peer not in self.excluded:
-                self.excluded.add(peer)
-                if peer not in self.corruption.quarantined:
-                    self._event(peer, "lost", reason)
+            self._lose(peer, reason)
         log.warning("request %r: %s; failing over (attempt %d)", meta.request_id, reason, attempt)
         await self._release(meta, f"failover: {reason}")
         # One re-plan at a time: requests in flight together all notice a lost node, and the
         # first to get here re-plans for all of them; the others resume on its plan.
         async with self._plan_lock:
-            if lost & {s.node_id for s in self.stages}:
+            if lost & {s.node_id for s in self.stages} or self._plan_broken:
                 await self._replan(reason)
         recovery.replanned_at = clock()
         key = attempt_id(rid, attempt)
@@ -694,6 +877,8 @@ class PipelineClient:
         """
         if self.footprint is None:
             raise PipelineError(f"{reason}; cannot re-plan without the model's layer sizes")
+        # Until a plan is in place, some nodes may hold a newer epoch than `self.stages`.
+        self._plan_broken = True
         for _ in range(3):
             offers = await self._offers()
             plan = plan_stages(self.footprint, offers)
@@ -706,13 +891,9 @@ class PipelineClient:
             }
             replies = await self._ask(asks, self.policy.reconfigure_timeout)
             self.epoch = epoch
-            refused = {
-                node: ("no answer" if reply is None else reply.error)
-                for node, reply in replies.items()
-                if reply is None or reply.error
-            }
-            if not refused:
-                self.stages = [StageInfo.from_reply(replies[node]) for node, _ in plan]
+            if all(reply is not None and not reply.error for reply in replies.values()):
+                self._plan_broken = False
+                self._set_stages([StageInfo.from_reply(replies[node]) for node, _ in plan])
                 layout = ", ".join(
                     f"{s.node_id[-6:]}: {s.layers.start}-{s.layers.stop - 1}" for s in self.stages
                 )
@@ -722,63 +903,65 @@ class PipelineClient:
                     with anyio.move_on_after(5):
                         await self._await_token_subscription(5)
                 return
-            for node, why in refused.items():
-                self.excluded.add(node)
-                self._event(node, "refused", f"epoch {epoch}: {why}")
+            for node, reply in replies.items():
+                if reply is None:
+                    # Gone (back when it connects again) or hung (back when it answers).
+                    self._lose(node, f"no answer to the plan of epoch {epoch}")
+                elif reply.error:
+                    self.roster.refused.add(node)
+                    self._event(node, "refused", f"epoch {epoch}: {reply.error}")
         raise PipelineError(f"{reason}; no new plan could be put in place after 3 tries")
 
     async def _offers(self, grace: float = 0.3) -> list[NodeOffer]:
-        """Every reachable node that serves this model and is not excluded, with its memory
-        budget: the current stages first (in order), then any other connected peer that
-        answers as a stage node of the same model (a restarted or spare node). Peers that
-        did not answer before (other clients, observers) are asked again only with a long
-        `grace` (`rebalance`), so that they do not slow every failover down."""
-        current = [s.node_id for s in self.stages]
-        others = sorted(self.router.connected - set(current) - {self.router.node_id})
-        if grace < self.policy.query_timeout:
-            others = [p for p in others if p not in self._silent]
-        peers = [p for p in current + others if p in self.router.connected]
-        peers = [p for p in peers if p not in self.excluded]
+        """Every connected node that serves this model and may be planned, with its memory
+        budget, in rank order (a node that returns takes its old place): the known stage
+        nodes, and any connected peer never asked (a restarted or spare node), which gets
+        only `grace` seconds once the others have answered, so that a peer that is no stage
+        node (another client) does not slow a failover down."""
+        connected = self.router.connected
+        known = set(self.roster.usable(connected))
+        known |= {s.node_id for s in self.stages if s.node_id in connected} - self.excluded
+        new = [p for p in self.roster.to_ask(connected) if p not in known | self.roster.lost]
+        peers = self.roster.ordered(known | set(new))
         replies = await self._ask(
-            {p: InfoQuery for p in peers},
-            self.policy.query_timeout,
-            optional=[p for p in others if p not in self.budgets],
-            grace=grace,
+            {p: InfoQuery for p in peers}, self.policy.query_timeout, optional=new, grace=grace
         )
-        self._silent.update(p for p in others if replies.get(p) is None)
-        model = self.stages[0] if self.stages else None
         offers = []
         for peer in peers:
-            reply = replies.get(peer)
-            if not isinstance(reply, InfoReply):
-                continue
-            if model is not None and (reply.model_fingerprint, reply.blas, reply.blas_threads) != (
-                model.fingerprint,
-                model.blas,
-                model.blas_threads,
-            ):
-                continue
-            self._silent.discard(peer)
-            self.budgets[peer] = reply.memory_budget
-            # A new plan's epoch must be above every node's, spares' included.
-            self.epoch = max(self.epoch, reply.epoch)
-            offers.append(NodeOffer(peer, reply.memory_budget or (1 << 40)))
+            budget = self._judge(peer, replies.get(peer), mark_silent=False)
+            if budget is not None:
+                offers.append(NodeOffer(peer, budget))
         if not offers:
             raise ModelDoesNotFitError("no node is left to hold the model")
         return offers
 
+    def _judge(self, peer: str, reply: Any, mark_silent: bool) -> int | None:
+        """Record what `peer`'s answer to an InfoQuery says; its memory budget if it is a
+        stage node of this pipeline's model."""
+        if not isinstance(reply, InfoReply):
+            if mark_silent:
+                self.roster.no_answer(peer)
+            return None
+        model = self.stages[0] if self.stages else None
+        if model is not None and (reply.model_fingerprint, reply.blas, reply.blas_threads) != (
+            model.fingerprint,
+            model.blas,
+            model.blas_threads,
+        ):
+            self.roster.stranger(peer)
+            return None
+        self.roster.served(peer, reply.memory_budget)
+        # A new plan's epoch must be above every node's, spares' included.
+        self.epoch = max(self.epoch, reply.epoch)
+        return reply.memory_budget or (1 << 40)
+
     async def rebalance(self) -> bool:
-        """Bring nodes that joined since the last plan (a restarted or new node) into the
-        pipeline: re-plan over every reachable node if that set changed. True if it did."""
-        if not self.policy.enabled or self.footprint is None:
-            return False
-        # Not in a hurry here: a node that just started may take a while to answer.
-        offers = await self._offers(grace=self.policy.query_timeout)
-        if {o.node_id for o in offers} == {s.node_id for s in self.stages}:
-            return False
+        """Bring nodes that joined or returned since the last plan into the pipeline now
+        (the client does so by itself between requests; see `_keep_plan`). True if the plan
+        changed."""
+        await self._classify()
         async with self._plan_lock:
-            await self._replan("new nodes joined")
-        return True
+            return await self._replan_if_better()
 
     async def set_faults(
         self,
@@ -857,6 +1040,19 @@ class PipelineClient:
         )
 
     # -- counters --------------------------------------------------------------------------
+
+    def stage_records(self) -> list[dict[str, Any]]:
+        """The stages as a kept cluster's record lists them (`cluster.record_plan`): node
+        id, pid, layers, and where the node listens (its health view says; else the address
+        this client joined it at)."""
+        records = []
+        for s in self.stages:
+            view = self.views.views.get(s.node_id)
+            addrs = list(view.addrs) if view is not None else []
+            addrs += [a for a in self._join_addrs if a.endswith(f"/p2p/{s.node_id}")]
+            layers = [s.layers.start, s.layers.stop]
+            records.append({"node_id": s.node_id, "pid": s.pid, "layers": layers, "addrs": addrs})
+        return records
 
     def names(self) -> dict[str, str]:
         """Peer id -> 'stage i' / 'client'."""

@@ -13,7 +13,10 @@ layers and why.
 Kept clusters (`p2pr pipeline up`, `p2pr generate --keep`) run detached, until SIGTERM; their
 process ids and addresses are recorded under the cache folder so that later commands join
 them (`running_cluster`), `p2pr pipeline down` stops them (`stop_cluster`) and `p2pr health`
-finds them (`kept_cluster_addrs`).
+finds them (`kept_cluster_addrs`). The record follows the pipeline: a node that died is left
+out of what `running_cluster` gives while any other still runs (the client joining the
+survivors re-plans over them), and a client that used the kept pipeline writes back the plan
+it left it in (`record_plan`: after a failover, the nodes that serve and their layers).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "cluster_state_path",
     "kept_cluster_addrs",
     "model_num_layers",
+    "record_plan",
     "running_cluster",
     "split_layers",
     "stop_cluster",
@@ -302,12 +306,22 @@ class StageCluster:
         self.nodes[index].proc.send_signal(signal.SIGSTOP)
         return time.perf_counter()
 
+    def resume(self, index: int) -> float:
+        """SIGCONT node `index` after `hang`: the same process, peer id and state carry on
+        (a GC stall or a laptop lid that opened again); returns the `time.perf_counter()`."""
+        self.nodes[index].proc.send_signal(signal.SIGCONT)
+        return time.perf_counter()
+
     def restart(
-        self, index: int, extra_bootstrap: Sequence[str] = (), timeout: float = 120.0
+        self,
+        index: int,
+        extra_bootstrap: Sequence[str] = (),
+        timeout: float = 120.0,
+        bootstrap_from: Sequence[int] | None = None,
     ) -> NodeHandle:
         """Start node `index` again (a new process and peer id, the same layers and
-        arguments), bootstrapping from the other nodes that still run and `extra_bootstrap`
-        (e.g. a client's address, so that the client sees it); waits until it is ready."""
+        arguments), bootstrapping from the other nodes that still run (only those of
+        `bootstrap_from`, when given) and `extra_bootstrap`; waits until it is ready."""
         old = self.nodes[index]
         if old.proc.poll() is None:
             raise RuntimeError(f"{old.label} is still running")
@@ -315,7 +329,9 @@ class StageCluster:
         bootstrap = [
             a
             for other in self.nodes
-            if other is not old and other.proc.poll() is None
+            if other is not old
+            and other.proc.poll() is None
+            and (bootstrap_from is None or other.index in bootstrap_from)
             for a in other.addrs[:1]
         ] + list(extra_bootstrap)
         deadline = time.monotonic() + timeout
@@ -398,30 +414,92 @@ def cluster_state_path(model_dir: str | Path, nodes: int, cache_dir: Path | None
     return root / "clusters" / f"{Path(model).name}-{key}-{nodes}.json"
 
 
+# The per-node lists of a record, in stage order.
+_NODE_FIELDS = ("pids", "node_ids", "addrs", "layers", "logs")
+
+
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs a stage node (not a process that got the number of one that died)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc here: the signal test is all there is
+    return b"inference_glue.node" in command
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("pids"), list) else None
+
+
+def _live_nodes(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with only the nodes whose process still runs."""
+    live = [i for i, pid in enumerate(state["pids"]) if _alive(int(pid))]
+    out = dict(state)
+    for field in _NODE_FIELDS:
+        values = state.get(field) or [None] * len(state["pids"])
+        out[field] = [values[i] for i in live if i < len(values)]
+    return out
 
 
 def running_cluster(
     model_dir: str | Path, nodes: int, cache_dir: Path | None = None
 ) -> dict[str, Any] | None:
-    """The record of a kept cluster for this model and size whose processes all still run;
-    a stale record is removed."""
+    """The record of the kept cluster started with `nodes` nodes for this model, with only
+    its nodes that still run (after a failover, the survivors); None (and the record
+    removed) when none does."""
     path = cluster_state_path(model_dir, nodes, cache_dir)
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    state = _read_record(path)
+    if state is None:
         return None
-    if all(_alive(pid) for pid in state.get("pids", [])) and state.get("addrs"):
-        return state
+    live = _live_nodes(state)
+    if live["pids"] and live["addrs"]:
+        return live
     stop_cluster(path)
     return None
+
+
+def record_plan(path: Path, plan: Sequence[dict[str, Any]]) -> None:
+    """Write back the plan a client left a kept cluster in: one dict per stage, in order,
+    with `node_id`, `pid`, `layers` ([start, stop]) and `addrs` (where it listens; may be
+    empty for a node the record already knows). Recorded nodes that still run but are not
+    in the plan stay in the record (as spares, layers None), so that `pipeline down` stops
+    them too."""
+    state = _read_record(path)
+    if state is None or not plan:
+        return
+    live = _live_nodes(state)
+    known = {node: i for i, node in enumerate(live["node_ids"])}
+    rows: list[tuple[Any, ...]] = []
+    for stage in plan:
+        i = known.pop(stage["node_id"], None)
+        addrs = [a for a in stage.get("addrs", ()) if isinstance(a, str)]
+        addr = live["addrs"][i] if i is not None else (addrs[0] if addrs else None)
+        if addr is None:
+            continue  # a node nobody could join again: not worth recording
+        log = live["logs"][i] if i is not None else None
+        rows.append((stage["pid"], stage["node_id"], addr, list(stage["layers"]), log))
+    rows += [
+        (live["pids"][i], node, live["addrs"][i], None, live["logs"][i])
+        for node, i in known.items()
+    ]
+    if not rows:
+        return
+    for field, values in zip(_NODE_FIELDS, zip(*rows, strict=True), strict=True):
+        state[field] = list(values)
+    state["updated"] = time.time()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def save_cluster(cluster: StageCluster, cache_dir: Path | None = None) -> Path:
@@ -437,10 +515,7 @@ def stop_cluster(path: Path, timeout: float = 15.0) -> list[int]:
 
     Returns the process ids that were still running.
     """
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        state = {}
+    state = _read_record(path) or {}
     pids = [int(pid) for pid in state.get("pids", []) if _alive(int(pid))]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):

@@ -134,6 +134,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from inference_glue.cluster import (
         ClusterStartError,
         StageCluster,
+        cluster_state_path,
+        record_plan,
         running_cluster,
         save_cluster,
     )
@@ -164,10 +166,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cluster: StageCluster | None = None
     addrs: list[str] = list(args.join or [])
     how = "joined"
+    record: Path | None = None  # of a kept pipeline: follows what this run does to it
     if not addrs:
         state = running_cluster(model_dir, args.nodes)
         if state is not None:
             addrs = state["addrs"]
+            record = cluster_state_path(model_dir, args.nodes)
             how = f"joined the running pipeline (pids {state['pids']})"
         else:
             cluster = StageCluster(model_dir, args.nodes, faults=args.faults, detach=args.keep)
@@ -178,8 +182,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             addrs = cluster.addrs
             how = "started"
             if args.keep:
-                path = save_cluster(cluster)
-                how = f"started and kept (p2pr pipeline down stops it; {path})"
+                record = save_cluster(cluster)
+                how = f"started and kept (p2pr pipeline down stops it; {record})"
 
     async def run() -> dict[str, Any]:
         async with PipelineClient.connect(
@@ -213,6 +217,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                         sys.stdout.write(chunk.text)
                         sys.stdout.flush()
             end = time.perf_counter()
+            if record is not None:  # after a failover: the nodes that serve, their layers
+                record_plan(record, client.stage_records())
             if not args.json:
                 sys.stdout.write("\n")
             stats = await client.stats() if (args.stats or args.json) else None
@@ -578,20 +584,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     err = _err()
     if args.action == "status":
-        paths = recorded_clusters()
         rows = []
-        for path in paths:
+        for path in recorded_clusters():
             state = json.loads(path.read_text())
-            alive = running_cluster(state["model"], state["nodes"]) is not None
-            rows.append({**state, "running": alive, "record": str(path)})
+            # The nodes that still run (after a failover, the survivors serve).
+            live = running_cluster(state["model"], state["nodes"])
+            row = {**state, **(live or {}), "running": live is not None, "record": str(path)}
+            rows.append({**row, "serving": len(live["pids"]) if live else 0})
         if args.json:
             print(json.dumps(rows))
         elif not rows:
             print("no kept pipelines")
         for row in [] if args.json else rows:
+            serving = f"{row['serving']} of {row['nodes']} nodes" if row["running"] else "gone"
             print(
-                f"{Path(row['model']).name}: {row['nodes']} nodes, pids {row['pids']}, "
-                f"{'running' if row['running'] else 'gone'}; first node {row['addrs'][0]}"
+                f"{Path(row['model']).name}: started with {row['nodes']} nodes, pids "
+                f"{row['pids']}, {'running: ' + serving if row['running'] else serving}; "
+                f"first node {row['addrs'][0] if row['addrs'] else '-'}"
             )
         return 0
     if args.action == "down":

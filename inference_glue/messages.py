@@ -44,6 +44,7 @@ import attrs
 import msgpack
 
 from inference_glue.tokens import TokenChunk
+from p2p_reliable import schema
 from router import PublishPolicy, TypedTopic
 
 __all__ = [
@@ -90,6 +91,11 @@ CHUNK_DELIVERY = ("topic", "direct")
 FAILURE_KINDS = ("error", "corrupt", "stale")
 
 TOKENS: TypedTopic[TokenChunk] = TypedTopic("p2pr.infer.tokens", PublishPolicy.Always, TokenChunk)
+
+
+# The largest pipeline message: a prefill's hidden states (e.g. 2048 tokens x 8192 x 4 B)
+# fit in the protocol's max_message_size; a decoder never needs more.
+MAX_MESSAGE = 128 * 1024 * 1024
 
 
 class MessageDecodeError(ValueError):
@@ -398,18 +404,19 @@ def encode_message(message: Message) -> bytes:
 
 
 def decode_message(data: bytes) -> Message:
-    """Decode `encode_message` output; raises `MessageDecodeError` for anything else."""
+    """Decode `encode_message` output; raises `MessageDecodeError` for anything else.
+
+    Every field is checked against its type, nested ones included, by the project's one
+    strict schema converter (`p2p_reliable.schema`), then by the class's own checks."""
     try:
-        kind, fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
+        kind, fields = schema.decode(data, tuple[str, dict[str, Any]], max_bytes=MAX_MESSAGE)
+    except schema.SchemaError as exc:
         raise MessageDecodeError(f"not a pipeline message: {exc}") from None
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None or not isinstance(fields, dict):
+    cls = _TYPES.get(kind)
+    if cls is None:
         raise MessageDecodeError(f"unknown pipeline message kind {kind!r}")
     try:
-        if isinstance(fields.get("meta"), dict):
-            fields["meta"] = RequestMeta(**fields["meta"])
-        message: Message = cls(**fields)
-    except (TypeError, ValueError) as exc:
+        message: Message = schema.structure(fields, cls)
+    except schema.SchemaError as exc:
         raise MessageDecodeError(f"bad {kind!r} message: {exc}") from None
     return message

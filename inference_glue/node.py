@@ -394,7 +394,7 @@ class StageNode:
             return decode_message(item.payload)
         except MessageDecodeError as exc:
             self.counters.bad_messages += 1
-            log.warning("bad message from %s on %s: %s", item.peer, item.stream, exc)
+            self.router.refused(item.peer, "bad pipeline message", f"on {item.stream}: {exc}")
             return None
 
     async def _pump(self, stream: str, work: anyio.abc.ObjectSendStream[_Work]) -> None:
@@ -419,7 +419,11 @@ class StageNode:
                     await self._set_faults(message, item.peer)
                 elif message is not None:
                     self.counters.bad_messages += 1
-                    log.warning("unexpected %s from %s on the control stream", message, item.peer)
+                    self.router.refused(
+                        item.peer,
+                        "unexpected pipeline message",
+                        f"{type(message).__name__} on {item.stream}",
+                    )
 
     async def _reply(self, peer: str, message: Message) -> None:
         await self.router.send_to(peer, CLIENT_STREAM, encode_message(message))
@@ -515,8 +519,10 @@ class StageNode:
                 await self._reconfigure(message, item.peer)
             else:
                 self.counters.bad_messages += 1
-                log.warning(
-                    "unexpected %s from %s on %s", type(message).__name__, item.peer, item.stream
+                self.router.refused(
+                    item.peer,
+                    "unexpected pipeline message",
+                    f"{type(message).__name__} on {item.stream}",
                 )
         except anyio.get_cancelled_exc_class():
             raise

@@ -23,6 +23,8 @@ import msgpack
 import xxhash
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
+from p2p_reliable import schema
+
 __all__ = [
     "FINISH_REASONS",
     "AssemblerStats",
@@ -38,6 +40,11 @@ __all__ = [
 
 FINISH_REASONS = ("stop", "length")
 _WIRE_VERSION = 1
+
+
+# The wire form of a chunk (checked field by field by the project's one schema converter).
+_WireChunk = tuple[int, str, int, int, str, str | None, int]
+_MAX_CHUNK_BYTES = 64 * 1024
 
 
 class TokenChunkDecodeError(ValueError):
@@ -155,22 +162,16 @@ class TokenChunk:
             TokenChunkDecodeError: malformed bytes, or (with `verify`) a checksum mismatch.
         """
         try:
-            fields: Any = msgpack.unpackb(data)
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise TokenChunkDecodeError(f"token chunk is not valid msgpack: {exc}") from exc
-        if not isinstance(fields, list) or len(fields) != 7 or fields[0] != _WIRE_VERSION:
-            raise TokenChunkDecodeError("token chunk has the wrong structure or version")
-        _, request_id, seq, token_id, text, finish_reason, checksum = fields
-        if not (
-            isinstance(request_id, str)
-            and type(seq) is int
-            and seq >= 0
-            and type(token_id) is int
-            and isinstance(text, str)
-            and (finish_reason is None or finish_reason in FINISH_REASONS)
-            and type(checksum) is int
-        ):
-            raise TokenChunkDecodeError("token chunk has a field of the wrong type or value")
+            fields = schema.decode(data, _WireChunk, max_bytes=_MAX_CHUNK_BYTES)
+        except schema.SchemaError as exc:
+            raise TokenChunkDecodeError(f"token chunk: {exc}") from None
+        version, request_id, seq, token_id, text, finish_reason, checksum = fields
+        if version != _WIRE_VERSION or seq < 0:
+            raise TokenChunkDecodeError("token chunk has the wrong version or a negative seq")
+        if finish_reason is not None and finish_reason not in FINISH_REASONS:
+            raise TokenChunkDecodeError(
+                f"token chunk has an unknown finish reason {finish_reason!r}"
+            )
         chunk = cls(request_id, seq, token_id, text, finish_reason, checksum)
         if verify and not chunk.checksum_ok:
             raise TokenChunkDecodeError(f"token chunk {request_id!r} seq {seq}: checksum mismatch")

@@ -356,6 +356,15 @@ class PeerHealth:
         """The transport lost the connection: DEAD until the next heartbeat."""
         self._reset_pending = True
 
+    def on_connected(self, now: float) -> None:
+        """A (new) connection to the peer is up: judge its liveness afresh from `now`. The
+        silence of a pause or an outage is not a heartbeat interval: it would stretch phi's
+        idea of normal for a long time, and a resumed peer busy catching up would be judged
+        on evidence from before it stopped."""
+        self._phi = PhiAccrual(self.config)
+        self._reset_pending = False
+        self._seen(now)
+
     def on_rejected(self, now: float, reason: str) -> None:
         """Input from this peer rejected for ``reason`` (e.g. ``"auth"``)."""
         self.rejections[reason] = self.rejections.get(reason, 0) + 1

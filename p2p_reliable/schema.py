@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, MutableSequence, MutableSet, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, TypeVar, get_args, get_origin
+from typing import Any, TypeVar, get_args, get_origin, overload
 
 import attrs
 import cattrs
@@ -103,15 +103,24 @@ def _make_converter() -> cattrs.Converter:
 CONVERTER = _make_converter()
 
 
-def structure(data: Any, cls: type[T]) -> T:
-    """`data` (from msgpack or JSON) as a `cls`, or SchemaError."""
+@overload
+def structure(data: Any, cls: type[T]) -> T: ...
+@overload
+def structure(data: Any, cls: Any) -> Any: ...
+def structure(data: Any, cls: Any) -> Any:
+    """`data` (from msgpack or JSON) as a `cls` (a class or a typing form such as
+    `tuple[int, str]`), or SchemaError."""
     try:
         return CONVERTER.structure(data, cls)
     except BaseValidationError as exc:
         problems = "; ".join(cattrs.transform_error(exc))
-        raise SchemaError(f"not a valid {cls.__name__}: {problems}") from None
+        raise SchemaError(f"not a valid {_name(cls)}: {problems}") from None
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise SchemaError(f"not a valid {cls.__name__}: {exc}") from None
+        raise SchemaError(f"not a valid {_name(cls)}: {exc}") from None
+
+
+def _name(cls: Any) -> str:
+    return str(getattr(cls, "__name__", cls))
 
 
 def unstructure(obj: Any) -> Any:
@@ -125,10 +134,14 @@ def encode(obj: Any) -> bytes:
     return data
 
 
-def decode(data: bytes, cls: type[T], max_bytes: int = MAX_DOCUMENT_BYTES) -> T:
+@overload
+def decode(data: bytes, cls: type[T], max_bytes: int = ...) -> T: ...
+@overload
+def decode(data: bytes, cls: Any, max_bytes: int = ...) -> Any: ...
+def decode(data: bytes, cls: Any, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
     """Bytes from `encode` back into a `cls`; SchemaError for anything else."""
     if len(data) > max_bytes:
-        raise SchemaError(f"{len(data)} bytes exceed the {max_bytes} allowed for a {cls.__name__}")
+        raise SchemaError(f"{len(data)} bytes exceed the {max_bytes} allowed for a {_name(cls)}")
     try:
         raw = msgpack.unpackb(
             data,

@@ -64,6 +64,9 @@ for _noisy in ("libp2p.pubsub.gossipsub", "libp2p.network.auto_connector"):
 # Every redial of a peer that is down (a killed node) logs an ERROR there; the dial planner
 # counts failures and backs off, and the health table shows the peer as dead.
 logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
+# A stream that cannot be opened (a peer that does not speak the protocol, or is going away)
+# is logged there as a 7-line ERROR; the caller gets StreamFailure, and ours handle it.
+logging.getLogger("libp2p.host.basic_host").setLevel(logging.CRITICAL)
 
 
 @attrs.frozen
@@ -294,7 +297,7 @@ class Engine:
         self._token = trio.lowlevel.current_trio_token()
         addrs = listen_addrs(cfg.listen_host, cfg.listen_port)
         host = build_host(self.key_pair, addrs, cfg.psk, cfg.enable_mdns)
-        pubsub, gossipsub = build_pubsub(host, self._app_score)
+        pubsub, gossipsub = build_pubsub(host, self._app_score, self.reject)
         self._host, self._pubsub = host, pubsub
         host.get_network().register_notifee(_ConnectionWatch(self))
         async with host.run(addrs), trio.open_nursery() as nursery:
@@ -323,8 +326,11 @@ class Engine:
                 if cfg.enable_mdns:
                     peerDiscovery.unregister_peer_discovered_handler(self._on_mdns_peer)
                 # Leaving host.run() stops its tasks but leaves sockets to the garbage
-                # collector; peers would not see us go. Close connections explicitly.
+                # collector; peers would not see us go. Close connections explicitly, after
+                # the listeners: peers that see us go redial at once, and a connection
+                # accepted while closing fails its upgrade loudly (py-libp2p's ADDCONN_FAIL).
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await _close_listeners(host)
                     await host.close()
 
     def _run_inbox(self) -> None:
@@ -579,6 +585,7 @@ class Engine:
         self.connected[peer] = self.connected.get(peer) or address or "?"
         if first:
             self.endpoint.add_peer(peer, self._now())
+            self.endpoint.health(peer).on_connected(self._now())
         self.peers.on_connected(peer, first)
         self._flush()
 
@@ -619,7 +626,10 @@ class Engine:
     def _liveness_input(self) -> tuple[dict[str, float | None], set[str]]:
         now = self._now()
         heard = {p: self.endpoint.health(p).last_seen for p in self.connected}
-        dead = {p for p in heard if self.endpoint.health(p).state(now) is PeerState.DEAD}
+        # UNKNOWN: connected, but no heartbeat since (a peer that hangs right after it
+        # connects is found by its silence too).
+        quiet = (PeerState.DEAD, PeerState.UNKNOWN)
+        dead = {p for p in heard if self.endpoint.health(p).state(now) in quiet}
         return heard, dead
 
     @property
@@ -677,6 +687,16 @@ class Engine:
             text = str(addr)
             out.append(text if "/p2p/" in text else f"{text}/p2p/{peer}")
         return out
+
+
+async def _close_listeners(host: IHost) -> None:
+    network: Any = host.get_network()
+    for listener in list(network.listeners.values()):
+        try:
+            await listener.close()
+        except Exception as exc:
+            log.debug("closing a listener: %r", exc)
+    network.listeners.clear()
 
 
 class _ConnectionWatch(INotifee):

