@@ -124,11 +124,16 @@ class StreamSender:
         self._control(peer, Kind.SYNC, seq=self.log.floor, payload=encode_sync(info))
 
     def remove_receiver(self, peer: str, now: float, reason: str) -> None:
-        """Stop tracking `peer`; every message it had not acked becomes Unrecoverable."""
+        """Stop tracking `peer`; every message it had not acked becomes Unrecoverable.
+
+        A direct stream's peer is told so (a GAP): those messages are gone. A topic
+        subscriber is not: they stay retained, and if it is still there or comes back it
+        repairs them like any late joiner, instead of skipping them.
+        """
         rcv = self._receivers.get(peer)
         if rcv is None:
             return
-        self._abandon(rcv, list(rcv.unacked), now, reason)
+        self._abandon(rcv, list(rcv.unacked), now, reason, tell=self.dest is not None)
         # Whatever it held may be gone with it (a restart): assume so rather than wait on it.
         rcv.release_all(self.host.ledger)
         if self.dest is None:
@@ -345,7 +350,9 @@ class StreamSender:
             self.log.settle(frag.msg_start)
         return flight
 
-    def _abandon(self, rcv: SendWindow, seqs: list[int], now: float, reason: str) -> None:
+    def _abandon(
+        self, rcv: SendWindow, seqs: list[int], now: float, reason: str, *, tell: bool = True
+    ) -> None:
         if not seqs:
             return
         messages = sorted({self._fragment(s).msg_start for s in seqs})
@@ -355,12 +362,13 @@ class StreamSender:
         for seq in seqs:
             self._settle(rcv, seq)
         for start in messages:
-            rcv.release(start, self.host.ledger)  # it gives them up (our GAP says so)
+            rcv.release(start, self.host.ledger)  # it gives them up (or we forget it)
             self.host.emit(Unrecoverable(stream=self.name, seq=start, peer=rcv.peer, reason=reason))
         for r in lost:
             rcv.abandoned.add(r.start, r.stop)
         self.host.health(rcv.peer).on_unrecoverable(now, len(messages))
-        self._control(rcv.peer, Kind.GAP, payload=encode_ranges(lost))
+        if tell:
+            self._control(rcv.peer, Kind.GAP, payload=encode_ranges(lost))
 
     def _control(self, peer: str, kind: Kind, *, seq: int = 0, payload: bytes = b"") -> None:
         env = Envelope(

@@ -190,6 +190,29 @@ def test_a_removed_peer_is_given_up_at_once() -> None:
     assert [(u.seq, u.reason) for u in a.unrecoverable()] == [(0, "peer removed")]
 
 
+def test_a_removed_subscriber_is_told_of_no_gap_and_repairs_from_retention() -> None:
+    net = _pair(QUIET, delay=0.001)
+    a, b = net.nodes["A"], net.nodes["B"]
+    net.subscribe("B", "topic")
+    sent = _drop_data(net, seq=1, times=1000)
+    for i in range(3):  # one frame each
+        net.publish("A", "topic", b"m%d" % i)
+        net.run(net.now + 0.002)
+    assert net.run_until(lambda: len(sent) >= 2, until=1.0)  # m1 lost, sent again, lost
+    assert [m.payload for m in b.delivered()] == [b"m0"]
+    # The publisher stops waiting for B (its subscription seemed to go), while B, still
+    # subscribed, keeps its receive state.
+    a.endpoint.remove_subscriber("topic", "B", net.now)
+    net.drop_filter = None
+    net.run(net.now + 0.01)
+    assert [(u.seq, u.reason) for u in a.unrecoverable()] == [(1, "unsubscribed")]
+    a.endpoint.add_subscriber("topic", "B", net.now)
+    assert net.run_until(lambda: len(b.delivered()) == 3, until=net.now + 5.0)
+    # No GAP reached B for what it lacked then: it got m1 from A's retention.
+    assert [m.payload for m in b.delivered()] == [b"m0", b"m1", b"m2"]
+    assert b.gaps() == []
+
+
 def _redundant(**changes: object) -> ProtocolConfig:
     return attrs.evolve(QUIET, redundant_streams={STREAM, "topic"}, **changes)  # type: ignore[arg-type]
 
