@@ -7,14 +7,18 @@ latest samples' minimum minus the smallest RTT seen in the last minute (the base
 
 It starts at `INITIAL` floors (so that a first burst cannot fill a long queue before any
 sample comes back) and doubles per round trip (every acknowledged byte adds one) until the
-delay first exceeds `target`. From then on, while the delay is over `target` the window is cut, at most once per round trip, to what
-would have kept it at `target` at the same delivery rate: in flight x (base + target) /
-(base + delay), as TCP Vegas and BBR size theirs. While it is under, the window grows by a
-fraction of each acknowledgement (by at most `GAIN` of itself per round trip, and only
-while the application fills half of it). So a larger send window (`window_bytes`, the
-ceiling) adds throughput where the path has room and a short queue where it has not,
-instead of a long queue in which acknowledgements (of the other direction too) and
-latency-critical messages wait and timers expire.
+delay first exceeds `target`. From then on, while the delay is over `target` the window is
+cut, at most once per round trip, to what would have kept it at `target` at the same
+delivery rate, as TCP Vegas and BBR size theirs. The rate is that of the sample: the bytes
+that were in flight when its message was sent drained in its RTT (base + delay), so the
+window is that pipe x (base + target) / (base + delay). Not the bytes in flight now: a
+sample is a queue's length old, and while the window doubled the queue grew twice over
+(the cut would leave it several targets long). While the delay is under `target`, the
+window grows by a fraction of each acknowledgement (by at most `GAIN` of itself per round
+trip, and only while the application fills half of it). So a larger send window
+(`window_bytes`, the ceiling) adds throughput where the path has room and a short queue
+where it has not, instead of a long queue in which acknowledgements (of the other
+direction too) and latency-critical messages wait and timers expire.
 
 Loss does not shrink the window: frames lost here are lost to damage or faults, not to
 overflowing queues (every queue in the path is bounded by flow control instead).
@@ -41,7 +45,8 @@ class DelayWindow:
         self.window = ceiling if target is None else min(ceiling, INITIAL * self.floor)
         self.in_flight = 0
         self.starting = True  # doubling per round trip until the queue first grows
-        self._current: deque[float] = deque(maxlen=CURRENT_FILTER)
+        # (RTT, bytes in flight when its message was sent, if known) of the latest samples.
+        self._current: deque[tuple[float, int | None]] = deque(maxlen=CURRENT_FILTER)
         self._base: deque[tuple[int, float]] = deque()  # (bucket, minimum), oldest first
         self._last_cut = float("-inf")
 
@@ -62,11 +67,15 @@ class DelayWindow:
         base = self.base_delay()
         if not self._current or base is None:
             return None
-        return max(0.0, min(self._current) - base)
+        return max(0.0, self._shortest()[0] - base)
 
-    def on_sample(self, rtt: float, now: float) -> None:
-        """An RTT sample (ack delay taken out) arrived at `now`."""
-        self._current.append(rtt)
+    def _shortest(self) -> tuple[float, int | None]:
+        return min(self._current, key=lambda sample: sample[0])
+
+    def on_sample(self, rtt: float, now: float, pipe: int | None = None) -> None:
+        """An RTT sample (ack delay taken out) arrived at `now`; `pipe`: the bytes in flight
+        to the peer when its message was sent (itself included)."""
+        self._current.append((rtt, pipe if pipe else None))
         bucket = int(now // BASE_BUCKET)
         if self._base and self._base[-1][0] == bucket:
             self._base[-1] = (bucket, min(self._base[-1][1], rtt))
@@ -89,7 +98,9 @@ class DelayWindow:
             rtt = base + delay
             if now - self._last_cut >= rtt:
                 self._last_cut = now
-                fitting = int(in_flight_before * (base + self.target) / rtt)
+                pipe = self._shortest()[1]
+                drained = in_flight_before if pipe is None else pipe
+                fitting = int(drained * (base + self.target) / rtt)
                 self.window = max(self.floor, min(self.window, fitting))
             return
         if in_flight_before < self.window / 2:

@@ -225,7 +225,7 @@ class LossRecovery:
         if acked[-1] == rcv.largest_acked and flights[-1].attempt == 0:
             sample = rtt.on_sample(now - flights[-1].first_sent, info.ack_delay)
             host.health(rcv.peer).on_rtt_sample(sample, now)
-            host.congestion(rcv.peer).on_sample(sample, now)
+            host.congestion(rcv.peer).on_sample(sample, now, flights[-1].pipe)
         learn_reordering(rcv, acked, flights, now, rtt.min_rtt or 0.0)
         sent, seq = delivered_sent_at(acked, flights, now, rtt.min_rtt or 0.0, self.topic is None)
         if (sent, seq) > (rcv.rack_sent, rcv.rack_seq):

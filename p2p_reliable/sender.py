@@ -196,11 +196,12 @@ class StreamSender:
             rcv.hold(start, start + count, cost, ledger)
             ledger.unacked += count
             self.host.health(rcv.peer).on_sent(now, count)
+            congestion = self.host.congestion(rcv.peer)
+            congestion.on_sent(total)
             for seq in range(start, start + count):
-                rcv.unacked[seq] = InFlight(0, now, now)
+                rcv.unacked[seq] = InFlight(0, now, now, congestion.in_flight)
             rcv.pending_per_msg[start] = count
             rcv.unacked_bytes += total
-            self.host.congestion(rcv.peer).on_sent(total)
             self.recovery.on_sent(rcv, now)
         if redundant and active and len(payload) <= self.host.config.redundant_max_bytes:
             self.recovery.send_twice(range(start, start + count), now)

@@ -36,6 +36,9 @@ class InFlight:
     attempt: int  # retransmissions so far (a planned redundant copy is not one)
     first_sent: float
     last_sent: float
+    # Bytes in flight to the peer, over all streams, once it was first sent (itself
+    # included): what its RTT sample measured the queue of (congestion.py).
+    pipe: int = 0
 
 
 @attrs.define

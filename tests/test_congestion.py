@@ -50,6 +50,18 @@ def test_a_long_queue_cuts_it_to_what_keeps_the_delay_at_the_target_once_per_rtt
     assert window.window == max(FLOOR, int(expected * 0.06 / 0.110))
 
 
+def test_the_cut_keeps_the_rate_the_sample_measured_not_the_bytes_in_flight_now() -> None:
+    window = _window()
+    window.window = 8 * 1024 * KIB  # doubled since the samples' messages left
+    window.on_sample(0.010, now=0.0, pipe=64 * KIB)
+    for i in range(4):
+        # Sent with 1 MiB ahead of them (some of it further ahead: the shortest counts).
+        window.on_sample(0.110 + i / 1000, now=1.0 + i / 1000, pipe=1024 * KIB + i * KIB)
+    window.on_acked(64 * KIB, in_flight_before=8 * 1024 * KIB, now=1.0)
+    # 1 MiB drained in 110 ms: at that rate, 60 ms hold the base delay plus the target.
+    assert window.window == int(1024 * KIB * (0.010 + 0.05) / 0.110)
+
+
 def test_it_never_goes_below_the_floor_nor_above_the_ceiling() -> None:
     window = _window()
     window.on_sample(0.001, now=0.0)
