@@ -1,9 +1,11 @@
 """p2p_reliable: a sans-IO reliability protocol for messages over best-effort pub/sub.
 
 Envelopes carry sequence numbers and an xxh3-64 checksum of their exact bytes; receivers ack,
-NACK holes, suppress duplicates and deliver in order per publisher; publishers retransmit on
-RFC 6298 timers with backoff and jitter and end with an explicit Unrecoverable verdict. Large
-messages are compressed and fragmented. `Endpoint` is the whole protocol for one node.
+NACK holes, suppress duplicates and deliver in order per publisher; publishers repair what
+acknowledgements show missing (RACK), probe a silent tail (RFC 8985), may send small messages
+twice, keep the queue towards each peer short (a delay-based window), and end with an explicit
+Unrecoverable verdict when a peer is removed or a time budget runs out. Large messages are
+compressed and fragmented. `Endpoint` is the whole protocol for one node.
 """
 
 from .config import KiB, MiB, ProtocolConfig

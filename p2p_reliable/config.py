@@ -21,8 +21,12 @@ class ProtocolConfig:
     # (or bytes) unacked. An empty window always admits one message, however large.
     window_messages: int = 256
     # About the bandwidth-delay product of a LAN link as py-libp2p drives it (~60 MB/s x
-    # ~50 ms): more in flight only queues, and inflated queueing delay makes timers fire early.
+    # ~50 ms). It is the ceiling of a delay-based window per peer (congestion.py) that keeps
+    # the queueing delay towards the peer near queue_delay_target (None: no such window),
+    # down to min_window_bytes.
     window_bytes: int = 4 * MiB
+    queue_delay_target: float | None = 0.05
+    min_window_bytes: int = 256 * KiB
     # Join semantics: a topic message stays retained retain_seconds after publication, even
     # once every receiver has it, so a subscriber the publisher learns of late (the router
     # polls gossipsub every 50 ms, seconds under load) still gets everything published since it
@@ -72,15 +76,24 @@ class ProtocolConfig:
     # each at most. 256 per publisher outlasts its 64 live direct streams several times.
     resume_points_per_peer: int = 256
     max_resume_points: int = 8192
+    # The longest a receiver holds an ack back (the probe timeout allows for it).
     ack_delay: float = 0.005
     ack_every: int = 8
     nack_delay: float = 0.06  # Aeron's NAK delay: lets reordered messages arrive first
     nack_backoff_cap: float = 1.0
     # A hole the publisher neither fills nor declares lost is given up after this long. It must
-    # exceed the publisher's whole retry span so that the publisher always gives up first.
+    # exceed the publisher's retry budget (retry.max_span()) so that the publisher always
+    # gives up first.
     gap_timeout: float | None = None
     heartbeat_interval: float = 0.1
     max_frame_bytes: int = 900 * KiB
+    # Redundancy for small latency-critical messages (hidden states, tokens): each message of
+    # these streams (or any sent with redundant=True) up to redundant_max_bytes goes a second
+    # time redundant_spacing later, unless acknowledged by then, so that a lost frame costs
+    # the spacing instead of a repair. Bytes are cheap; the receiver suppresses duplicates.
+    redundant_streams: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    redundant_max_bytes: int = 64 * KiB
+    redundant_spacing: float = 0.002
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -106,6 +119,10 @@ class ProtocolConfig:
             self.retain_total_bytes < 0
         ):
             problems.append("retention bounds must not be negative")
+        if self.queue_delay_target is not None and not self.queue_delay_target > 0:
+            problems.append("queue_delay_target must be positive (or None)")
+        if self.redundant_max_bytes < 0 or self.redundant_spacing < 0:
+            problems.append("redundant_max_bytes and redundant_spacing must not be negative")
         if self.gap_timeout is not None and self.gap_timeout <= self.retry.max_span():
             problems.append("gap_timeout must exceed retry.max_span()")
         if problems:

@@ -16,6 +16,7 @@ import attrs
 
 from .budget import ENVELOPE_OVERHEAD, ReceiveBudget, SendLedger, message_cost
 from .config import ProtocolConfig
+from .congestion import DelayWindow
 from .control import decode_ack, decode_heartbeat, decode_ranges, decode_sync, encode_heartbeat
 from .envelope import (
     AuthError,
@@ -91,6 +92,7 @@ class Endpoint:
         )
         self.ledger = SendLedger(cfg.peer_receive_bytes)
         self._rtt: dict[str, RttEstimator] = {}
+        self._congestion: dict[str, DelayWindow] = {}
         self._peers: dict[str, float] = {}  # peer -> when the connection came up
         self._subscriptions: dict[str, float] = {}  # topic -> when we subscribed
         self._subscribers: dict[str, set[str]] = {}
@@ -169,8 +171,14 @@ class Endpoint:
 
     # -- application sends -----------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, now: float) -> int:
-        """Broadcast `payload` on `topic`; return its sequence number or raise WindowFull."""
+    def publish(
+        self, topic: str, payload: bytes, now: float, *, redundant: bool | None = None
+    ) -> int:
+        """Broadcast `payload` on `topic`; return its sequence number or raise WindowFull.
+
+        `redundant`: send it twice (see `ProtocolConfig.redundant_streams`); None: as the
+        configuration says for `topic`.
+        """
         sender = self._topics.get(topic)
         if sender is None:
             sender = StreamSender(
@@ -179,10 +187,15 @@ class Endpoint:
             self._topics[topic] = sender
             for peer in sorted(self._subscribers.get(topic, ())):
                 sender.add_receiver(peer, now)
-        return self._send(sender, payload, now)
+        return self._send(sender, payload, now, redundant)
 
-    def send(self, peer: str, stream: str, payload: bytes, now: float) -> int:
-        """Send `payload` to `peer` alone on a direct stream; return its sequence number."""
+    def send(
+        self, peer: str, stream: str, payload: bytes, now: float, *, redundant: bool | None = None
+    ) -> int:
+        """Send `payload` to `peer` alone on a direct stream; return its sequence number.
+
+        `redundant`: as for `publish`.
+        """
         sender = self._directs.get((peer, stream))
         if sender is None:
             sender = StreamSender(
@@ -190,7 +203,7 @@ class Endpoint:
             )
             self._directs[(peer, stream)] = sender
             self._directs_to.setdefault(peer, {})[stream] = sender
-        return self._send(sender, payload, now)
+        return self._send(sender, payload, now, redundant)
 
     def can_publish(self, topic: str, size: int = 0) -> bool:
         """Whether `publish` would accept a message of `size` bytes now."""
@@ -207,9 +220,13 @@ class Endpoint:
     def _fits(self, peer: str, size: int) -> bool:
         return self.ledger.fits(peer, message_cost(size, self.config.max_fragment_payload))
 
-    def _send(self, sender: StreamSender, payload: bytes, now: float) -> int:
+    def _send(
+        self, sender: StreamSender, payload: bytes, now: float, redundant: bool | None
+    ) -> int:
+        if redundant is None:
+            redundant = sender.name in self.config.redundant_streams
         try:
-            seq = sender.send(payload, now)
+            seq = sender.send(payload, now, redundant=redundant)
         except WindowFull:
             self.stats.window_full += 1
             self._blocked[sender] = None
@@ -220,8 +237,15 @@ class Endpoint:
 
     # -- input -----------------------------------------------------------------------------
 
-    def receive(self, data: bytes, from_peer: str, now: float) -> None:
-        """Feed a frame received from `from_peer` (the transport-authenticated sender)."""
+    def receive(
+        self, data: bytes, from_peer: str, now: float, arrived: float | None = None
+    ) -> None:
+        """Feed a frame received from `from_peer` (the transport-authenticated sender).
+
+        `arrived`: when the transport took the frame in, if it waited before this call (in
+        a queue, behind other work): acks report that wait as ack delay, so that the
+        publisher's RTT samples measure the network, not this node's backlog.
+        """
         try:
             items = decode_batch(data)
         except DecodeError as exc:
@@ -242,7 +266,7 @@ class Endpoint:
             if env.kind not in (Kind.ACK, Kind.NACK):
                 # ACKs and NACKs carry the epoch of the stream they answer, not their sender's.
                 self._note_epoch(env.origin, env.epoch, now)
-            self._dispatch(env, now)
+            self._dispatch(env, now, arrived)
         self.streams.wake_stalled(now)
 
     def _note_epoch(self, origin: str, epoch: int, now: float) -> None:
@@ -264,12 +288,12 @@ class Endpoint:
             self.health(peer).on_decode_error(now)
         self._events.append(Rejected(peer, exc.reason))
 
-    def _dispatch(self, env: Envelope, now: float) -> None:
+    def _dispatch(self, env: Envelope, now: float, arrived: float | None = None) -> None:
         key = (env.origin, env.stream, env.direct)
         try:
             if env.kind in (Kind.DATA, Kind.FRAGMENT):
                 if rcv := self.streams.receiver(key, env.epoch, now):
-                    rcv.on_data(env, now)
+                    rcv.on_data(env, now, arrived)
             elif env.kind in (Kind.ACK, Kind.NACK):
                 self._feedback(env, now)
             elif env.kind == Kind.SYNC:
@@ -408,6 +432,16 @@ class Endpoint:
         if est is None:
             est = self._rtt[peer] = RttEstimator(self.config.retry)
         return est
+
+    def congestion(self, peer: str) -> DelayWindow:
+        """The delay-based window towards `peer`."""
+        window = self._congestion.get(peer)
+        if window is None:
+            cfg = self.config
+            window = self._congestion[peer] = DelayWindow(
+                cfg.queue_delay_target, cfg.min_window_bytes, cfg.window_bytes
+            )
+        return window
 
     def health(self, peer: str) -> PeerHealth:
         """The health record for `peer`."""

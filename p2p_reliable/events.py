@@ -36,12 +36,13 @@ class Gap(Event):
 
 @attrs.frozen
 class Unrecoverable(Event):
-    """The message starting at `seq` could not be delivered to `peer`: retries are exhausted."""
+    """The message starting at `seq` could not be delivered to `peer`: the retry budget ran
+    out ("retry budget exhausted"), or the peer is gone ("peer removed", "unsubscribed")."""
 
     stream: str
     seq: int
     peer: str
-    reason: str = "retries exhausted"
+    reason: str = "retry budget exhausted"
 
 
 @attrs.frozen

@@ -45,7 +45,11 @@ class Feedback:
         self.nack_at: float | None = None
         self.advertised = 0  # the flow-control limit our last ack carried
         self._ack_pending = 0
-        self._ack_first: float | None = None
+        # The largest sequence number that arrived and when (QUIC's ack delay is that of the
+        # largest acknowledged: the publisher samples the RTT from it).
+        self._largest = -1
+        self._largest_at: float | None = None
+        self._last_arrival: float | None = None
         self._nacked = RangeSet()
         self._nack_round = 0
 
@@ -54,11 +58,23 @@ class Feedback:
         times = [t for t in (self.ack_at, self.nack_at) if t is not None]
         return min(times) if times else None
 
+    def note_arrival(self, seq: int, arrived: float, now: float) -> bool:
+        """`seq` arrived (first time) at `arrived`: the transport's time, if it kept one.
+
+        Returns whether the stream was quiet before (nothing for `ack_delay`): a lone message
+        (a token) is acked at once, which costs no more acks than delaying it and gives its
+        publisher an RTT sample free of ack delay, so its probe timer stays tight.
+        """
+        if seq > self._largest:
+            self._largest = seq
+            self._largest_at = arrived
+        quiet = self._last_arrival is None or now - self._last_arrival >= self.host.config.ack_delay
+        self._last_arrival = now
+        return quiet
+
     def schedule_ack(self, now: float, *, immediate: bool) -> None:
         """Something arrived that the publisher should hear of (at once if `immediate`)."""
         self._ack_pending += 1
-        if self._ack_first is None:
-            self._ack_first = now
         if immediate or self._ack_pending >= self.host.config.ack_every:
             self.ack_at = now
         elif self.ack_at is None:
@@ -66,17 +82,14 @@ class Feedback:
 
     def send_ack(self, now: float, floor: int, held: RangeSet, limit: int) -> None:
         """Send an ACK: everything below `floor` settled, `held` above it, credit to `limit`."""
-        info = AckInfo(
-            floor=floor,
-            ranges=held,
-            ack_delay=now - (self._ack_first if self._ack_first is not None else now),
-            limit=limit,
-        )
+        # From the arrival of the largest sequence number to now: the ack timer, and the
+        # time the frame waited before it was processed when the transport stamped it.
+        arrived = self._largest_at if self._largest_at is not None else now
+        info = AckInfo(floor=floor, ranges=held, ack_delay=max(0.0, now - arrived), limit=limit)
         self.advertised = limit
         self._control(Kind.ACK, encode_ack(info))
         self.host.stats.acks_sent += 1
         self._ack_pending = 0
-        self._ack_first = None
         self.ack_at = None
 
     def arm_nack(self, now: float, missing: bool) -> None:

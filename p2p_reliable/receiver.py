@@ -99,8 +99,9 @@ class StreamReceiver:
 
     # -- input -----------------------------------------------------------------------------
 
-    def on_data(self, env: Envelope, now: float) -> None:
-        """A DATA or FRAGMENT envelope of this stream arrived (checksum already verified)."""
+    def on_data(self, env: Envelope, now: float, arrived: float | None = None) -> None:
+        """A DATA or FRAGMENT envelope of this stream arrived (checksum already verified);
+        `arrived`: when the transport took its frame in, if earlier than `now`."""
         cfg = self.host.config
         seq = env.seq
         if (self.synced and seq < self.next) or seq in self._buffer:
@@ -128,12 +129,16 @@ class StreamReceiver:
             return
         self._buffer[seq] = env
         self._held.add(seq)
+        quiet = self.feedback.note_arrival(seq, now if arrived is None else min(arrived, now), now)
         if not self.synced and seq == 0:
             self._sync(0)
         # Fragment 0 tells how long its message is: a lost tail fragment is a known hole.
         whole = seq - env.frag_index + min(env.frag_count, self.host.codec.max_fragments())
         self._learn(max(seq + 1, whole), now)
-        self._schedule_ack(now, immediate=not self.synced or seq != self.next)
+        # At once too when it is out of order or fills a hole (RFC 5681 4.2): the publisher
+        # learns of a loss, or of how late a reordered message was, without our delay.
+        fills = self._held[-1].stop - 1 > seq
+        self._schedule_ack(now, immediate=quiet or fills or not self.synced or seq != self.next)
         self._deliver(now)
         self._arm_nack(now)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import heapq
 import random
 from typing import Protocol
 
 from .budget import SendLedger, message_cost
 from .config import ProtocolConfig
+from .congestion import DelayWindow
 from .control import AckInfo, StreamMark, SyncInfo, encode_ranges, encode_sync
+from .detection import LossRecovery, out_of_budget
 from .envelope import Envelope, EnvelopeCodec, Flags, Kind
 from .events import Event, PeerUnreachable, Unrecoverable, WindowOpen
 from .fragment import MessageCodec
@@ -42,6 +43,7 @@ class SenderHost(Protocol):
     def emit(self, event: Event) -> None: ...
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
     def rtt(self, peer: str) -> RttEstimator: ...
+    def congestion(self, peer: str) -> DelayWindow: ...
     def health(self, peer: str) -> PeerHealth: ...
 
 
@@ -52,8 +54,10 @@ class StreamSender:
     timers and ack state. A direct message leaves the log once its receiver has it; a topic
     message stays `retain_seconds` longer (within the retention bounds) so that a subscriber
     learned of late starts at the oldest retained message: learned of within that time, it
-    loses nothing published after it subscribed. Topic receivers that exhaust their retries are marked failed so that one
-    dead subscriber cannot stall the stream; they are revived by any sign of life.
+    loses nothing published after it subscribed. Lost messages are found and sent again as
+    detection.py describes. A topic receiver that leaves a message unacknowledged past the
+    retry budget is marked failed so that one dead subscriber cannot stall the stream; any
+    sign of life revives it.
     """
 
     def __init__(
@@ -72,7 +76,9 @@ class StreamSender:
         else:
             self.log = MessageLog(NO_RETENTION)
         self._receivers: dict[str, SendWindow] = {}
-        self._timers: list[tuple[float, str, int]] = []
+        self.recovery = LossRecovery(
+            host, topic=None if dest else name, data=lambda seq: self._fragment(seq).data
+        )
         self._blocked: int | None = None  # the size of the message refused, until it fits
         if dest is not None:
             self._receivers[dest] = self._new_receiver(dest, 0)
@@ -118,11 +124,16 @@ class StreamSender:
         self._control(peer, Kind.SYNC, seq=self.log.floor, payload=encode_sync(info))
 
     def remove_receiver(self, peer: str, now: float, reason: str) -> None:
-        """Stop tracking `peer`; every message it had not acked becomes Unrecoverable."""
+        """Stop tracking `peer`; every message it had not acked becomes Unrecoverable.
+
+        A direct stream's peer is told so (a GAP): those messages are gone. A topic
+        subscriber is not: they stay retained, and if it is still there or comes back it
+        repairs them like any late joiner, instead of skipping them.
+        """
         rcv = self._receivers.get(peer)
         if rcv is None:
             return
-        self._abandon(rcv, list(rcv.unacked), now, reason)
+        self._abandon(rcv, list(rcv.unacked), now, reason, tell=self.dest is not None)
         # Whatever it held may be gone with it (a restart): assume so rather than wait on it.
         rcv.release_all(self.host.ledger)
         if self.dest is None:
@@ -138,11 +149,18 @@ class StreamSender:
         return [
             rcv.peer
             for rcv in self._receivers.values()
-            if not rcv.failed and rcv.full(self.next_seq, size, cost, cfg, self.host.ledger)
+            if not rcv.failed
+            and rcv.full(
+                self.next_seq, size, cost, cfg, self.host.ledger, self.host.congestion(rcv.peer)
+            )
         ]
 
-    def send(self, payload: bytes, now: float) -> int:
-        """Queue a message for transmission; return its first sequence number."""
+    def send(self, payload: bytes, now: float, *, redundant: bool = False) -> int:
+        """Queue a message for transmission; return its first sequence number.
+
+        `redundant`: send it a second time `redundant_spacing` later unless acknowledged by
+        then (messages over `redundant_max_bytes` never are).
+        """
         blocking = self.blocking_receivers(len(payload))
         if blocking:
             self._blocked = len(payload)
@@ -178,12 +196,15 @@ class StreamSender:
             rcv.hold(start, start + count, cost, ledger)
             ledger.unacked += count
             self.host.health(rcv.peer).on_sent(now, count)
-            delay = self._delay(rcv.peer, 0)
+            congestion = self.host.congestion(rcv.peer)
+            congestion.on_sent(total)
             for seq in range(start, start + count):
-                rcv.unacked[seq] = InFlight(0, now, now, now + delay)
-                heapq.heappush(self._timers, (now + delay, rcv.peer, seq))
+                rcv.unacked[seq] = InFlight(0, now, now, congestion.in_flight)
             rcv.pending_per_msg[start] = count
             rcv.unacked_bytes += total
+            self.recovery.on_sent(rcv, now)
+        if redundant and active and len(payload) <= self.host.config.redundant_max_bytes:
+            self.recovery.send_twice(range(start, start + count), now)
         self._retire(now)
         return start
 
@@ -197,20 +218,17 @@ class StreamSender:
         rcv.limit = max(rcv.limit, info.limit)
         rcv.release_consumed(self.host.config.receive_window, self.host.ledger)
         rcv.acked_floor = max(rcv.acked_floor, info.floor)
+        largest = max(info.floor - 1, info.ranges[-1].stop - 1 if info.ranges else -1)
+        rcv.largest_acked = max(rcv.largest_acked, largest)
         if rcv.acked_floor >= rcv.pin_stop:
             rcv.pin_stop = 0
-        newest: tuple[int, InFlight] | None = None
-        for seq in [s for s in rcv.unacked if s < info.floor or s in info.ranges]:
-            flight = self._settle(rcv, seq)
-            if flight.attempt == 0 and (newest is None or seq > newest[0]):
-                newest = (seq, flight)
-        if newest is not None:
-            # Karn's rule: only messages sent once give unambiguous samples.
-            sample = now - newest[1].first_sent
-            if sample > info.ack_delay:
-                sample -= info.ack_delay
-            self.host.rtt(peer).on_sample(sample)
-            self.host.health(peer).on_rtt_sample(sample, now)
+        congestion = self.host.congestion(peer)
+        in_flight = congestion.in_flight
+        acked = [s for s in rcv.unacked if s < info.floor or s in info.ranges]
+        flights = [self._settle(rcv, seq) for seq in acked]
+        if flights:
+            self.recovery.on_acked(rcv, info, acked, flights, now)
+            congestion.on_acked(in_flight - congestion.in_flight, in_flight, now)
         self._retire(now)
 
     def on_nack(self, peer: str, ranges: RangeSet, now: float) -> None:
@@ -237,14 +255,20 @@ class StreamSender:
                 elif frag is None:
                     lost.add(seq)
                 elif seq in rcv.unacked:
-                    flight = rcv.unacked[seq]
-                    # A NACK right after a (re)transmission is probably about the same loss.
-                    if now - flight.last_sent >= self.host.rtt(peer).rto / 2:
-                        self._retransmit(rcv, seq, flight, now)
+                    # Only a hole below something it acknowledged shows a loss: a tail it
+                    # learned of from our heartbeat may still wait in our transport's queue
+                    # (the probes see to a lost tail). And a NACK right after a
+                    # (re)transmission is probably about the same loss.
+                    if seq < rcv.largest_acked and (
+                        now - rcv.unacked[seq].last_sent >= self.host.rtt(peer).rto / 2
+                    ):
+                        self.recovery.retransmit(rcv, seq, now)
+                        self.host.stats.nack_retransmits += 1
                 else:
                     self.host.transmit(peer, None, frag.data)
                     self.host.health(peer).on_retransmit(now)
                     self.host.stats.retransmits += 1
+                    self.host.stats.nack_retransmits += 1
         self.host.health(peer).on_nack_received(now, ranges.count())
         if need_sync:
             self._send_sync(peer, now)
@@ -265,37 +289,26 @@ class StreamSender:
 
     def next_timer(self) -> float | None:
         """When handle_timer next has work to do."""
-        while self._timers:
-            deadline, peer, seq = self._timers[0]
-            rcv = self._receivers.get(peer)
-            flight = rcv.unacked.get(seq) if rcv else None
-            if flight is not None and flight.deadline == deadline:
-                return deadline
-            heapq.heappop(self._timers)
-        return None
+        return self.recovery.next_timer(self._receivers.values())
 
     def handle_timer(self, now: float) -> None:
-        """Retransmit what timed out; give a verdict on what ran out of attempts."""
-        max_attempts = self.host.config.retry.max_attempts
-        timed_out: set[str] = set()
-        while (deadline := self.next_timer()) is not None and deadline <= now:
-            _, peer, seq = heapq.heappop(self._timers)
-            rcv = self._receivers[peer]
-            flight = rcv.unacked[seq]
-            if peer not in timed_out:
-                # One backoff per expiry batch: a burst lost together is one congestion event.
-                timed_out.add(peer)
-                self.host.rtt(peer).on_timeout()
-            if flight.attempt + 1 < max_attempts:
-                self._retransmit(rcv, seq, flight, now)
-            elif self.dest is not None:
-                msg = self._fragment(seq).msg_start
-                seqs = [s for s in rcv.unacked if self._fragment(s).msg_start == msg]
-                self._abandon(rcv, seqs, now, "retries exhausted")
-            else:
-                self._abandon(rcv, list(rcv.unacked), now, "retries exhausted")
+        """Send due copies and probes; give a verdict on what ran out of budget."""
+        self.recovery.send_copies(self._receivers.values(), now)
+        budget = self.host.config.retry.max_span()
+        for rcv in list(self._receivers.values()):
+            if rcv.failed or not rcv.unacked:
+                continue
+            expired = out_of_budget(rcv, now, budget)
+            if expired and self.dest is not None:
+                msgs = {self._fragment(s).msg_start for s in expired}
+                seqs = [s for s in rcv.unacked if self._fragment(s).msg_start in msgs]
+                self._abandon(rcv, seqs, now, "retry budget exhausted")
+            elif expired:
+                self._abandon(rcv, list(rcv.unacked), now, "retry budget exhausted")
                 rcv.failed = True
-                self.host.emit(PeerUnreachable(peer=peer, stream=self.name))
+                self.host.emit(PeerUnreachable(peer=rcv.peer, stream=self.name))
+                continue
+            self.recovery.run_timers(rcv, now)
         self._retire(now)
 
     def expire(self, now: float) -> None:
@@ -318,18 +331,6 @@ class StreamSender:
     def _new_receiver(self, peer: str, start: int) -> SendWindow:
         return SendWindow(peer=peer, start=start, limit=start + self.host.config.receive_window)
 
-    def _delay(self, peer: str, attempt: int) -> float:
-        return self.host.config.retry.delay(self.host.rtt(peer).rto, attempt, self.host.rng)
-
-    def _retransmit(self, rcv: SendWindow, seq: int, flight: InFlight, now: float) -> None:
-        flight.attempt += 1
-        flight.last_sent = now
-        flight.deadline = now + self._delay(rcv.peer, flight.attempt)
-        heapq.heappush(self._timers, (flight.deadline, rcv.peer, seq))
-        self.host.transmit(rcv.peer, None, self._fragment(seq).data)
-        self.host.health(rcv.peer).on_retransmit(now)
-        self.host.stats.retransmits += 1
-
     def _fragment(self, seq: int) -> Fragment:
         # Only for sequence numbers some receiver waits for: those are never evicted.
         frag = self.log.fragment(seq)
@@ -341,6 +342,7 @@ class StreamSender:
         self.host.ledger.unacked -= 1
         frag = self._fragment(seq)
         rcv.unacked_bytes -= frag.size
+        self.host.congestion(rcv.peer).on_settled(frag.size)
         left = rcv.pending_per_msg[frag.msg_start] - 1
         if left:
             rcv.pending_per_msg[frag.msg_start] = left
@@ -349,7 +351,9 @@ class StreamSender:
             self.log.settle(frag.msg_start)
         return flight
 
-    def _abandon(self, rcv: SendWindow, seqs: list[int], now: float, reason: str) -> None:
+    def _abandon(
+        self, rcv: SendWindow, seqs: list[int], now: float, reason: str, *, tell: bool = True
+    ) -> None:
         if not seqs:
             return
         messages = sorted({self._fragment(s).msg_start for s in seqs})
@@ -359,12 +363,13 @@ class StreamSender:
         for seq in seqs:
             self._settle(rcv, seq)
         for start in messages:
-            rcv.release(start, self.host.ledger)  # it gives them up (our GAP says so)
+            rcv.release(start, self.host.ledger)  # it gives them up (or we forget it)
             self.host.emit(Unrecoverable(stream=self.name, seq=start, peer=rcv.peer, reason=reason))
         for r in lost:
             rcv.abandoned.add(r.start, r.stop)
         self.host.health(rcv.peer).on_unrecoverable(now, len(messages))
-        self._control(rcv.peer, Kind.GAP, payload=encode_ranges(lost))
+        if tell:
+            self._control(rcv.peer, Kind.GAP, payload=encode_ranges(lost))
 
     def _control(self, peer: str, kind: Kind, *, seq: int = 0, payload: bytes = b"") -> None:
         env = Envelope(

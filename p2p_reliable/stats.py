@@ -12,7 +12,13 @@ class EndpointStats:
     messages_sent: int = 0
     envelopes_sent: int = 0
     bytes_sent: int = 0
+    # Every transmission of a sequence number after its first, planned copies excepted; of
+    # those, the ones RACK found lost, the ones a NACK asked for, and tail probes.
     retransmits: int = 0
+    rack_retransmits: int = 0
+    nack_retransmits: int = 0
+    probes: int = 0
+    redundant_copies: int = 0  # second transmissions of messages sent redundantly
     delivered: int = 0
     delivered_bytes: int = 0
     duplicates: int = 0

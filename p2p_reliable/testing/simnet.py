@@ -31,6 +31,8 @@ class LinkFaults:
     delay: float = 0.001
     jitter: float = 0.0005
     reorder_delay: float = 0.02
+    # Bytes per second the link serialises, frames queueing behind each other; None: no limit.
+    bandwidth: float | None = None
 
 
 @attrs.frozen
@@ -75,6 +77,7 @@ class SimNode:
         self.endpoint = endpoint
         self.outgoing: deque[tuple[str | None, str, bytes]] = deque()  # (peer, stream, payload)
         self.events: list[Event] = []
+        self.event_times: list[float] = []  # the virtual time each event was drained at
         # (time, peer, stream, seq) of every message the endpoint accepted, in order.
         self.published: list[tuple[float, str | None, str, int]] = []
         self.alive = True
@@ -91,6 +94,14 @@ class SimNode:
         return [
             e
             for e in self.events
+            if isinstance(e, Delivered) and (stream is None or e.stream == stream)
+        ]
+
+    def delivered_at(self, stream: str | None = None) -> list[tuple[float, Delivered]]:
+        """(virtual time, message) of each delivery, optionally of one stream."""
+        return [
+            (t, e)
+            for t, e in zip(self.event_times, self.events, strict=True)
             if isinstance(e, Delivered) and (stream is None or e.stream == stream)
         ]
 
@@ -136,6 +147,7 @@ class SimNetwork:
         self.subscriptions: dict[str, set[str]] = {}
         self.stats = LinkStats()
         self._queue: list[tuple[float, int, str, str, bytes]] = []
+        self._busy_until: dict[tuple[str, str], float] = {}  # links with a bandwidth
         self._actions: list[tuple[float, int, Callable[[], None]]] = []
         self._order = 0
         self.steps = 0
@@ -260,6 +272,7 @@ class SimNetwork:
             node.pump(self.now)
             while (event := node.endpoint.next_event()) is not None:
                 node.events.append(event)
+                node.event_times.append(self.now)
                 if isinstance(event, WindowOpen):
                     node.pump(self.now)
                 elif isinstance(event, Delivered) and node.auto_consume:
@@ -298,6 +311,10 @@ class SimNetwork:
                 payload = self._corrupt(data)
                 self.stats.corrupted += 1
             delay = faults.delay + rng.uniform(0.0, faults.jitter)
+            if faults.bandwidth is not None:
+                start = max(self.now, self._busy_until.get((src, dst), self.now))
+                self._busy_until[(src, dst)] = start + len(payload) / faults.bandwidth
+                delay += self._busy_until[(src, dst)] - self.now
             if rng.random() < faults.reorder:
                 delay += rng.uniform(0.0, faults.reorder_delay)
                 self.stats.reordered += 1

@@ -117,3 +117,59 @@ def test_timeouts_back_off_the_rto_until_a_new_sample() -> None:
     est2.on_sample(0.5)
     est2.on_timeout()
     assert est2.rto == 1.0
+
+
+def test_the_budget_is_stated_or_the_span_of_max_attempts_at_the_cap() -> None:
+    assert RetryPolicy(cap=2.0, max_attempts=8).max_span() == 16.0
+    assert RetryPolicy(cap=2.0, max_attempts=8, budget=30.0).max_span() == 30.0
+    with pytest.raises(ValueError):
+        RetryPolicy(budget=0.0)
+
+
+def test_reported_ack_delay_is_taken_out_of_samples() -> None:
+    est = RttEstimator(RetryPolicy(base=0.3, min_rto=0.01, cap=2.0))
+    assert est.on_sample(0.105, ack_delay=0.100) == pytest.approx(0.005)
+    assert est.min_rtt == pytest.approx(0.005)
+    # A report as long as the sample itself is not believed.
+    assert est.on_sample(0.004, ack_delay=0.010) == pytest.approx(0.004)
+    # Nor can one make a sample shorter than the clock's granularity.
+    assert est.on_sample(0.050, ack_delay=0.0499999) == pytest.approx(0.001)
+
+
+def test_the_probe_timeout_is_two_srtt_plus_the_ack_delay() -> None:
+    policy = RetryPolicy(base=0.3, min_rto=0.2, cap=2.0)
+    est = RttEstimator(policy)
+    assert est.pto(0.005) == 0.3  # no sample yet: the base
+    for rtt in (0.005, 0.035) * 10:
+        est.on_sample(rtt)
+    # RFC 8985's 2 * SRTT, plus what the receiver may hold its ack; a varying RTT does not
+    # widen it (the RTO's SRTT + 4 * RTTVAR does).
+    assert est.srtt is not None
+    assert est.pto(0.005) == pytest.approx(2 * est.srtt + 0.005)
+    assert est.upper_bound() == pytest.approx(est.srtt + 4 * est.rttvar)
+    assert est.pto(0.0) < est.upper_bound()
+    assert est.pto(0.005) < policy.min_rto  # a probe comes long before an RTO would
+    for _ in range(5):
+        est.on_sample(30.0)
+    assert est.pto(0.005) == policy.cap
+
+
+@given(st.floats(0.001, 1.0), st.integers(0, 40), st.integers(0, 2**32))
+def test_unanswered_probes_back_off_exponentially_up_to_the_cap(
+    pto: float, probes: int, seed: int
+) -> None:
+    policy = RetryPolicy(cap=2.0)
+    delay = policy.probe_delay(pto, probes, random.Random(seed))
+    ceiling = min(policy.cap, pto * 2**probes)
+    if probes == 0:
+        assert delay == min(pto, policy.cap)
+    else:
+        assert ceiling / 2 <= delay <= ceiling
+
+
+def test_the_reordering_window_is_a_quarter_of_the_minimum_rtt() -> None:
+    est = RttEstimator(RetryPolicy())
+    assert est.reorder_window() == 0.001  # nothing measured: the clock's granularity
+    est.on_sample(0.040)
+    est.on_sample(0.020)
+    assert est.reorder_window() == pytest.approx(0.005)
