@@ -221,7 +221,13 @@ class StageNode:
     async def _worker(self, work: anyio.abc.ObjectReceiveStream[Work]) -> None:
         async with work:
             while True:
-                item = self._local.popleft() if self._local else await work.receive()
+                if self._local:
+                    # A one-stage node feeds itself: let the rest of the process (its
+                    # client, an API in the same process) run between tokens.
+                    await anyio.lowlevel.checkpoint()
+                    item = self._local.popleft()
+                else:
+                    item = await work.receive()
                 await self._handle(item)
 
     async def _handle(self, item: Work) -> None:

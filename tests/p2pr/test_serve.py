@@ -4,6 +4,7 @@ Several machines: test_serve_netns.py."""
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from p2pr.launch import Launched, stop_all
 from p2pr.reference import run_reference
 
 P2PR = str(Path(sys.executable).parent / "p2pr")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WAIT = 120.0  # the bound on every wait for an event
 
 
@@ -113,10 +115,29 @@ def test_one_node_alone_serves_the_model_and_refuses_another_model(
         base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=WAIT
     )
     prompt = "One machine is enough"
-    prompt_ids = load_tokenizer(tiny_dir).encode(prompt)
-    (reference,) = run_reference(tiny_dir, [{"prompt_ids": prompt_ids, "max_tokens": 16}])
+    tokenizer = load_tokenizer(tiny_dir)
+    chat_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True
+    )
+    reference, chat_reference = run_reference(
+        tiny_dir,
+        [
+            {"prompt_ids": tokenizer.encode(prompt), "max_tokens": 16},
+            {"prompt_ids": chat_ids, "max_tokens": 12},
+        ],
+    )
     first = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
     assert first.choices[0].text == reference["text"]
+    # examples/openai_client.py: the official client, streaming a chat.
+    example = subprocess.run(
+        [sys.executable, str(EXAMPLES / "openai_client.py"), prompt, "--json",
+         "--base-url", f"http://127.0.0.1:{port}/v1", "--max-tokens", "12"],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert example.returncode == 0, example.stderr
+    chatted = json.loads(example.stdout)
+    assert chatted["text"] == chat_reference["text"] and chatted["model"] == "tiny"
+    assert chatted["usage"]["completion_tokens"] == len(chat_reference["token_ids"])
 
     # Same tensor shapes, other weights (another seed): not mixed in, and both say why.
     stranger = serving("other", "--model", str(tiny_models(1)), "--bootstrap", ready["addrs"][0])
