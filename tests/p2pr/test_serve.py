@@ -154,3 +154,19 @@ def test_one_node_alone_serves_the_model_and_refuses_another_model(
     assert again.choices[0].text == reference["text"]
     stages = httpx.get(f"http://127.0.0.1:{port}/health", timeout=WAIT).json()["backend"]["stages"]
     assert [s["node_id"] for s in stages] == [ready["node_id"]]
+
+
+@pytest.mark.multinode
+def test_bench_api_measures_both_ways_into_one_pipeline(tiny_dir: Path) -> None:
+    out = subprocess.run(
+        [P2PR, "bench", "api", "--model", str(tiny_dir), "--runs", "2", "--max-tokens", "8",
+         "--no-mlx-server", "--json"],
+        capture_output=True, text=True, timeout=WAIT * 3,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert [r["way"] for r in result["rows"]] == ["p2pr generate (2 stages)", "API (2 stages)"]
+    assert all(r["tokens"] == 8 and r["same_text"] for r in result["rows"])
+    assert result["same_text_both_ways"]  # the API's text is generate's
+    assert [c["clients"] for c in result["concurrency"]] == [1, 4, 8]
+    assert all(c["same_text"] for c in result["concurrency"])
