@@ -9,15 +9,18 @@ layers over the three. The official `openai` client in the root namespace stream
 completion from the first machine's API: the text equals single-process mlx-lm token for
 token, also when another machine's node is SIGKILLed mid-stream (failed over: no gap, no
 duplicate); a client that disconnects mid-stream leaves no request (no KV cache) on any
-stage. In a second case the machines find each other by mDNS.
+stage; `p2pr generate --join` one node's address works too. In a second case the machines
+find each other by mDNS.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
 import stat
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -195,7 +198,24 @@ async def test_three_machines_by_bootstrap_with_failover_and_disconnect(
 
     # A client that disconnects mid-stream: the request is released on every stage.
     survivors = [ready[0]["addrs"][0], ready[1]["addrs"][0]]
-    async with stats_client(lan, tiny_8_layers, secret, survivors) as stats:
+    await disconnect_frees_every_stage(lan, tiny_8_layers, secret, survivors, client)
+    await client.close()
+    # `p2pr generate --join` one node of the cluster (the root namespace is another machine).
+    joined = subprocess.run(
+        [P2PR, "generate", USER[0]["content"], "--model", str(tiny_8_layers), "--max-tokens",
+         "16", "--join", survivors[1], "--cluster-secret", secret, "--json"],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert joined.returncode == 0, joined.stderr
+    assert json.loads(joined.stdout)["token_ids"] == reference["token_ids"][:16]
+
+
+async def disconnect_frees_every_stage(
+    lan: NetnsLan, model_dir: Path, secret: str, addrs: Sequence[str], client: openai.AsyncOpenAI
+) -> None:
+    """A stream closed after 3 chunks leaves no request on the stages at `addrs`, and
+    none of them counts it as finished (it was released, not run to its end)."""
+    async with stats_client(lan, model_dir, secret, addrs) as stats:
         before = await stats.stats()
         with trio.fail_after(WAIT):
             stream = await client.completions.create(
@@ -207,10 +227,9 @@ async def test_three_machines_by_bootstrap_with_failover_and_disconnect(
                 if seen == 3:
                     break
             await stream.close()
-            stages = await drained(stats, 2)
+            stages = await drained(stats, len(addrs))
     finished = {n["name"]: n["work"]["finished"] for n in before["nodes"] if n["name"] != "client"}
     assert {n["name"]: n["work"]["finished"] for n in stages} == finished
-    await client.close()
 
 
 async def drained(stats: PipelineClient, count: int) -> list[dict[str, Any]]:
