@@ -251,16 +251,15 @@ async def test_three_machines_by_mdns(
         "--model-name", "tiny", "--api-port", "0", "--api-host", lan.machines[0].address,
         "--api-key", KEY,
     ]  # fmt: skip
+    # The last machine listens on every interface: it announces its address, not 0.0.0.0.
+    listen = [f"/ip4/{m.address}/tcp/0" for m in lan.machines[:2]] + ["/ip4/0.0.0.0/tcp/0"]
     nodes = [
-        serve(
-            lan,
-            machine,
-            tmp_path,
-            [*common, "--listen", f"/ip4/{machine.address}/tcp/0", *(api if i == 0 else [])],
-        )
-        for i, machine in enumerate(lan.machines)
+        serve(lan, machine, tmp_path, [*common, "--listen", where, *(api if i == 0 else [])])
+        for i, (machine, where) in enumerate(zip(lan.machines, listen))
     ]
     ready = [n.expect("ready", WAIT) for n in nodes]
+    for machine, line in zip(lan.machines, ready):
+        assert all(f"/ip4/{machine.address}/tcp/" in a for a in line["addrs"]), line
     plan_with(nodes[0], {r["node_id"] for r in ready})
     chat_ids = tokenizer.apply_chat_template(USER, add_generation_prompt=True)
     reference = run_reference(tiny_8_layers, [{"prompt_ids": chat_ids, "max_tokens": 40}])[0]
