@@ -7,6 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from ..bench.losssweep import percent, size_label
+from ..bench.repeats import with_spread
 
 __all__ = ["generate_table", "loss_sweep_table"]
 
@@ -15,7 +16,8 @@ def generate_table(result: dict[str, Any]) -> Table:
     """One row per configuration: decode and end-to-end speed, costs, identity."""
     table = Table(
         title=f"p2pr bench generate: {result['model']}, {result['max_tokens']} tokens, "
-        f"greedy, median of {result['runs']} runs (single: {2 * result['runs']}) ({result['blas']})"
+        f"greedy, median (min–max) of {result['repeats']} interleaved rounds of "
+        f"{result['runs']} runs ({result['blas']})"
     )
     for column in (
         "configuration",
@@ -32,13 +34,13 @@ def generate_table(result: dict[str, Any]) -> Table:
     for row in result["rows"]:
         table.add_row(
             row["config"],
-            str(row["decode_tokens_per_s"]),
-            f"{row['vs_single']:.3f}" if row["vs_single"] is not None else "",
-            f"{row['ttft_ms']:.1f}",
-            str(row["e2e_tokens_per_s"]),
-            str(row.get("compute_ms_per_token", "")),
-            str(row.get("messaging_ms_per_token", "")),
-            f"{row['aggregate_tokens_per_s']} (x{row['concurrent_requests']})"
+            with_spread(row, "decode_tokens_per_s"),
+            with_spread(row, "vs_single", "{:.3f}"),
+            with_spread(row, "ttft_ms", "{:.1f}"),
+            with_spread(row, "e2e_tokens_per_s"),
+            with_spread(row, "compute_ms_per_token"),
+            with_spread(row, "messaging_ms_per_token"),
+            f"{with_spread(row, 'aggregate_tokens_per_s')} (x{row['concurrent_requests']})"
             if row.get("aggregate_tokens_per_s") is not None
             else "",
             "yes" if row["identical_to_single"] else "NO",
@@ -52,7 +54,8 @@ def loss_sweep_table(result: dict[str, Any]) -> Table:
     table = Table(
         title=f"p2pr bench loss-sweep: goodput (1 publisher, {receivers}) and "
         f"{result['model']} over {result['nodes']} stages ({result['tokens']} tokens, "
-        f"{result['generations']} timed requests) against dropped frames"
+        f"{result['generations']} timed requests) against dropped frames; "
+        f"median (min–max) of {result['repeats']} interleaved rounds"
     )
     table.add_column("loss", justify="right")
     for size in result["sizes"]:
@@ -64,14 +67,14 @@ def loss_sweep_table(result: dict[str, Any]) -> Table:
         table.add_row(
             percent(row["loss_rate"]),
             *(
-                f"{g['goodput_mb_per_s']:.2f} ({g['goodput_msg_per_s']:.0f})"
+                f"{with_spread(g, 'goodput_mb_per_s', '{:.2f}')} ({g['goodput_msg_per_s']:.0f})"
                 + ("" if g["delivery_ratio"] == 1.0 else f" [red]{g['delivery_ratio']:.1%}[/]")
                 for g in row["goodput"]
             ),
-            str(row["ttft_ms"]),
-            str(row["token_latency_p50_ms"]),
-            str(row["token_latency_p99_ms"]),
-            str(row["decode_tokens_per_s"]),
+            with_spread(row, "ttft_ms"),
+            with_spread(row, "token_latency_p50_ms"),
+            with_spread(row, "token_latency_p99_ms"),
+            with_spread(row, "decode_tokens_per_s"),
             "yes" if same else "[red]NO[/]",
         )
     return table
