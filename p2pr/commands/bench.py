@@ -6,6 +6,7 @@ only).
     p2pr bench detect       SIGKILL of a node -> "dead" in the others' views
     p2pr bench generate     single-process mlx-lm vs 2- and 3-stage pipelines
     p2pr bench loss-sweep   goodput and token latency against dropped frames (a PNG plot)
+    p2pr bench failover     SIGKILL of a stage mid-answer -> the next token
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..bench.losssweep import DEFAULT_RATES, DEFAULT_SIZES, percent
 from ..bench.repeats import DEFAULT_REPEATS, with_spread
 from ..models import model_option, model_or_exit
 from ..render import console, emit, fail, make_table
-from .bench_tables import generate_table, loss_sweep_table
+from .bench_tables import failover_table, generate_table, loss_sweep_table
 
 __all__ = ["add_bench_commands"]
 
@@ -43,6 +44,7 @@ def add_bench_commands(sub: Any) -> None:
     detect.set_defaults(func=_cmd_bench_detect)
     _add_generate(bench_sub)
     _add_loss_sweep(bench_sub)
+    _add_failover(bench_sub)
 
 
 def _json_option(parser: argparse.ArgumentParser) -> None:
@@ -301,3 +303,71 @@ def _cmd_bench_loss_sweep(args: argparse.Namespace) -> int:
     notes = [f"plot: {result['png']}"] if result["png"] else []
     emit(result, args.json, loss_sweep_table(result), *notes)
     return code
+
+
+# -- failover ------------------------------------------------------------------------------
+
+
+def _kill_points(text: str) -> tuple[int, ...]:
+    try:
+        points = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of tokens: {text!r}"
+        ) from None
+    if not points or min(points) < 1:
+        raise argparse.ArgumentTypeError("kill points are token counts, at least 1")
+    return points
+
+
+def _victims(text: str) -> tuple[str, ...]:
+    from ..bench.failover import VICTIMS
+
+    victims = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not victims or any(v not in VICTIMS for v in victims):
+        raise argparse.ArgumentTypeError(f"victims are {', '.join(VICTIMS)}: {text!r}")
+    return victims
+
+
+def _add_failover(bench_sub: Any) -> None:
+    bench = bench_sub.add_parser(
+        "failover", help="SIGKILL of a stage mid-answer: time to the next token, same output"
+    )
+    _json_option(bench)
+    _repeats_option(bench)
+    model_option(bench, default="tiny")
+    bench.add_argument(
+        "--victims", type=_victims, default=("middle", "first"), help="stages to kill"
+    )
+    bench.add_argument(
+        "--after", type=_kill_points, default=(1, 40, 63), help="kill after these tokens"
+    )
+    bench.add_argument("--tokens", type=int, default=64, help="tokens of the answer")
+    bench.add_argument(
+        "--long",
+        type=int,
+        default=1000,
+        help="also kill after this token of a long answer (0: no long answer)",
+    )
+    bench.set_defaults(func=_cmd_bench_failover)
+
+
+def _cmd_bench_failover(args: argparse.Namespace) -> int:
+    from ..bench.failover import bench_failover, kill_cases
+    from ..reference import ReferenceError
+    from ..stage_cluster import ClusterStartError
+
+    try:
+        cases = kill_cases(args.victims, args.after, args.tokens, args.long)
+    except ValueError as exc:
+        return fail("bench failover", exc)
+    model_dir = model_or_exit(args.model, "bench failover")
+    try:
+        result = bench_failover(
+            model_dir, cases, repeats=args.repeats, progress=_progress(console(stderr=True))
+        )
+    except (ClusterStartError, ReferenceError, ValueError) as exc:
+        return fail("bench failover", exc)
+    note = f"goal: {result['goal']}: {'met' if result['goal_met'] else 'NOT met'}"
+    emit(result, args.json, failover_table(result), note)
+    return 0 if result["all_identical"] else 1

@@ -9,7 +9,7 @@ from rich.table import Table
 from ..bench.losssweep import percent, size_label
 from ..bench.repeats import with_spread
 
-__all__ = ["generate_table", "loss_sweep_table"]
+__all__ = ["failover_table", "generate_table", "loss_sweep_table"]
 
 
 def generate_table(result: dict[str, Any]) -> Table:
@@ -76,5 +76,34 @@ def loss_sweep_table(result: dict[str, Any]) -> Table:
             with_spread(row, "token_latency_p99_ms"),
             with_spread(row, "decode_tokens_per_s"),
             "yes" if same else "[red]NO[/]",
+        )
+    return table
+
+
+def failover_table(result: dict[str, Any]) -> Table:
+    """One row per kill point: where the time from the kill to the next token went."""
+    table = Table(
+        title=f"p2pr bench failover: {result['model']}, {result['stages']} stages, SIGKILL "
+        f"mid-answer; median (min–max) of {result['repeats']} interleaved rounds, seconds"
+    )
+    for column in (
+        "stage killed",
+        "after token",
+        "kill → next token",
+        "kill → detected",
+        "re-plan",
+        "detected → next token",
+        "identical",
+    ):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(
+            f"{row['victim']} ({row['victim_stage']})",
+            f"{row['after_token']} of {row['tokens']}",
+            with_spread(row, "kill_to_next_token_s", "{:.3f}"),
+            with_spread(row, "detect_s", "{:.3f}"),
+            with_spread(row, "replan_s", "{:.3f}"),
+            with_spread(row, "resume_s", "{:.3f}"),
+            "yes" if row["identical"] else "[red]NO[/]",
         )
     return table
