@@ -36,6 +36,7 @@ from inference_glue.footprint import (
     model_fingerprint,
     parse_bytes,
 )
+from inference_glue.messages import LATENCY_STREAMS, REDUNDANT_MAX_BYTES
 from inference_glue.node import StageNode
 from inference_glue.stage import PipelineStage, load_stage
 from inference_glue.worker import COMPUTE_MODES, MlxWorker
@@ -88,7 +89,13 @@ async def run_node(args: argparse.Namespace) -> int:
         bootstrap += json.loads(line)["bootstrap"]
     faults_text = args.faults if args.faults is not None else os.environ.get(FAULTS_ENV, "")
     faults = FaultConfig.parse(faults_text) if faults_text else None
-    config = RouterConfig(engine=EngineConfig(faults=faults))
+    config = RouterConfig(
+        engine=EngineConfig(
+            faults=faults,
+            redundant_streams=LATENCY_STREAMS,
+            redundant_max_bytes=REDUNDANT_MAX_BYTES,
+        )
+    )
     router = Router.create(bootstrap_peers=bootstrap, listen_port=args.port, config=config)
     worker = MlxWorker(args.compute)
     try:

@@ -205,6 +205,10 @@ def measure_generation(
         # what the protocol sent again, summed over every node and the client.
         row["frames_dropped"] = sum(n["shim"].get("dropped", 0) for n in stats["nodes"])
         row["retransmits"] = sum(link["retransmits"] for link in stats["links"])
+        # Small latency-critical messages sent a second time (`LATENCY_STREAMS`).
+        row["redundant_copies"] = sum(
+            n["protocol"].get("redundant_copies", 0) for n in stats["nodes"]
+        )
     return row, first_ids
 
 
@@ -217,6 +221,7 @@ GENERATION_FIGURES = (
     "decode_tokens_per_s",
     "frames_dropped",
     "retransmits",
+    "redundant_copies",
 )
 GOODPUT_FIGURES = (
     "delivery_ratio",
