@@ -81,8 +81,9 @@ def summarize(
     return merged
 
 
-def with_spread(row: dict[str, Any], key: str, fmt: str = "{:g}") -> str:
-    """'median (min–max)' for a table cell; just the median when the spread is one value."""
+def with_spread(row: dict[str, Any], key: str, fmt: str = "{:g}", sep: str = " ") -> str:
+    """'median (min–max)' for a table cell (`sep` between them: a newline keeps wide tables
+    narrow); just the median when the spread is one value."""
     value = row.get(key)
     if value is None:
         return ""
@@ -90,4 +91,4 @@ def with_spread(row: dict[str, Any], key: str, fmt: str = "{:g}") -> str:
     text = fmt.format(value)
     if not spread or spread[0] == spread[1]:
         return text
-    return f"{text} ({fmt.format(spread[0])}–{fmt.format(spread[1])})"
+    return f"{text}{sep}({fmt.format(spread[0])}–{fmt.format(spread[1])})"

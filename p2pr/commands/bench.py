@@ -117,12 +117,12 @@ def _cmd_bench_router(args: argparse.Namespace) -> int:
     rows = [
         (
             row["case"],
-            with_spread(row, "delivery_ratio", "{:.2%}"),
-            with_spread(row, "goodput_msg_per_s", "{:.0f}"),
-            with_spread(row, "goodput_mb_per_s", "{:.2f}"),
-            with_spread(row, "latency_p50_ms"),
-            with_spread(row, "latency_p99_ms"),
-            with_spread(row, "retransmits"),
+            with_spread(row, "delivery_ratio", "{:.2%}", sep="\n"),
+            with_spread(row, "goodput_msg_per_s", "{:.0f}", sep="\n"),
+            with_spread(row, "goodput_mb_per_s", "{:.2f}", sep="\n"),
+            with_spread(row, "latency_p50_ms", sep="\n"),
+            with_spread(row, "latency_p99_ms", sep="\n"),
+            with_spread(row, "retransmits", sep="\n"),
         )
         for row in result["rows"]
     ]

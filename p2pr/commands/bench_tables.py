@@ -12,6 +12,11 @@ from ..bench.repeats import with_spread
 __all__ = ["failover_table", "generate_table", "loss_sweep_table"]
 
 
+def _cell(row: dict[str, Any], key: str, fmt: str = "{:g}") -> str:
+    """The median, and under it the spread (wide tables stay within the console)."""
+    return with_spread(row, key, fmt, sep="\n")
+
+
 def generate_table(result: dict[str, Any]) -> Table:
     """One row per configuration: decode and end-to-end speed, costs, identity."""
     table = Table(
@@ -34,13 +39,13 @@ def generate_table(result: dict[str, Any]) -> Table:
     for row in result["rows"]:
         table.add_row(
             row["config"],
-            with_spread(row, "decode_tokens_per_s"),
-            with_spread(row, "vs_single", "{:.3f}"),
-            with_spread(row, "ttft_ms", "{:.1f}"),
-            with_spread(row, "e2e_tokens_per_s"),
-            with_spread(row, "compute_ms_per_token"),
-            with_spread(row, "messaging_ms_per_token"),
-            f"{with_spread(row, 'aggregate_tokens_per_s')} (x{row['concurrent_requests']})"
+            _cell(row, "decode_tokens_per_s", "{:.2f}"),
+            _cell(row, "vs_single", "{:.3f}"),
+            _cell(row, "ttft_ms", "{:.1f}"),
+            _cell(row, "e2e_tokens_per_s", "{:.2f}"),
+            _cell(row, "compute_ms_per_token", "{:.2f}"),
+            _cell(row, "messaging_ms_per_token", "{:.2f}"),
+            f"{_cell(row, 'aggregate_tokens_per_s', '{:.2f}')}\n(x{row['concurrent_requests']})"
             if row.get("aggregate_tokens_per_s") is not None
             else "",
             "yes" if row["identical_to_single"] else "NO",
@@ -59,7 +64,7 @@ def loss_sweep_table(result: dict[str, Any]) -> Table:
     )
     table.add_column("loss", justify="right")
     for size in result["sizes"]:
-        table.add_column(f"{size_label(size)}\nMB/s (msg/s)", justify="right")
+        table.add_column(f"{size_label(size)}\nMB/s", justify="right")
     for column in ("TTFT ms", "token p50 ms", "token p99 ms", "tok/s", "complete, same"):
         table.add_column(column, justify="right")
     for row in result["rows"]:
@@ -67,14 +72,14 @@ def loss_sweep_table(result: dict[str, Any]) -> Table:
         table.add_row(
             percent(row["loss_rate"]),
             *(
-                f"{with_spread(g, 'goodput_mb_per_s', '{:.2f}')} ({g['goodput_msg_per_s']:.0f})"
+                f"{_cell(g, 'goodput_mb_per_s', '{:.2f}')}\n{g['goodput_msg_per_s']:.0f} msg/s"
                 + ("" if g["delivery_ratio"] == 1.0 else f" [red]{g['delivery_ratio']:.1%}[/]")
                 for g in row["goodput"]
             ),
-            with_spread(row, "ttft_ms"),
-            with_spread(row, "token_latency_p50_ms"),
-            with_spread(row, "token_latency_p99_ms"),
-            with_spread(row, "decode_tokens_per_s"),
+            _cell(row, "ttft_ms"),
+            _cell(row, "token_latency_p50_ms"),
+            _cell(row, "token_latency_p99_ms"),
+            _cell(row, "decode_tokens_per_s"),
             "yes" if same else "[red]NO[/]",
         )
     return table
@@ -100,10 +105,10 @@ def failover_table(result: dict[str, Any]) -> Table:
         table.add_row(
             f"{row['victim']} ({row['victim_stage']})",
             f"{row['after_token']} of {row['tokens']}",
-            with_spread(row, "kill_to_next_token_s", "{:.3f}"),
-            with_spread(row, "detect_s", "{:.3f}"),
-            with_spread(row, "replan_s", "{:.3f}"),
-            with_spread(row, "resume_s", "{:.3f}"),
+            _cell(row, "kill_to_next_token_s", "{:.3f}"),
+            _cell(row, "detect_s", "{:.3f}"),
+            _cell(row, "replan_s", "{:.3f}"),
+            _cell(row, "resume_s", "{:.3f}"),
             "yes" if row["identical"] else "[red]NO[/]",
         )
     return table
