@@ -9,7 +9,8 @@ text, with mlx-lm's single-process answer (`p2pr.reference`, with the nodes' BLA
 
 Each kill point gets a fresh cluster. The kill points run interleaved for `repeats` rounds
 (`p2pr.bench.repeats`); per kill point the medians and spreads of: kill to next token, kill
-to detection, re-planning, and detection to the next token.
+to the first token of the resumed request (the next token may already have been past the
+stage that died), kill to detection, re-planning, and detection to the resumed token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ SEEDS_TRIED = 16
 TEMP = 0.8
 # Tokens after the kill point of the long answer: the kill lands mid-answer.
 LONG_TAIL = 8
-FIGURES = ("kill_to_next_token_s", "detect_s", "replan_s", "resume_s")
+FIGURES = ("kill_to_next_token_s", "kill_to_resumed_s", "detect_s", "replan_s", "resume_s")
 
 
 @attrs.frozen
@@ -96,7 +98,10 @@ def bench_failover(
         lambda case: case.label,
     )
     rows = [_merge(runs) for runs in samples]
-    slowest = max((r["kill_to_next_token_s"] or float("inf") for r in rows), default=None)
+    slowest = max(
+        (max(r["kill_to_next_token_s"] or inf, r["kill_to_resumed_s"] or inf) for r in rows),
+        default=None,
+    )
     return {
         "model": model_dir.name,
         "stages": STAGES,
@@ -105,7 +110,8 @@ def bench_failover(
         "temp": TEMP,
         "rows": rows,
         "all_identical": all(r["identical"] for r in rows),
-        "goal": f"kill to next token <= {GOAL_S} s (median) wherever the kill lands",
+        "goal": f"kill to next and to resumed token <= {GOAL_S} s (medians) wherever the "
+        "kill lands",
         "goal_met": slowest is not None and slowest <= GOAL_S,
     }
 
@@ -163,6 +169,9 @@ async def _stream_and_kill(
         "token_ids": ids,
         "text": "".join(texts),
         "kill_to_next_token_s": _since(killed_at, next_at),
+        # The next token may have been on its way already (past the stage that died): the
+        # stall is what the resumed request's first token shows.
+        "kill_to_resumed_s": _since(killed_at, recovery.first_token_at if recovery else None),
         "detect_s": _since(killed_at, recovery.detected_at if recovery else None),
         "replan_s": recovery.replan_seconds if recovery else None,
         "resume_s": recovery.recover_seconds if recovery else None,

@@ -95,9 +95,10 @@ def failover_table(result: dict[str, Any]) -> Table:
         "stage killed",
         "after token",
         "kill → next token",
+        "kill → resumed token",
         "kill → detected",
         "re-plan",
-        "detected → next token",
+        "detected → resumed token",
         "identical",
     ):
         table.add_column(column, justify="right")
@@ -106,6 +107,7 @@ def failover_table(result: dict[str, Any]) -> Table:
             f"{row['victim']} ({row['victim_stage']})",
             f"{row['after_token']} of {row['tokens']}",
             _cell(row, "kill_to_next_token_s", "{:.3f}"),
+            _cell(row, "kill_to_resumed_s", "{:.3f}"),
             _cell(row, "detect_s", "{:.3f}"),
             _cell(row, "replan_s", "{:.3f}"),
             _cell(row, "resume_s", "{:.3f}"),

@@ -12,7 +12,7 @@ import pytest
 from inference_glue.tiny_model import build_tiny_model
 
 P2PR = str(Path(sys.executable).parent / "p2pr")
-FIGURES = ("kill_to_next_token_s", "detect_s", "replan_s", "resume_s")
+FIGURES = ("kill_to_next_token_s", "kill_to_resumed_s", "detect_s", "replan_s", "resume_s")
 
 
 @pytest.mark.multinode
