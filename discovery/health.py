@@ -92,6 +92,10 @@ class HealthView:
         default=(), validator=bounded_tuple(MAX_VIEW_PEERS, _ID)
     )
     label: str = attrs.field(default="", validator=bounded_str(64))  # "stage 1", "" for a node
+    # A stage node (`p2pr serve`) advertises the model it serves, "name@identity"
+    # (`inference_glue.footprint.model_identity`), and the bytes of weights it may hold.
+    model: str = attrs.field(default="", validator=bounded_str(160))
+    memory_budget: int = attrs.field(default=0, validator=_COUNT)
 
 
 HEALTH_TOPIC = TypedTopic("p2pr/health", PublishPolicy.Always, HealthView, origin_field="node_id")
@@ -156,6 +160,8 @@ class ClusterViews:
             nodes[view.node_id] = {
                 "role": view.role,
                 "label": view.label,
+                "model": view.model,
+                "memory_budget": view.memory_budget,
                 "instance": view.instance,
                 "addrs": view.addrs,
                 "age_s": round(now - view.sent_at, 3),

@@ -117,30 +117,55 @@ def key_pair_from_bytes(data: bytes) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
+def read_private(path: Path, what: str) -> bytes:
+    """The bytes of a private file (a key, a secret), refused as ssh refuses a key file that
+    others can read. IdentityError says what is wrong and what to do."""
+    if not path.is_file():
+        raise IdentityError(f"{what} {path} is not a regular file")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise IdentityError(
+            f"{what} {path} is readable by others (mode {mode:04o}): anyone who reads it "
+            f"can act as this node; run `chmod 600 {path}`"
+        )
+    return path.read_bytes()
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = True) -> bool:
+    """Write a private file atomically (temp file + rename), created 0600 whatever the
+    umask: never readable by others, not even for a moment. With `replace=False` an
+    existing file is kept (two processes creating it at once: one wins); whether `data`
+    was written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _read_or_create(key_path: Path) -> KeyPair:
     if key_path.exists():
-        if not key_path.is_file():
-            raise IdentityError(f"identity file {key_path} is not a regular file")
-        mode = stat.S_IMODE(key_path.stat().st_mode)
-        if mode & 0o077:
-            raise IdentityError(
-                f"identity file {key_path} is readable by others (mode {mode:04o}): "
-                f"anyone who reads it can act as this node; run `chmod 600 {key_path}`"
-            )
+        data = read_private(key_path, "identity file")
         try:
-            return key_pair_from_bytes(key_path.read_bytes())
+            return key_pair_from_bytes(data)
         except ValueError as exc:
             raise IdentityError(
                 f"identity file {key_path} is {exc}; move it away to create a new identity"
             ) from None
     key_pair = create_new_key_pair()
-    tmp = key_path.with_name(key_path.name + ".tmp")
-    # Created 0600, whatever the umask: the key is never readable by others on disk.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(key_pair.private_key.to_bytes())
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, key_path)
+    write_private(key_path, key_pair.private_key.to_bytes())
     return key_pair

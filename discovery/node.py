@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -43,6 +43,8 @@ class NodeSettings:
     cluster_secret: bytes | None = None
     role: str = "node"
     label: str = ""  # shown by `p2pr health` next to the node id
+    model: str = ""  # the model a stage node serves, "name@identity" (HealthView.model)
+    memory_budget: int = 0  # the bytes of weights a stage node may hold
     # Flag peers that never published a view of their own as observers, as `p2pr health`
     # sessions are: a pipeline stage's other peers are its clients, which come and go (one
     # that left is no dead node).
@@ -60,8 +62,10 @@ class ClusterNode:
         settings: NodeSettings,
         identity: NodeIdentity | None = None,
         router: Router | None = None,
+        on_view: Callable[[HealthView], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_view = on_view  # called with every view received (after it is recorded)
         self.identity = identity or ephemeral_identity()
         engine = EngineConfig(
             role=Role.OBSERVER if settings.role == "observer" else Role.MEMBER,
@@ -113,6 +117,8 @@ class ClusterNode:
     async def _receive_views(self, views: Any) -> None:
         async for view in views:
             self.views.add(view)
+            if self.on_view is not None:
+                self.on_view(view)
             if view.role == "observer" or view.node_id == self.node_id:
                 continue
             # Peer exchange: nodes that only know a bootstrap node still end up in a full
@@ -172,6 +178,8 @@ class ClusterNode:
             peers=tuple(schema.structure(row, PeerRow) for row in rows),
             duplicates=tuple(self.views.first_hand()[:MAX_VIEW_PEERS]),
             label=self.settings.label,
+            model=self.settings.model,
+            memory_budget=self.settings.memory_budget,
         )
 
 

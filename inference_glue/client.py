@@ -87,6 +87,8 @@ __all__ = [
 # and forwarding per chunk: 3.5 vs 4.0 ms of messaging per token, tiny model, 2 stages), no
 # subscription race, and no client receives (or is slowed by) other clients' streams.
 DEFAULT_CHUNKS = "direct"
+# How long a client that joined part of a pipeline looks for its other stages (in seconds).
+REST_OF_PLAN_WAIT = 15.0
 
 
 class PipelineClient:
@@ -185,12 +187,17 @@ class PipelineClient:
         chunks: str = DEFAULT_CHUNKS,
         policy: FailoverPolicy | None = None,
         split_head: bool = True,
+        cluster_secret: bytes | None = None,
     ) -> AsyncIterator[PipelineClient]:
         """Join the pipeline whose nodes listen at `addrs` (one multiaddr per node is
-        enough) over a new `Router`; `model_dir` gives the tokenizer and the layers' sizes.
-        `faults`: this client's fault shim. The other options are `over`'s."""
+        enough; of a `p2pr serve` cluster, one node's: the others are found through it)
+        over a new `Router`; `model_dir` gives the tokenizer and the layers' sizes.
+        `faults`: this client's fault shim; `cluster_secret`: the nodes'. The other
+        options are `over`'s."""
         config = RouterConfig(
-            engine=EngineConfig(faults=FaultConfig.parse(faults) if faults else None)
+            engine=EngineConfig(
+                faults=FaultConfig.parse(faults) if faults else None, cluster_secret=cluster_secret
+            )
         )
         router = Router.create(bootstrap_peers=list(addrs), config=config)
         peers = list(dict.fromkeys(peer_id_of(a) for a in addrs))
@@ -279,8 +286,38 @@ class PipelineClient:
         if missing:
             raise PipelineError(f"could not connect within {timeout:.0f} s to node(s) {missing}")
         infos: list[InfoReply] = await self.rpc.query(peers, InfoQuery, timeout)
+        infos += await self._rest_of_plan(infos, min(timeout, REST_OF_PLAN_WAIT))
         await self.planner.adopt(infos)
         await self.planner.await_last_stage(timeout)
+
+    async def _rest_of_plan(self, infos: list[InfoReply], timeout: float) -> list[InfoReply]:
+        """The other stage nodes of the newest plan, when the nodes given are only part of it
+        (one address of a `p2pr serve` cluster): found through the nodes' health views
+        within `timeout` seconds (a stage that is gone is not; the plan is then redone)."""
+        epoch = max(i.epoch for i in infos)
+        stages = max((i.num_stages for i in infos if i.epoch == epoch), default=0)
+        model = infos[0].model_fingerprint
+        found: list[InfoReply] = []
+
+        def short() -> int:
+            return stages - sum(1 for i in infos + found if i.epoch == epoch and i.num_stages)
+
+        if short() <= 0:
+            return found
+        self.exchange.follow()
+        asked = {i.node_id for i in infos} | {self.router.node_id}
+        with anyio.move_on_after(timeout):
+            while short() > 0:
+                await self.wait_until(lambda: bool(self.router.connected - asked), timeout)
+                new = sorted(self.router.connected - asked)
+                asked.update(new)
+                replies = await self.rpc.ask({p: InfoQuery for p in new}, self.policy.query_timeout)
+                found += [
+                    r
+                    for r in replies.values()
+                    if isinstance(r, InfoReply) and r.model_fingerprint == model
+                ]
+        return found
 
     # -- what the client hears -------------------------------------------------------------
 

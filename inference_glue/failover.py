@@ -106,7 +106,7 @@ class PeerEvent:
     at: float  # time.time()
     peer: str
     stage: int | None
-    kind: str  # lost, corrupt, quarantined, reconfigured, replanned, refused
+    kind: str  # lost, corrupt, quarantined, reconfigured, replanned, refused, stranger
     detail: str
 
     def line(self) -> str:

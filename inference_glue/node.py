@@ -107,6 +107,9 @@ class StageNode:
             damage after their checksum is computed (the next stage must catch them).
         adaptive_head_split: as the last stage, move the cut of a split LM head with what
             it measures (`HeadSplitTuner`); False keeps the client's cut for every token.
+        planned: False for a node that holds no layers yet (`stage` is `load_unplanned`'s,
+            never computed with): it says so when asked (`InfoReply.num_stages` 0), refuses
+            requests, and serves once a client's plan (`Reconfigure`) gives it layers.
     """
 
     def __init__(
@@ -127,8 +130,10 @@ class StageNode:
         fault_seed: int = 0,
         allow_fault_control: bool = False,
         adaptive_head_split: bool = True,
+        planned: bool = True,
     ) -> None:
         check_stage(stage, stage_index, num_stages)
+        self.planned = planned
         self.router = router
         self.tokenizer = tokenizer
         self.index = stage_index
@@ -172,7 +177,7 @@ class StageNode:
 
     async def serve(self) -> None:
         """Serve until cancelled. Registers the token topic first on the last stage."""
-        if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
+        if self.planned and self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
             await self.router.register_topic(TOKENS)
         await self.router.wait_ready()
         self.publisher.name = self.name
@@ -216,7 +221,13 @@ class StageNode:
     async def _worker(self, work: anyio.abc.ObjectReceiveStream[Work]) -> None:
         async with work:
             while True:
-                item = self._local.popleft() if self._local else await work.receive()
+                if self._local:
+                    # A one-stage node feeds itself: let the rest of the process (its
+                    # client, an API in the same process) run between tokens.
+                    await anyio.lowlevel.checkpoint()
+                    item = self._local.popleft()
+                else:
+                    item = await work.receive()
                 await self._handle(item)
 
     async def _handle(self, item: Work) -> None:
@@ -242,6 +253,8 @@ class StageNode:
 
     async def _dispatch(self, item: Work) -> None:
         message, stream = item.message, item.stream
+        if not self.planned and not isinstance(message, Release | Reconfigure):
+            raise ValueError("this node holds no layers yet: it serves once a plan gives it some")
         if isinstance(message, GenerateRequest) and stream == REQUEST_STREAM:
             await self._start(message)
         elif isinstance(message, Activation) and stream == ACTIVATION_STREAM:
@@ -449,6 +462,7 @@ class StageNode:
             self.stage.release(rid)
         self.compute.stage = stage
         self.index, self.num_stages, self.epoch = index, num_stages, epoch
+        self.planned = True
         self.counters.reconfigurations += 1
         if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
             await self.router.register_topic(TOKENS)

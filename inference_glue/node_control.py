@@ -68,15 +68,16 @@ class StageControl:
                     node.unexpected(item.peer, message, item.stream)
 
     def info(self, nonce: int = 0) -> InfoReply:
-        """What this node serves."""
+        """What this node serves (no stage and no layers before its first plan)."""
         node = self.node
+        layers = node.stage.layers if node.planned else range(0)
         return InfoReply(
             nonce=nonce,
             node_id=node.router.node_id,
             stage=node.index,
-            num_stages=node.num_stages,
-            layer_start=node.stage.layers.start,
-            layer_stop=node.stage.layers.stop,
+            num_stages=node.num_stages if node.planned else 0,
+            layer_start=layers.start,
+            layer_stop=layers.stop,
             num_layers=node.stage.num_model_layers,
             model=node.model,
             model_fingerprint=node.fingerprint,
@@ -175,7 +176,7 @@ class StageControl:
                 f"than this node's memory budget of {format_bytes(node.memory_budget)}"
             )
         node.release_all()
-        if layers == node.stage.layers:
+        if node.planned and layers == node.stage.layers:
             return node.stage
         # Loaded before the old stage is let go: a node that cannot load keeps serving its
         # old layers (and says why), at the price of both in memory for a moment.

@@ -271,12 +271,14 @@ class Planner:
     async def adopt(self, infos: Sequence[InfoReply]) -> None:
         """Make the pipeline the nodes describe (a client joining them) the plan: the nodes
         of the newest plan epoch, or, when those do not form a pipeline (a failover left it
-        half done), a new plan over all of them."""
+        half done, or no node has layers yet: `p2pr serve` nodes wait for a plan), a new
+        plan over all of them."""
         for info in infos:
             self.roster.served(info.node_id, info.memory_budget)
         self.epoch = max(i.epoch for i in infos)
-        # After a failover the nodes of the newest plan form the pipeline; others are spares.
-        current = [i for i in infos if i.epoch == self.epoch]
+        # After a failover the nodes of the newest plan form the pipeline; others are spares,
+        # as are nodes that were never given layers (num_stages 0).
+        current = [i for i in infos if i.epoch == self.epoch and i.num_stages > 0]
         try:
             self.set_stages(check_pipeline(current))
         except PipelineError:
@@ -284,8 +286,13 @@ class Planner:
                 raise
             check_pipeline_models(infos)
             self.set_stages([StageInfo.from_reply(i) for i in infos])
+            reason = (
+                "the nodes of the newest plan do not form a pipeline"
+                if current
+                else f"no plan yet: the model is placed over {len(infos)} node(s)"
+            )
             async with self.plan_lock:
-                await self.replan("the nodes of the newest plan do not form a pipeline")
+                await self.replan(reason)
 
     async def await_last_stage(self, timeout: float) -> None:
         """Wait until the last stage subscribes to the token topic; PipelineError after
@@ -336,6 +343,13 @@ class Planner:
             model.blas_threads,
         ):
             self.roster.stranger(peer)
+            if reply.model_fingerprint != model.fingerprint:
+                self.event(
+                    peer,
+                    "stranger",
+                    f"serves model files {reply.model} [{reply.model_fingerprint}], not this "
+                    f"pipeline's {model.model} [{model.fingerprint}]: not planned in",
+                )
             return None
         self.roster.served(peer, reply.memory_budget)
         # A new plan's epoch must be above every node's, spares' included.

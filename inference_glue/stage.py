@@ -31,6 +31,7 @@ __all__ = [
     "check_stage",
     "load_stage",
     "load_stage_layers",
+    "load_unplanned",
     "restage",
     "stages_for",
 ]
@@ -212,6 +213,17 @@ def load_stage(model_dir: str | Path, layers: range) -> tuple[PipelineStage, Any
     stage = PipelineStage(model, layers, allow_untested=untested_allowed())
     mx.eval(stage.parameters())
     return stage, tokenizer
+
+
+def load_unplanned(model_dir: str | Path) -> tuple[PipelineStage, Any]:
+    """The model's structure over all its layers with no weight read (lazily loaded, never
+    evaluated), and its tokenizer: what a node holds before its first plan gives it layers
+    (`restage` then reads only those). It must not compute: the node says it is unplanned.
+    """
+    loaded = mlx_lm.load(str(model_dir), lazy=True)
+    model, tokenizer = loaded[0], loaded[1]
+    layers = range(len(check_layout(model).layers))
+    return PipelineStage(model, layers, allow_untested=untested_allowed()), tokenizer
 
 
 def load_stage_layers(model_dir: str | Path, layers: range) -> PipelineStage:

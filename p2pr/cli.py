@@ -18,6 +18,7 @@ from .commands.generate import add_generate_command
 from .commands.health import add_health_command
 from .commands.node import add_node_command
 from .commands.pipeline import add_pipeline_command
+from .commands.serve import add_serve_command
 from .commands.verify import add_verify_command
 
 __all__ = ["build_parser", "main"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_node_command(sub)
+    add_serve_command(sub)
     add_health_command(sub)
     add_generate_command(sub)
     add_verify_command(sub)

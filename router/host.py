@@ -8,15 +8,20 @@
 - A 1 s gossipsub heartbeat instead of 120 s, so meshes form and heal within a second.
 - Yamux credit in batches (go-yamux's rule: a WINDOW_UPDATE once half the window is read)
   instead of py-libp2p's default of one WINDOW_UPDATE per read; see `YAMUX_ENV`.
+- A host listening on every interface (0.0.0.0) advertises each interface's address
+  instead (`advertised_addrs`): 0.0.0.0 in an identify record, a health view or an mDNS
+  announcement would send the peers that dial it to themselves.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ifaddr
 import multiaddr
 import trio
 from libp2p import new_host
@@ -59,6 +64,34 @@ def listen_addrs(host: str, port: int) -> list[multiaddr.Multiaddr]:
     return [multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}")]
 
 
+def interface_ipv4s() -> list[str]:
+    """This machine's IPv4 addresses others can reach: every interface's, loopback and
+    link-local ones left out; ["127.0.0.1"] when there is no other."""
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if not isinstance(ip.ip, str):
+                continue  # IPv6: (address, flowinfo, scope_id)
+            address = ipaddress.IPv4Address(ip.ip)
+            if not (address.is_loopback or address.is_link_local) and ip.ip not in found:
+                found.append(ip.ip)
+    return found or ["127.0.0.1"]
+
+
+def advertised_addrs(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """`addrs` with each /ip4/0.0.0.0/… replaced by the same address on every interface
+    (`interface_ipv4s`); the others as they are."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        text = str(addr)
+        if text.startswith("/ip4/0.0.0.0/"):
+            rest = text[len("/ip4/0.0.0.0") :]
+            out += [multiaddr.Multiaddr(f"/ip4/{ip}{rest}") for ip in interface_ipv4s()]
+        else:
+            out.append(addr)
+    return out
+
+
 def build_host(
     key_pair: KeyPair,
     addrs: Sequence[multiaddr.Multiaddr],
@@ -75,7 +108,15 @@ def build_host(
         listen_addrs=list(addrs),
         psk=psk,
         enable_mDNS=enable_mdns,
+        addrs_factory=advertised_addrs,
     )
+    mdns: Any = getattr(host, "mDNS", None)
+    if mdns is not None:
+        # The mDNS announcement is built from the raw listen addresses (0.0.0.0 included):
+        # announce the advertised ones.
+        mdns.broadcaster._resolve_host_addrs = lambda: [
+            str(a) for a in advertised_addrs(host.get_transport_addrs())
+        ]
     # One attempt per dial: our DialPlanner retries with backoff and forgets addresses that
     # keep failing; py-libp2p's own retries (3 more per address) would multiply every dial.
     network: Any = host.get_network()

@@ -7,7 +7,22 @@ from typing import Any
 
 from p2pr.launch import Launched, child_environment, python_module
 
-__all__ = ["P2prNode"]
+__all__ = ["P2prNode", "expected_deltas"]
+
+
+def expected_deltas(tokenizer: Any, reference: dict[str, Any]) -> list[str]:
+    """The texts mlx-lm's streaming detokenizer gives for the reference's tokens (as
+    `stream_generate` yields them), empty ones left out as the API leaves them out."""
+    from inference_glue.tokens import TokenStreamWriter
+
+    writer = TokenStreamWriter("x", tokenizer)
+    ids = reference["token_ids"]
+    texts = [
+        writer.chunk(t, reference["finish_reason"] if i == len(ids) - 1 else None).text
+        for i, t in enumerate(ids)
+    ]
+    assert "".join(texts) == reference["text"]
+    return [t for t in texts if t]
 
 
 class P2prNode:

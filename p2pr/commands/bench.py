@@ -5,6 +5,7 @@ only).
     p2pr bench router       bare gossipsub vs the reliable router, 3 processes
     p2pr bench detect       SIGKILL of a node -> "dead" in the others' views
     p2pr bench generate     single-process mlx-lm vs 2- and 3-stage pipelines
+    p2pr bench api          the HTTP API vs p2pr generate (2 stages) and mlx_lm.server
     p2pr bench loss-sweep   goodput and token latency against dropped frames (a PNG plot)
     p2pr bench failover     SIGKILL of a stage mid-answer -> the next token
 """
@@ -20,7 +21,7 @@ from ..bench.losssweep import DEFAULT_RATES, DEFAULT_SIZES, percent
 from ..bench.repeats import DEFAULT_REPEATS, with_spread
 from ..models import model_option, model_or_exit
 from ..render import console, emit, fail, make_table
-from .bench_tables import failover_table, generate_table, loss_sweep_table
+from .bench_tables import api_tables, failover_table, generate_table, loss_sweep_table
 
 __all__ = ["add_bench_commands"]
 
@@ -43,6 +44,7 @@ def add_bench_commands(sub: Any) -> None:
     _json_option(detect)
     detect.set_defaults(func=_cmd_bench_detect)
     _add_generate(bench_sub)
+    _add_api(bench_sub)
     _add_loss_sweep(bench_sub)
     _add_failover(bench_sub)
 
@@ -372,3 +374,40 @@ def _cmd_bench_failover(args: argparse.Namespace) -> int:
     note = f"goal: {result['goal']}: {'met' if result['goal_met'] else 'NOT met'}"
     emit(result, args.json, failover_table(result), note)
     return 0 if result["all_identical"] else 1
+
+
+# -- api -------------------------------------------------------------------------------------
+
+
+def _add_api(bench_sub: Any) -> None:
+    api = bench_sub.add_parser(
+        "api", help="the HTTP API vs p2pr generate (2 stages) and mlx_lm.server; concurrency"
+    )
+    model_option(api)
+    api.add_argument("--max-tokens", type=int, default=64)
+    api.add_argument("--runs", "--repeats", type=int, default=5, help="interleaved runs per way")
+    api.add_argument("--no-mlx-server", action="store_true", help="leave mlx_lm.server out")
+    _json_option(api)
+    api.set_defaults(func=_cmd_bench_api)
+
+
+def _cmd_bench_api(args: argparse.Namespace) -> int:
+    from ..bench.api import bench_api
+
+    if args.runs < 1 or args.max_tokens < 2:
+        return fail("bench api", "--runs must be >= 1 and --max-tokens >= 2")
+    try:
+        import openai  # noqa: F401  (the API is measured with the official client)
+    except ImportError:
+        return fail("bench api", "the openai package is needed: pip install openai")
+    model_dir = model_or_exit(args.model, "bench api")
+    err = console(stderr=True)
+    result = bench_api(
+        model_dir,
+        max_tokens=args.max_tokens,
+        runs=args.runs,
+        mlx_server=not args.no_mlx_server,
+        progress=_progress(err),
+    )
+    emit(result, args.json, *api_tables(result))
+    return 0

@@ -9,7 +9,7 @@ from rich.table import Table
 from ..bench.losssweep import percent, size_label
 from ..bench.repeats import with_spread
 
-__all__ = ["failover_table", "generate_table", "loss_sweep_table"]
+__all__ = ["api_tables", "failover_table", "generate_table", "loss_sweep_table"]
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str = "{:g}") -> str:
@@ -114,3 +114,34 @@ def failover_table(result: dict[str, Any]) -> Table:
             "yes" if row["identical"] else "[red]NO[/]",
         )
     return table
+
+
+def api_tables(result: dict[str, Any]) -> tuple[Table, Table]:
+    """`p2pr bench api`: one row per way in, then one per number of streaming clients."""
+    ways = Table(
+        title=f"p2pr bench api: {result['model']}, {result['prompt_tokens']} prompt tokens, "
+        f"{result['max_tokens']} new, greedy, median (min-max) of {result['runs']} runs; "
+        f"API / generate = {result['api_vs_generate']} (goal >= 0.97)"
+    )
+    for column in ("way", "decode tok/s", "TTFT ms", "same text"):
+        ways.add_column(column, justify="right")
+    for row in result["rows"]:
+        low, high = row["decode_min_max"] or ("", "")
+        first, last = row["ttft_min_max_ms"] or ("", "")
+        ways.add_row(
+            row["way"],
+            f"{row['decode_tokens_per_s']} ({low}-{high})",
+            f"{row['ttft_ms']} ({first}-{last})",
+            "yes" if row["same_text"] else "NO",
+        )
+    clients = Table(title="streaming clients at once through the API (2 stages)")
+    for column in ("clients", "aggregate tok/s", "median TTFT ms", "same text"):
+        clients.add_column(column, justify="right")
+    for row in result["concurrency"]:
+        clients.add_row(
+            str(row["clients"]),
+            str(row["aggregate_tokens_per_s"]),
+            str(row["ttft_ms"]),
+            "yes" if row["same_text"] else "NO",
+        )
+    return ways, clients

@@ -1,9 +1,9 @@
 """`p2pr generate`: text from a local pipeline of stage node processes, streamed.
 
     p2pr generate "PROMPT" [--nodes N] [--max-tokens K] [--seed S] [--temp T] [--model DIR]
-                  [--join MULTIADDR ...] [--keep] [--stats] [--json]
+                  [--join MULTIADDR ... [--cluster-secret S]] [--keep] [--stats] [--json]
 
-It joins the nodes given with `--join`, else the pipeline kept for this model and node count
+It joins the nodes given with `--join` (of a `p2pr serve` cluster, any one node), else the pipeline kept for this model and node count
 (`p2pr pipeline up`), else starts one (kept with `--keep`). A model of an untested
 architecture (`--allow-untested-architecture`) has its first tokens checked against
 single-process mlx-lm.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from contextlib import aclosing
@@ -45,6 +46,9 @@ def add_generate_command(sub: Any) -> None:
     model_option(gen)
     gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
     gen.add_argument("--join", action="append", help="join nodes at this multiaddr instead")
+    gen.add_argument(
+        "--cluster-secret", default=None, help="the joined nodes' secret (or P2PR_CLUSTER_SECRET)"
+    )
     gen.add_argument("--keep", action="store_true", help="leave the started pipeline running")
     gen.add_argument("--stats", action="store_true", help="print the per-link protocol counters")
     gen.add_argument("--json", action="store_true", help="print one JSON result, no streaming")
@@ -176,12 +180,14 @@ async def _generate(
 
     from ..kept import record_plan
 
+    secret = args.cluster_secret or os.environ.get("P2PR_CLUSTER_SECRET")
     async with PipelineClient.connect(
         pipeline.addrs,
         model_dir,
         faults=args.client_faults,
         chunks=args.chunks,
         split_head=not args.no_split_head,
+        cluster_secret=secret.encode() if secret else None,
     ) as client:
         stages = ", ".join(
             f"stage {s.index} (…{s.node_id[-6:]}) layers {s.layers.start}-{s.layers.stop - 1}"

@@ -1,4 +1,4 @@
-"""The network-namespace harness (tests/discovery/netns.py): three "machines" on a bridged LAN, each
+"""The network-namespace harness (tests/netns.py): three "machines" on a bridged LAN, each
 with its own address and a 1 Gbit/s link; TCP between them and from the root namespace;
 `p2pr node` in each, finding the others by one bootstrap address or by mDNS, seen whole by
 `p2pr health` from one machine; and teardown that leaves nothing behind, also after a

@@ -21,8 +21,17 @@ from inference_glue.client import PipelineClient
 from inference_glue.failover import FailoverPolicy
 from inference_glue.footprint import model_fingerprint
 from inference_glue.local_pipeline import generate_single
+from inference_glue.messages import (
+    CLIENT_STREAM,
+    REQUEST_STREAM,
+    Failure,
+    GenerateRequest,
+    RequestMeta,
+    decode_message,
+    encode_message,
+)
 from inference_glue.node import StageNode
-from inference_glue.stage import load_stage
+from inference_glue.stage import load_stage, load_unplanned
 from inference_glue.worker import MlxWorker
 from router.memory import MemoryNetwork, MemoryRouter
 
@@ -40,10 +49,16 @@ class Pipeline:
         self.tg = tg
         self.fingerprint = model_fingerprint(model_dir)
         self.scopes: dict[str, anyio.CancelScope] = {}
+        self.nodes: dict[str, StageNode] = {}
 
     def add(self, node_id: str, layers: range, index: int, stages: int, **options: Any) -> str:
+        """A stage node serving `layers` (`range(0)`: an unplanned node, no weight read)."""
         router = self.network.router(node_id)
-        stage, tokenizer = load_stage(self.model_dir, layers)
+        if layers:
+            stage, tokenizer = load_stage(self.model_dir, layers)
+        else:
+            stage, tokenizer = load_unplanned(self.model_dir)
+            index, stages, options["planned"] = 0, 1, False
         node = StageNode(
             router,
             stage,
@@ -57,6 +72,7 @@ class Pipeline:
             model_dir=self.model_dir,
             **options,
         )
+        self.nodes[node_id] = node
         scope = self.scopes[node_id] = anyio.CancelScope()
 
         async def run() -> None:
@@ -127,6 +143,41 @@ async def test_three_stages_in_one_process_equal_single_process_mlx_lm(model_dir
     work = {node["name"]: node["work"] for node in stats["nodes"]}
     assert work["stage 2"]["tokens_sampled"] == 2 * TOKENS
     assert all(work[f"stage {i}"]["in_flight"] == 0 for i in range(3))
+
+
+async def test_nodes_with_no_layers_yet_are_given_a_memory_weighted_plan(model_dir: Path) -> None:
+    expected = reference(model_dir)
+    budgets = {0: 1 << 30, 1: 1 << 29, 2: 1 << 29}
+    options = {i: {"memory_budget": b} for i, b in budgets.items()}
+    async with pipeline(model_dir, [range(0)] * 3, options) as (nodes, ids):
+        infos = [nodes.nodes[i].control.info() for i in ids]
+        assert {(i.num_stages, i.layer_start, i.layer_stop, i.num_layers) for i in infos} == {
+            (0, 0, 0, 8)
+        }
+        async with client_over(nodes, ids) as client:
+            assert [(s.node_id, s.layers) for s in client.stages] == [
+                (ids[0], range(0, 4)),
+                (ids[1], range(4, 6)),
+                (ids[2], range(6, 8)),
+            ]
+            assert await collect(client) == expected
+
+
+async def test_an_unplanned_node_refuses_requests(model_dir: Path) -> None:
+    async with pipeline(model_dir, [range(0)]) as (nodes, ids):
+        requester = nodes.network.router("requester")
+        replies = requester.direct_receiver(CLIENT_STREAM)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(requester.run)
+            await requester.wait_ready()
+            meta = RequestMeta("r1", 4, 0.0, 1.0, None, 512, (ids[0],), "requester")
+            request = GenerateRequest(meta, tuple(PROMPT))
+            await requester.send_to(ids[0], REQUEST_STREAM, encode_message(request))
+            with anyio.fail_after(30):
+                reply = decode_message((await anext(aiter(replies))).payload)
+            tg.cancel_scope.cancel()
+    assert isinstance(reply, Failure) and "holds no layers yet" in reply.message
+    assert nodes.nodes[ids[0]].counters.requests == 0
 
 
 async def test_the_failover_driver_resumes_after_a_lost_stage(model_dir: Path) -> None:

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 import trio
+from support import expected_deltas
 
 from inference_glue.client import PipelineClient, load_tokenizer
 from inference_glue.tokens import TokenChunk, TokenStreamWriter
@@ -391,19 +392,6 @@ async def test_several_requests_at_once(tokenizer: Any) -> None:
 def pipeline(tiny_dir: Path) -> Iterator[StageCluster]:
     with StageCluster(tiny_dir, 2) as cluster:
         yield cluster
-
-
-def expected_deltas(tokenizer: Any, reference: dict[str, Any]) -> list[str]:
-    """The texts mlx-lm's streaming detokenizer gives for the reference's tokens (as
-    `stream_generate` yields them), empty ones left out as the API leaves them out."""
-    writer = TokenStreamWriter("x", tokenizer)
-    ids = reference["token_ids"]
-    texts = [
-        writer.chunk(t, reference["finish_reason"] if i == len(ids) - 1 else None).text
-        for i, t in enumerate(ids)
-    ]
-    assert "".join(texts) == reference["text"]
-    return [t for t in texts if t]
 
 
 @asynccontextmanager
