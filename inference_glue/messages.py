@@ -55,6 +55,8 @@ __all__ = [
     "CONTROL_STREAM",
     "FAILURE_KINDS",
     "HEAD_STREAM",
+    "LATENCY_STREAMS",
+    "REDUNDANT_MAX_BYTES",
     "REQUEST_STREAM",
     "TOKENS",
     "TOKEN_STREAM",
@@ -91,6 +93,16 @@ CHUNK_DELIVERY = ("topic", "direct")
 FAILURE_KINDS = ("error", "corrupt", "stale")
 
 TOKENS: TypedTopic[TokenChunk] = TypedTopic("p2pr.infer.tokens", PublishPolicy.Always, TokenChunk)
+
+# What every decode step waits for, one small message at a time: a lost frame of these has
+# nothing behind it to reveal the loss, so each goes twice (`EngineConfig.redundant_streams`)
+# when it is at most REDUNDANT_MAX_BYTES: a decode step's hidden state (a hidden size of 4096
+# in float32 is 16 KiB), token feedback, the split head's exchange, the token chunks (direct
+# or on the topic). A prefill's hidden states are larger and go once.
+LATENCY_STREAMS = frozenset(
+    {ACTIVATION_STREAM, TOKEN_STREAM, HEAD_STREAM, CHUNK_STREAM, TOKENS.topic}
+)
+REDUNDANT_MAX_BYTES = 32 * 1024
 
 
 # The largest pipeline message: a prefill's hidden states (e.g. 2048 tokens x 8192 x 4 B)

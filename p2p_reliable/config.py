@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 from .health import HealthConfig
 from .recovery import RetryPolicy
+
+
+def _stream_names(names: Iterable[str]) -> frozenset[str]:
+    # A typed converter: with the bare `frozenset`, mypy's attrs plugin makes the parameter
+    # `Iterable[_T_co]` and refuses every argument.
+    return frozenset(names)
+
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -91,7 +100,7 @@ class ProtocolConfig:
     # these streams (or any sent with redundant=True) up to redundant_max_bytes goes a second
     # time redundant_spacing later, unless acknowledged by then, so that a lost frame costs
     # the spacing instead of a repair. Bytes are cheap; the receiver suppresses duplicates.
-    redundant_streams: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    redundant_streams: frozenset[str] = attrs.field(default=frozenset(), converter=_stream_names)
     redundant_max_bytes: int = 64 * KiB
     redundant_spacing: float = 0.002
 

@@ -36,6 +36,7 @@ from inference_glue.footprint import (
     model_fingerprint,
     parse_bytes,
 )
+from inference_glue.messages import LATENCY_STREAMS, REDUNDANT_MAX_BYTES
 from inference_glue.node import StageNode
 from inference_glue.stage import PipelineStage, load_stage
 from inference_glue.worker import COMPUTE_MODES, MlxWorker
@@ -44,12 +45,13 @@ from router.faults import FAULTS_ENV
 
 from .launch import print_event
 
-__all__ = ["HEAD_SPLIT_ENV", "build_parser", "main", "parse_layers", "run_node"]
+__all__ = ["HEAD_SPLIT_ENV", "REDUNDANT_ENV", "build_parser", "main", "parse_layers", "run_node"]
 
 log = logging.getLogger("p2pr.inference.node")
 
 # "fixed" in a node's environment: as --head-split fixed (tests that need every token split).
 HEAD_SPLIT_ENV = "P2PR_HEAD_SPLIT"
+REDUNDANT_ENV = "P2PR_REDUNDANT_COPIES"
 
 
 def parse_layers(text: str) -> range:
@@ -88,7 +90,14 @@ async def run_node(args: argparse.Namespace) -> int:
         bootstrap += json.loads(line)["bootstrap"]
     faults_text = args.faults if args.faults is not None else os.environ.get(FAULTS_ENV, "")
     faults = FaultConfig.parse(faults_text) if faults_text else None
-    config = RouterConfig(engine=EngineConfig(faults=faults))
+    redundant = args.redundant_copies or os.environ.get(REDUNDANT_ENV, "") == "1"
+    config = RouterConfig(
+        engine=EngineConfig(
+            faults=faults,
+            redundant_streams=LATENCY_STREAMS if redundant else frozenset(),
+            redundant_max_bytes=REDUNDANT_MAX_BYTES,
+        )
+    )
     router = Router.create(bootstrap_peers=bootstrap, listen_port=args.port, config=config)
     worker = MlxWorker(args.compute)
     try:
@@ -201,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="as the last stage of a split LM head: move the cut with measured times "
         f"(adaptive, the default), or keep the client's cut (fixed, for tests; or "
         f"${HEAD_SPLIT_ENV})",
+    )
+    parser.add_argument(
+        "--redundant-copies",
+        action="store_true",
+        help="send small per-token messages twice (hidden states, token feedback and chunks; "
+        f"or ${REDUNDANT_ENV}=1). Off by default: on this project's loaded 2-core machines "
+        "it has not yet shown a gain that outweighs the extra copies at 0%% loss",
     )
     parser.add_argument(
         "--detach", action="store_true", help="run until SIGTERM, not until stdin closes"

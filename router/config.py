@@ -3,6 +3,8 @@ settings, fault injection, and the limits one peer may use."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 from p2p_reliable import ProtocolConfig
@@ -14,6 +16,11 @@ from .membership import Role
 from .penalty import PenaltyConfig
 
 __all__ = ["EngineConfig"]
+
+
+def _names(names: Iterable[str]) -> frozenset[str]:
+    # Typed, unlike a bare `frozenset`, which mypy's attrs plugin makes refuse every argument.
+    return frozenset(names)
 
 
 @attrs.frozen
@@ -28,6 +35,13 @@ class EngineConfig:
     # Shared by every node of a cluster: envelopes carry a keyed tag, strangers are refused.
     cluster_secret: bytes | None = None
     protocol: ProtocolConfig = attrs.field(factory=lambda: ProtocolConfig(flow_control=True))
+    # Streams whose small messages go twice (added to `protocol.redundant_streams`): for
+    # latency-critical messages with nothing behind them to reveal a loss, a second copy
+    # `protocol.redundant_spacing` later repairs a lost frame at once, where a timer would wait
+    # ~2 SRTT or more; the receiver drops the duplicate. Messages over `redundant_max_bytes`
+    # (None: the protocol's) go once.
+    redundant_streams: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
+    redundant_max_bytes: int | None = None
     faults: FaultConfig | None = None
     psk: str | None = None
     # gossipsub's per-peer outbound queue holds 32 RPCs and silently rejects the rest:
@@ -57,3 +71,16 @@ class EngineConfig:
     role: Role = Role.MEMBER
     # When a silent peer is found hung and its connection closed (router/liveness.py).
     liveness: LivenessConfig = attrs.field(factory=LivenessConfig)
+
+    def protocol_config(self) -> ProtocolConfig:
+        """`protocol` with `redundant_streams` and `redundant_max_bytes` applied."""
+        if not self.redundant_streams and self.redundant_max_bytes is None:
+            return self.protocol
+        streams: frozenset[str] = self.protocol.redundant_streams.union(self.redundant_streams)
+        return attrs.evolve(
+            self.protocol,
+            redundant_streams=streams,
+            redundant_max_bytes=self.protocol.redundant_max_bytes
+            if self.redundant_max_bytes is None
+            else self.redundant_max_bytes,
+        )

@@ -88,7 +88,7 @@ class DirectTransport:
         self,
         limits: DirectLimits,
         max_frame: int,
-        receive: Callable[[bytes, str], None],
+        receive: Callable[[bytes, str, float], None],
         drained: Callable[[str], None],
         reject: Callable[[str, str], None],
     ) -> None:
@@ -212,12 +212,14 @@ class DirectTransport:
                     return held
                 if not chunk:
                     return held
+                # The frames of one read wait for those before them: their acks say so.
+                arrived = trio.current_time()
                 buffer += chunk
                 # One read usually brings several frames (or the rest of a large one).
                 used = 0
                 while (frame := _cut_frame(buffer, used, self.max_frame)) is not None:
                     data, used = frame
-                    self._receive(data, peer)
+                    self._receive(data, peer, arrived)
                 if used:
                     del buffer[:used]
                 self._unfinish(peer, len(buffer) - held)

@@ -96,7 +96,7 @@ class Engine:
         self.endpoint = Endpoint(
             self.node_id,
             epoch=time.time_ns() // 1_000_000,
-            config=config.protocol,
+            config=config.protocol_config(),
             cluster_secret=config.cluster_secret,
         )
         self.connected: dict[str, str] = {}  # peer -> the address of its connection
@@ -350,13 +350,14 @@ class Engine:
             return frozenset()
         return subscribers
 
-    def _receive(self, data: bytes, peer: str) -> None:
+    def _receive(self, data: bytes, peer: str, arrived: float | None = None) -> None:
+        """A frame from `peer`; `arrived`: when the transport read it, if it waited since."""
         self.stats.frames_received += 1
         for delay, frame in self.shim.inbound(data, peer):
-            if delay > 0:
+            if delay > 0:  # a delay the shim adds stands for the network's: no arrival stamp
                 self._spawn(self._receive_later, delay, frame, peer)
             else:
-                self.endpoint.receive(frame, peer, self.now())
+                self.endpoint.receive(frame, peer, self.now(), arrived)
         self._flush()
 
     async def _receive_later(self, delay: float, frame: bytes, peer: str) -> None:

@@ -4,14 +4,36 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from p2p_reliable.envelope import Envelope, Kind, checksum, decode, encode
+
+from .repeats import DEFAULT_REPEATS, run_interleaved, summarize
 
 # A realistic header: a libp2p peer id as origin, an exo topic name, a millisecond epoch.
 _ORIGIN = "12D3KooWGzBxq6pJk2Yx3bV5qzfs4s9kbc6HhQ9d3w4m1pLr8vTe"
 
 
-def bench_codec(messages: int = 50_000, checksum_rounds: int = 500) -> dict[str, float]:
+# Medians over the rounds, each with a `_spread`.
+FIGURES = (
+    "encode_decode_us_per_1kib",
+    "encode_us_per_1kib",
+    "decode_us_per_1kib",
+    "checksum_gb_per_s",
+)
+
+
+def bench_codec(
+    messages: int = 50_000, checksum_rounds: int = 500, repeats: int = DEFAULT_REPEATS
+) -> dict[str, Any]:
+    """`repeats` rounds of `measure_codec`: the median and spread of each figure."""
+    [samples] = run_interleaved(
+        ["codec"], repeats, lambda _config, _round: measure_codec(messages, checksum_rounds)
+    )
+    return {**summarize(samples, FIGURES, digits=3), "repeats": repeats}
+
+
+def measure_codec(messages: int, checksum_rounds: int) -> dict[str, float]:
     """Time encode+checksum+decode of 1 KiB messages and xxh3-64 throughput on 1 MiB."""
     env = Envelope(
         kind=Kind.DATA,

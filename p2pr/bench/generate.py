@@ -3,15 +3,17 @@
 One prompt, greedy, `max_tokens` tokens. Each configuration runs alone, with only its own
 processes alive: mlx-lm's `stream_generate` in one process (a `ReferenceServer` with the nodes'
 BLAS set-up: OpenBLAS, one thread), then pipelines of 2 and 3 stage node processes on
-127.0.0.1, each driven by a `PipelineClient`, then the single process again. Why alone: on one
-machine every live process competes for the cores and the shared last-level cache, and idle
-nodes are not free (heartbeats, health sharing); an earlier version kept all three
-configurations alive and interleaved their runs, which charged each one for the others' idle
-processes (about 0.5 tokens/s off the 2-stage pipeline here). Measuring the single process
-before and after the pipelines shows whether the machine's load drifted meanwhile
-(`single_drift`, the relative change of its decode tokens/s); the single row uses both.
+127.0.0.1, each driven by a `PipelineClient`. Why alone: on one machine every live process
+competes for the cores and the shared last-level cache, and idle nodes are not free
+(heartbeats, health sharing); an earlier version kept all three configurations alive and
+interleaved their runs, which charged each one for the others' idle processes (about 0.5
+tokens/s off the 2-stage pipeline here). Instead the configurations take turns for `repeats`
+rounds (`p2pr.bench.repeats`), so that a drift in the machine's load falls on each of them;
+`single_drift` is the relative change of the single process's decode tokens/s from the first
+round to the last.
 
-Reported per configuration (medians over the runs, after one warm-up run): decode tokens/s
+Reported per configuration (in each round the median over its runs, after one warm-up run;
+then the median over the rounds and the spread): decode tokens/s
 (tokens after the first, per second from the first to the last), time to first token,
 end-to-end tokens/s; for the pipelines also the stages' own compute time per token and the
 messaging time per token (what the first stage waits for each token beyond the other stages'
@@ -32,6 +34,7 @@ import attrs
 from inference_glue.client import PipelineClient, load_tokenizer
 from inference_glue.local_pipeline import prompt_token_ids
 from inference_glue.tokens import decode_rate
+from p2pr.bench.repeats import DEFAULT_REPEATS, run_interleaved, summarize
 from p2pr.reference import ReferenceServer
 from p2pr.stage_cluster import StageCluster
 from p2pr.verify import run_cases
@@ -110,12 +113,26 @@ class _Setup:
         return {"prompt_ids": self.prompt_ids, "max_tokens": self.max_tokens}
 
 
+# The figures of a row: medians over the rounds, each with a `_spread`. `vs_single` is the
+# median of each round's ratio, so that a drift in load between rounds cancels out.
+ROW_FIGURES = (
+    "decode_tokens_per_s",
+    "ttft_ms",
+    "e2e_tokens_per_s",
+    "compute_ms_per_token",
+    "messaging_ms_per_token",
+    "aggregate_tokens_per_s",
+    "vs_single",
+)
+
+
 def bench_generate(
     model_dir: Path,
     *,
     prompt: str = DEFAULT_PROMPT,
     max_tokens: int = 64,
     runs: int = 3,
+    repeats: int = DEFAULT_REPEATS,
     stage_counts: Sequence[int] = (2, 3),
     compute: str = "inline",
     chunks: str = "direct",
@@ -125,6 +142,8 @@ def bench_generate(
 ) -> dict[str, Any]:
     """Run the benchmark; the JSON-ready result.
 
+    `repeats` rounds, each running the single process and then every pipeline, each alone,
+    with a warm-up and `runs` timed runs; every figure is the median over the rounds.
     `concurrent`: each pipeline also serves that many requests at once, for its aggregate
     tokens/s (stages work on different requests at the same time); the single process
     serves requests one after another (its end-to-end tokens/s). 0 skips it.
@@ -143,25 +162,47 @@ def bench_generate(
         split_head,
         progress or (lambda _: None),
     )
-    first = _single(setup, "before the pipelines")
-    piped = {count: _pipeline(setup, count) for count in stage_counts}
-    last = _single(setup, "after the pipelines")
-    rows = _rows(setup, first + last, piped)
+    configs = [1, *stage_counts]
+
+    def measure(count: int, _round: int) -> Any:
+        # The single process: its runs; a pipeline: its runs and costs.
+        return _single(setup) if count == 1 else _pipeline(setup, count)
+
+    measured = run_interleaved(
+        configs,
+        repeats,
+        measure,
+        setup.say,
+        lambda count: "single process" if count == 1 else f"{count} stages",
+    )
+    singles: list[list[dict[str, Any]]] = measured[0]
+    reference_ids = singles[0][0]["token_ids"]
+    rounds = [
+        _rows(
+            setup, singles[i], dict(zip(stage_counts, (m[i] for m in measured[1:]))), reference_ids
+        )
+        for i in range(repeats)
+    ]
+    rows = [_merge_rounds([r[index] for r in rounds]) for index in range(len(configs))]
     two = next((r for r in rows if r["stages"] == 2), None)
-    before_rate, after_rate = (_median_decode(_single_timings(part)) for part in (first, last))
+    before_rate, after_rate = (
+        _median_decode(_single_timings(part)) for part in (singles[0], singles[-1])
+    )
     return {
         "model": model_dir.name,
         "prompt": prompt,
         "prompt_tokens": len(prompt_ids),
         "max_tokens": max_tokens,
         "runs": runs,
-        "method": "each configuration alone; single process before and after the pipelines",
+        "repeats": repeats,
+        "method": f"{repeats} rounds, each configuration alone in each, interleaved; "
+        "medians over the rounds",
         "compute_mode": compute,
         "chunk_delivery": chunks,
         "split_head": split_head,
-        "blas": f"{first[0]['blas']} x{first[0]['blas_threads']}",
+        "blas": f"{singles[0][0]['blas']} x{singles[0][0]['blas_threads']}",
         "single_drift": round(after_rate / before_rate - 1, 3)
-        if before_rate and after_rate
+        if repeats > 1 and before_rate and after_rate
         else None,
         "rows": rows,
         "goal": f"2-stage decode tokens/s >= {GOAL_2_STAGE} x single process",
@@ -169,11 +210,20 @@ def bench_generate(
     }
 
 
-def _single(setup: _Setup, when: str) -> list[dict[str, Any]]:
+def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's rows of every round: medians, spreads, every run, one verdict."""
+    row = summarize(rounds, ROW_FIGURES, digits=3)
+    for key in ("decode_tokens_per_s_runs", "ttft_ms_runs"):
+        row[key] = [value for r in rounds for value in r[key]]
+    row["identical_to_single"] = all(r["identical_to_single"] for r in rounds)
+    return row
+
+
+def _single(setup: _Setup) -> list[dict[str, Any]]:
     """The single process: a warm-up, then `runs` timed runs."""
-    setup.say(f"single process ({when}): loading the model")
+    setup.say("single process: loading the model")
     with ReferenceServer(setup.model_dir) as reference:
-        setup.say(f"single process ({when}): warm-up, then {setup.runs} timed runs")
+        setup.say(f"single process: warm-up, then {setup.runs} timed runs")
         reference.run(setup.case)
         return [reference.run(setup.case) for _ in range(setup.runs)]
 
@@ -215,10 +265,12 @@ async def _pipeline_runs(setup: _Setup, cluster: StageCluster, count: int) -> di
 
 
 def _rows(
-    setup: _Setup, singles: list[dict[str, Any]], piped: dict[int, dict[str, Any]]
+    setup: _Setup,
+    singles: list[dict[str, Any]],
+    piped: dict[int, dict[str, Any]],
+    reference_ids: list[int],
 ) -> list[dict[str, Any]]:
-    """One row per configuration, the single process first, each against it."""
-    reference_ids = singles[0]["token_ids"]
+    """One round's rows, the single process first, each against it and `reference_ids`."""
     single = _row(
         "single process (mlx-lm)",
         1,

@@ -16,10 +16,12 @@ node receives, and two things are measured on real py-libp2p hosts on 127.0.0.1:
   arrive together, so p50 can drop below the loss-free value while p99 and tokens/s show
   the cost.
 
+All of that runs `repeats` times, the rates interleaved (`p2pr.bench.repeats`): every figure
+is the median over the rounds, with its spread (`key_spread`: `[min, max]`).
+
 The shim's settings are fixed when a node starts (the engine only has a runtime hook for
 partitions), so every loss rate gets fresh processes. The PNG has two panels: goodput, and
-token latency (p50, p99, TTFT), against the loss rate; matplotlib (the `plot` extra) draws it
-with the Agg backend.
+token latency (p50, p99, TTFT), against the loss rate (`p2pr.bench.lossplot`).
 """
 
 from __future__ import annotations
@@ -36,20 +38,18 @@ import attrs
 
 from p2p_reliable.health import nearest_rank
 from p2pr.bench.nodes import LOADTEST
+from p2pr.bench.repeats import DEFAULT_REPEATS, run_interleaved, summarize
 from p2pr.bench.router import BenchCase, run_case
 
 __all__ = [
     "DEFAULT_RATES",
     "DEFAULT_SIZES",
-    "PlotUnavailableError",
     "SweepConfig",
     "measure_generation",
     "measure_goodput",
     "percent",
-    "require_matplotlib",
     "run_sweep",
     "size_label",
-    "write_plot",
 ]
 
 DEFAULT_RATES: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
@@ -60,10 +60,6 @@ DEFAULT_PROMPT = "Once upon a time"
 _FIRST_GUESS_MSG_PER_S = 8000.0
 _FIRST_GUESS_BYTES_PER_S = 60e6
 _MIN_MESSAGES = 20
-
-
-class PlotUnavailableError(RuntimeError):
-    """matplotlib, which draws the PNG, is not installed."""
 
 
 @attrs.frozen
@@ -79,6 +75,7 @@ class SweepConfig:
     nodes: int = 2
     tokens: int = 32
     generations: int = 3  # timed requests per rate, after one warm-up request
+    repeats: int = DEFAULT_REPEATS  # rounds over every rate, interleaved; medians over them
     prompt: str = DEFAULT_PROMPT
     generation_timeout: float = 120.0
 
@@ -89,19 +86,10 @@ class SweepConfig:
             raise ValueError("loss rates must be in [0, 1)")
         if not self.sizes or any(s < 64 for s in self.sizes):
             raise ValueError("message sizes must be at least 64 bytes")
-        if self.tokens < 2 or self.generations < 1 or self.seconds <= 0:
-            raise ValueError("need at least 2 tokens, 1 generation and a positive duration")
-
-
-def require_matplotlib() -> None:
-    """Raise `PlotUnavailableError` unless matplotlib can be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise PlotUnavailableError(
-            "matplotlib is not installed; it comes with the 'plot' extra: "
-            "pip install -e '.[plot]' (scripts/setup.sh installs it)"
-        ) from None
+        if self.tokens < 2 or self.generations < 1 or self.seconds <= 0 or self.repeats < 1:
+            raise ValueError(
+                "need at least 2 tokens, 1 generation, 1 round and a positive duration"
+            )
 
 
 def _faults(rate: float, seed: int) -> str | None:
@@ -217,7 +205,34 @@ def measure_generation(
         # what the protocol sent again, summed over every node and the client.
         row["frames_dropped"] = sum(n["shim"].get("dropped", 0) for n in stats["nodes"])
         row["retransmits"] = sum(link["retransmits"] for link in stats["links"])
+        # Small latency-critical messages sent a second time (`LATENCY_STREAMS`).
+        row["redundant_copies"] = sum(
+            n["protocol"].get("redundant_copies", 0) for n in stats["nodes"]
+        )
     return row, first_ids
+
+
+# Medians over the rounds, each with a `_spread`: of a generation, and of a goodput point.
+GENERATION_FIGURES = (
+    "ttft_ms",
+    "token_latency_p50_ms",
+    "token_latency_p99_ms",
+    "token_latency_max_ms",
+    "decode_tokens_per_s",
+    "frames_dropped",
+    "retransmits",
+    "redundant_copies",
+)
+GOODPUT_FIGURES = (
+    "delivery_ratio",
+    "goodput_msg_per_s",
+    "goodput_mb_per_s",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "retransmits",
+    "frames_dropped",
+    "seconds",
+)
 
 
 def run_sweep(
@@ -225,10 +240,11 @@ def run_sweep(
     config: SweepConfig = SweepConfig(),
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Every loss rate in turn (ascending): goodput per size, then a pipeline generation.
+    """`config.repeats` rounds over every loss rate (ascending): goodput per size, then a
+    pipeline generation; per rate the medians and spreads over the rounds.
 
-    The loss-free token ids come from rate 0, or from an extra loss-free pipeline run when
-    0 is not among the rates.
+    The loss-free token ids come from rate 0 of the first round, or from an extra loss-free
+    pipeline run when 0 is not among the rates.
     """
     say = progress or (lambda _: None)
     rates = sorted(set(config.rates))
@@ -236,34 +252,27 @@ def run_sweep(
     if rates[0] > 0:
         say("loss-free reference generation")
         _, reference = measure_generation(model_dir, 0.0, attrs.evolve(config, generations=1))
-    counts = {
-        size: max(
-            _MIN_MESSAGES,
-            int(min(_FIRST_GUESS_MSG_PER_S, _FIRST_GUESS_BYTES_PER_S / size) * config.seconds),
-        )
-        for size in config.sizes
-    }
-    rows: list[dict[str, Any]] = []
-    for rate in rates:
-        goodput = []
-        for size in config.sizes:
-            say(f"loss {percent(rate)}: goodput, {counts[size]} messages of {size} B")
-            point = measure_goodput(rate, size, counts[size], config)
-            goodput.append(point)
-            if point["goodput_msg_per_s"] > 0:
-                counts[size] = max(_MIN_MESSAGES, int(point["goodput_msg_per_s"] * config.seconds))
+    counts = _GoodputCounts(config)
+
+    def measure(rate: float, round_index: int) -> dict[str, Any]:
+        nonlocal reference
+        goodput = [counts.measure(rate, size, round_index, say) for size in config.sizes]
         say(f"loss {percent(rate)}: pipeline of {config.nodes} stages, {config.tokens} tokens")
         generation, first_ids = measure_generation(
             model_dir, rate, config, reference, progress=lambda line: say(f"  {line}")
         )
         if reference is None:
             reference = first_ids  # rate 0 comes first
-        rows.append({"loss_rate": rate, "goodput": goodput, **generation})
+        return {"loss_rate": rate, "goodput": goodput, **generation}
+
+    samples = run_interleaved(rates, config.repeats, measure, say, lambda r: f"loss {percent(r)}")
+    rows = [_merge_rounds(rounds) for rounds in samples]
     return {
         "model": model_dir.name,
         "nodes": config.nodes,
         "tokens": config.tokens,
         "generations": config.generations,
+        "repeats": config.repeats,
         "prompt": config.prompt,
         "sizes": list(config.sizes),
         "receivers": config.receivers,
@@ -278,6 +287,52 @@ def run_sweep(
     }
 
 
+class _GoodputCounts:
+    """How many messages a goodput run publishes, to last about `config.seconds`.
+
+    The first round sizes each point from the previous point's goodput (same size); later
+    rounds publish what the first round did at that point, so that rounds compare.
+    """
+
+    def __init__(self, config: SweepConfig) -> None:
+        self._config = config
+        self._next = {
+            size: max(
+                _MIN_MESSAGES,
+                int(min(_FIRST_GUESS_MSG_PER_S, _FIRST_GUESS_BYTES_PER_S / size) * config.seconds),
+            )
+            for size in config.sizes
+        }
+        self._chosen: dict[tuple[float, int], int] = {}
+
+    def measure(
+        self, rate: float, size: int, round_index: int, say: Callable[[str], None]
+    ) -> dict[str, Any]:
+        count = self._chosen.setdefault((rate, size), self._next[size])
+        say(f"loss {percent(rate)}: goodput, {count} messages of {size} B")
+        point = measure_goodput(rate, size, count, self._config)
+        if round_index == 0 and point["goodput_msg_per_s"] > 0:
+            self._next[size] = max(
+                _MIN_MESSAGES, int(point["goodput_msg_per_s"] * self._config.seconds)
+            )
+        return point
+
+
+def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One loss rate's rows of every round: medians and spreads; a verdict over them all."""
+    row = summarize(rounds, GENERATION_FIGURES)
+    row["goodput"] = [
+        summarize([r["goodput"][i] for r in rounds], GOODPUT_FIGURES, digits=4)
+        for i in range(len(rounds[0]["goodput"]))
+    ]
+    row["requests"] = sum(r["requests"] for r in rounds)
+    row["tokens"] = [n for r in rounds for n in r["tokens"]]
+    row["errors"] = [e for r in rounds for e in r["errors"]]
+    row["completed"] = all(r["completed"] for r in rounds)
+    row["matches_loss_free"] = all(r["matches_loss_free"] for r in rounds)
+    return row
+
+
 def percent(rate: float) -> str:
     """0.05 -> '5%', 0.005 -> '0.5%'."""
     return f"{rate * 100:g}%"
@@ -289,78 +344,3 @@ def size_label(size: int) -> str:
         if size >= scale and size % scale == 0:
             return f"{size // scale} {unit}"
     return f"{size} B"
-
-
-def write_plot(result: dict[str, Any], path: str | Path) -> Path:
-    """Draw the sweep as a PNG: goodput, and token latency, against the loss rate."""
-    require_matplotlib()
-    # The Figure API with an explicit Agg canvas: no pyplot, no global backend, no display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    _plot_goodput(left, result)
-    _plot_latency(right, result)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
-
-
-def _log_scale(ax: Any) -> None:
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    # Plain numbers at 1-2-5 steps: ranges here often span less than a decade.
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _plot_goodput(ax: Any, result: dict[str, Any]) -> None:
-    rows = result["rows"]
-    loss = [100 * r["loss_rate"] for r in rows]
-    for i, size in enumerate(result["sizes"]):
-        values = [r["goodput"][i]["goodput_mb_per_s"] for r in rows]
-        ax.plot(loss, values, marker="o", label=f"{size_label(size)} messages")
-    if all(g["goodput_mb_per_s"] > 0 for r in rows for g in r["goodput"]):
-        _log_scale(ax)  # sizes differ by an order of magnitude, and so does loss
-    receivers = result["receivers"]
-    ax.set_title(
-        f"reliable router goodput (1 publisher, {receivers} receiver{'s' * (receivers > 1)})"
-    )
-    ax.set_xlabel("frames dropped (%)")
-    ax.set_ylabel("goodput (MB/s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-
-
-def _plot_latency(ax: Any, result: dict[str, Any]) -> None:
-    rows = result["rows"]
-    loss = [100 * r["loss_rate"] for r in rows]
-    plotted: list[float] = []
-    for key, label, style in (
-        ("token_latency_p50_ms", "per-token p50", "o-"),
-        ("token_latency_p99_ms", "per-token p99", "s-"),
-        ("ttft_ms", "time to first token (median)", "^--"),
-    ):
-        points = [(x, r[key]) for x, r in zip(loss, rows) if r[key] is not None]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, style, label=label)
-            plotted.extend(ys)
-    if plotted and min(plotted) > 0:
-        _log_scale(ax)  # p99 under loss is a multiple of the RTO, p50 a few ms
-    bad = [(x, r) for x, r in zip(loss, rows) if not (r["completed"] and r["matches_loss_free"])]
-    for x, _ in bad:
-        ax.axvline(x, color="red", alpha=0.4)
-    ax.set_title(
-        f"pipeline generation: {result['model']}, {result['nodes']} stages, "
-        f"{result['tokens']} tokens" + ("" if not bad else " (red: incomplete or different)")
-    )
-    ax.set_xlabel("frames dropped (%)")
-    ax.set_ylabel("latency (ms)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()

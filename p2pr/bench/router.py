@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from .nodes import LOADTEST, RAWGOSSIP, LocalCluster
+from .repeats import DEFAULT_REPEATS, run_interleaved, summarize
 
 
 @attrs.frozen
@@ -101,17 +102,31 @@ CASES = [
 ]
 
 
+# The figures of a row that vary from run to run: medians and spreads over the rounds.
+ROW_FIGURES = (
+    "delivery_ratio",
+    "goodput_msg_per_s",
+    "goodput_mb_per_s",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "retransmits",
+    "frames_dropped",
+)
+
+
 def bench_router(
-    cases: list[BenchCase] | None = None, progress: Callable[[str], None] | None = None
+    cases: list[BenchCase] | None = None,
+    progress: Callable[[str], None] | None = None,
+    repeats: int = DEFAULT_REPEATS,
 ) -> dict[str, Any]:
-    """Every case in turn, plus the goal checks."""
-    rows = []
-    for case in cases or CASES:
-        if progress:
-            progress(case.name)
-        rows.append(run_case(case))
+    """Every case once per round, `repeats` rounds, plus the goal checks (on the medians)."""
+    chosen = cases or CASES
+    samples = run_interleaved(
+        chosen, repeats, lambda case, _: run_case(case), progress, lambda case: case.name
+    )
+    rows = [summarize(runs, ROW_FIGURES, digits=4) for runs in samples]
     by_name = {r["case"]: r for r in rows}
-    summary: dict[str, Any] = {"rows": rows}
+    summary: dict[str, Any] = {"repeats": repeats, "rows": rows}
     for size in ("1 KiB", "256 KiB"):
         raw, rel = by_name.get(f"raw gossipsub {size}"), by_name.get(f"reliable {size}")
         if raw and rel and raw["goodput_msg_per_s"]:

@@ -7,15 +7,22 @@ from typing import Any
 from rich.table import Table
 
 from ..bench.losssweep import percent, size_label
+from ..bench.repeats import with_spread
 
-__all__ = ["api_tables", "generate_table", "loss_sweep_table"]
+__all__ = ["api_tables", "failover_table", "generate_table", "loss_sweep_table"]
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str = "{:g}") -> str:
+    """The median, and under it the spread (wide tables stay within the console)."""
+    return with_spread(row, key, fmt, sep="\n")
 
 
 def generate_table(result: dict[str, Any]) -> Table:
     """One row per configuration: decode and end-to-end speed, costs, identity."""
     table = Table(
         title=f"p2pr bench generate: {result['model']}, {result['max_tokens']} tokens, "
-        f"greedy, median of {result['runs']} runs (single: {2 * result['runs']}) ({result['blas']})"
+        f"greedy, median (min–max) of {result['repeats']} interleaved rounds of "
+        f"{result['runs']} runs ({result['blas']})"
     )
     for column in (
         "configuration",
@@ -32,13 +39,13 @@ def generate_table(result: dict[str, Any]) -> Table:
     for row in result["rows"]:
         table.add_row(
             row["config"],
-            str(row["decode_tokens_per_s"]),
-            f"{row['vs_single']:.3f}" if row["vs_single"] is not None else "",
-            f"{row['ttft_ms']:.1f}",
-            str(row["e2e_tokens_per_s"]),
-            str(row.get("compute_ms_per_token", "")),
-            str(row.get("messaging_ms_per_token", "")),
-            f"{row['aggregate_tokens_per_s']} (x{row['concurrent_requests']})"
+            _cell(row, "decode_tokens_per_s", "{:.2f}"),
+            _cell(row, "vs_single", "{:.3f}"),
+            _cell(row, "ttft_ms", "{:.1f}"),
+            _cell(row, "e2e_tokens_per_s", "{:.2f}"),
+            _cell(row, "compute_ms_per_token", "{:.2f}"),
+            _cell(row, "messaging_ms_per_token", "{:.2f}"),
+            f"{_cell(row, 'aggregate_tokens_per_s', '{:.2f}')}\n(x{row['concurrent_requests']})"
             if row.get("aggregate_tokens_per_s") is not None
             else "",
             "yes" if row["identical_to_single"] else "NO",
@@ -52,11 +59,12 @@ def loss_sweep_table(result: dict[str, Any]) -> Table:
     table = Table(
         title=f"p2pr bench loss-sweep: goodput (1 publisher, {receivers}) and "
         f"{result['model']} over {result['nodes']} stages ({result['tokens']} tokens, "
-        f"{result['generations']} timed requests) against dropped frames"
+        f"{result['generations']} timed requests) against dropped frames; "
+        f"median (min–max) of {result['repeats']} interleaved rounds"
     )
     table.add_column("loss", justify="right")
     for size in result["sizes"]:
-        table.add_column(f"{size_label(size)}\nMB/s (msg/s)", justify="right")
+        table.add_column(f"{size_label(size)}\nMB/s", justify="right")
     for column in ("TTFT ms", "token p50 ms", "token p99 ms", "tok/s", "complete, same"):
         table.add_column(column, justify="right")
     for row in result["rows"]:
@@ -64,15 +72,46 @@ def loss_sweep_table(result: dict[str, Any]) -> Table:
         table.add_row(
             percent(row["loss_rate"]),
             *(
-                f"{g['goodput_mb_per_s']:.2f} ({g['goodput_msg_per_s']:.0f})"
+                f"{_cell(g, 'goodput_mb_per_s', '{:.2f}')}\n{g['goodput_msg_per_s']:.0f} msg/s"
                 + ("" if g["delivery_ratio"] == 1.0 else f" [red]{g['delivery_ratio']:.1%}[/]")
                 for g in row["goodput"]
             ),
-            str(row["ttft_ms"]),
-            str(row["token_latency_p50_ms"]),
-            str(row["token_latency_p99_ms"]),
-            str(row["decode_tokens_per_s"]),
+            _cell(row, "ttft_ms"),
+            _cell(row, "token_latency_p50_ms"),
+            _cell(row, "token_latency_p99_ms"),
+            _cell(row, "decode_tokens_per_s"),
             "yes" if same else "[red]NO[/]",
+        )
+    return table
+
+
+def failover_table(result: dict[str, Any]) -> Table:
+    """One row per kill point: where the time from the kill to the next token went."""
+    table = Table(
+        title=f"p2pr bench failover: {result['model']}, {result['stages']} stages, SIGKILL "
+        f"mid-answer; median (min–max) of {result['repeats']} interleaved rounds, seconds"
+    )
+    for column in (
+        "stage killed",
+        "after token",
+        "kill → next token",
+        "kill → resumed token",
+        "kill → detected",
+        "re-plan",
+        "detected → resumed token",
+        "identical",
+    ):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(
+            f"{row['victim']} ({row['victim_stage']})",
+            f"{row['after_token']} of {row['tokens']}",
+            _cell(row, "kill_to_next_token_s", "{:.3f}"),
+            _cell(row, "kill_to_resumed_s", "{:.3f}"),
+            _cell(row, "detect_s", "{:.3f}"),
+            _cell(row, "replan_s", "{:.3f}"),
+            _cell(row, "resume_s", "{:.3f}"),
+            "yes" if row["identical"] else "[red]NO[/]",
         )
     return table
 

@@ -14,14 +14,20 @@ P2PR = shutil.which("p2pr") or str(Path(sys.executable).parent / "p2pr")
 
 
 # What `p2pr bench codec` measures (README, "Other commands"), and one 1 KiB message as it
-# encodes it: the wire size is the envelope's, computed here.
-CODEC_KEYS = {
+# encodes it: the wire size is the envelope's, computed here. The timed figures are medians
+# over the rounds, each with its spread.
+TIMED_CODEC_KEYS = {
     "encode_decode_us_per_1kib",
     "encode_us_per_1kib",
     "decode_us_per_1kib",
-    "wire_bytes_per_1kib",
     "checksum_gb_per_s",
+}
+CODEC_KEYS = {
+    *TIMED_CODEC_KEYS,
+    *(f"{key}_spread" for key in TIMED_CODEC_KEYS),
+    "wire_bytes_per_1kib",
     "messages",
+    "repeats",
 }
 
 
@@ -39,7 +45,7 @@ def one_kib_wire_size() -> int:
 
 def test_bench_codec_json_has_the_documented_keys() -> None:
     out = subprocess.run(
-        [P2PR, "bench", "codec", "--json", "--messages", "2000"],
+        [P2PR, "bench", "codec", "--json", "--messages", "2000", "--repeats", "3"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -50,8 +56,11 @@ def test_bench_codec_json_has_the_documented_keys() -> None:
     result = json.loads(lines[0])
     assert set(result) == CODEC_KEYS
     assert result["messages"] == 2000  # as asked
+    assert result["repeats"] == 3
     assert result["wire_bytes_per_1kib"] == one_kib_wire_size()
-    assert all(result[key] > 0 for key in CODEC_KEYS)
+    for key in TIMED_CODEC_KEYS:
+        low, high = result[f"{key}_spread"]
+        assert 0 < low <= result[key] <= high, key
 
 
 def test_bench_codec_prints_a_table_and_json() -> None:
@@ -64,13 +73,20 @@ def test_bench_codec_prints_a_table_and_json() -> None:
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     table = out.stdout.strip().splitlines()[:-1]
+
+    def shown(key: str, digits: int) -> str:
+        """A median as the table shows it, with its spread (min–max) when there is one."""
+        low, high = result[f"{key}_spread"]
+        spread = "" if low == high else f" ({low:.{digits}f}–{high:.{digits}f})"
+        return f"{result[key]:.{digits}f}{spread}"
+
     # The table shows what the JSON says, each measure on its row.
     expected_rows = {
-        "encode+checksum+decode, 1 KiB message": f"{result['encode_decode_us_per_1kib']:.2f} µs",
-        "encode alone": f"{result['encode_us_per_1kib']:.2f} µs",
-        "decode (verify) alone": f"{result['decode_us_per_1kib']:.2f} µs",
+        "encode+checksum+decode, 1 KiB message": f"{shown('encode_decode_us_per_1kib', 2)} µs",
+        "encode alone": f"{shown('encode_us_per_1kib', 2)} µs",
+        "decode (verify) alone": f"{shown('decode_us_per_1kib', 2)} µs",
         "wire size of a 1 KiB message": f"{one_kib_wire_size()} B",
-        "xxh3-64 over 1 MiB": f"{result['checksum_gb_per_s']:.1f} GB/s",
+        "xxh3-64 over 1 MiB": f"{shown('checksum_gb_per_s', 1)} GB/s",
     }
     for measure, value in expected_rows.items():
         [row] = [line for line in table if measure in line]

@@ -31,12 +31,13 @@ def test_a_small_sweep_writes_a_plot_and_one_json_row_per_rate(tmp_path: Path) -
             "--seconds=1",
             "--tokens=8",
             "--generations=2",
+            "--repeats=2",
             f"--model={model_dir}",
             f"--png={png}",
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -50,12 +51,18 @@ def test_a_small_sweep_writes_a_plot_and_one_json_row_per_rate(tmp_path: Path) -
     assert result["png"] == str(png.resolve())
 
     rows = result["rows"]
+    assert result["repeats"] == 2
     assert [r["loss_rate"] for r in rows] == [0.0, 0.1]
     assert result["all_complete"] is True
     for row in rows:
         assert row["completed"] is True, row["errors"]
         assert row["matches_loss_free"] is True
-        assert row["tokens"] == [8, 8, 8]  # one warm-up request and two timed ones
+        # Per round one warm-up request and two timed ones.
+        assert row["tokens"] == [8] * 6 and row["requests"] == 6
+        # Each figure is the median of the rounds, within their spread.
+        for figure in ("ttft_ms", "token_latency_p99_ms", "decode_tokens_per_s"):
+            low, high = row[f"{figure}_spread"]
+            assert low <= row[figure] <= high, figure
         assert row["ttft_ms"] > 0
         assert row["token_latency_p99_ms"] >= row["token_latency_p50_ms"] > 0
         assert row["decode_tokens_per_s"] > 0
@@ -64,6 +71,8 @@ def test_a_small_sweep_writes_a_plot_and_one_json_row_per_rate(tmp_path: Path) -
         assert goodput["delivery_ratio"] == 1.0
         assert goodput["goodput_msg_per_s"] > 0
         assert goodput["goodput_mb_per_s"] > 0
+        low, high = goodput["goodput_msg_per_s_spread"]
+        assert 0 < low <= goodput["goodput_msg_per_s"] <= high
     lossless, lossy = rows
     assert lossless["goodput"][0]["frames_dropped"] == 0
     assert lossless["frames_dropped"] == 0
