@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netns import NetnsLan, skip_reason
 from support import P2prNode
 
 from p2pr.launch import stop_all
@@ -65,3 +66,19 @@ def p2pr_nodes() -> Iterator[Callable[..., P2prNode]]:
 
     yield start
     stop_all([node.process for node in started], timeout=10)
+
+
+@pytest.fixture(scope="session")
+def netns_available() -> None:
+    """Skip, saying why, where network namespaces cannot be made."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def lan(netns_available: None) -> Iterator[NetnsLan]:
+    """Three "machines" (network namespaces on a bridge), removed after the test."""
+    with NetnsLan(3) as made:
+        yield made
+    assert made.leftovers() == []

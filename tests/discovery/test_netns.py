@@ -13,12 +13,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from netns import LINK_RATE_BITS, Machine, NetnsLan, _b36, skip_reason, sweep_leftovers
+from netns import LINK_RATE_BITS, Machine, NetnsLan, _b36, sweep_leftovers
 
 pytestmark = pytest.mark.multinode
 
@@ -55,20 +54,6 @@ while len(back) < len(payload):
     back += piece
 print(hashlib.sha256(back).hexdigest(), hashlib.sha256(payload).hexdigest())
 """
-
-
-@pytest.fixture(scope="module")
-def available() -> None:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def lan(available: None) -> Iterator[NetnsLan]:
-    with NetnsLan(3) as made:
-        yield made
-    assert made.leftovers() == []
 
 
 def read_line(stream: IO[str] | None, timeout: float) -> str:
@@ -129,7 +114,7 @@ def test_tcp_echo_between_machines_and_from_the_root_namespace(lan: NetnsLan) ->
     assert server.wait(timeout=WAIT) == 0
 
 
-def test_teardown_after_a_failure_and_of_a_killed_run(available: None) -> None:
+def test_teardown_after_a_failure_and_of_a_killed_run(netns_available: None) -> None:
     with pytest.raises(RuntimeError, match="the test failed"):
         with NetnsLan(2) as lan:
             inside = lan.popen(lan.machines[0], ["sleep", "600"])

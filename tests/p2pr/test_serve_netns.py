@@ -22,7 +22,7 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import openai
 import pytest
 import trio
-from netns import Machine, NetnsLan, skip_reason
+from netns import Machine, NetnsLan
 from support import expected_deltas
 
 from inference_glue.client import PipelineClient, load_tokenizer, peer_id_of
@@ -45,20 +45,6 @@ P2PR = str(Path(sys.executable).parent / "p2pr")
 WAIT = 120.0  # the bound on every wait for an event
 KEY = "sk-test-serve"
 USER = [{"role": "user", "content": "What do three machines say?"}]
-
-
-@pytest.fixture(scope="module")
-def available() -> None:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def lan(available: None) -> Iterator[NetnsLan]:
-    with NetnsLan(3) as made:
-        yield made
-    assert made.leftovers() == []
 
 
 @pytest.fixture(scope="module")
