@@ -40,6 +40,7 @@ from inference_glue.tokens import decode_rate
 from router import EngineConfig, Router, RouterConfig
 
 from ..launch import Launched, python_module, stop_all
+from .repeats import median_and_spread
 
 __all__ = ["CONCURRENCY", "GOAL_API", "bench_api"]
 
@@ -103,14 +104,15 @@ async def stream_api(
 def summary(way: str, runs: Sequence[Run]) -> dict[str, Any]:
     """Medians, min and max of the decode tokens/s and of the time to the first token."""
     decode = [d for d in (r.decode for r in runs) if d is not None]
-    ttft = [r.ttft_s * 1000 for r in runs]
+    decode_median, decode_spread = median_and_spread(decode, 2)
+    ttft_median, ttft_spread = median_and_spread((r.ttft_s * 1000 for r in runs), 1)
     return {
         "way": way,
         "tokens": runs[0].tokens if runs else 0,
-        "decode_tokens_per_s": round(statistics.median(decode), 2) if decode else None,
-        "decode_min_max": [round(min(decode), 2), round(max(decode), 2)] if decode else None,
-        "ttft_ms": round(statistics.median(ttft), 1) if ttft else None,
-        "ttft_min_max_ms": [round(min(ttft), 1), round(max(ttft), 1)] if ttft else None,
+        "decode_tokens_per_s": decode_median,
+        "decode_min_max": decode_spread,
+        "ttft_ms": ttft_median,
+        "ttft_min_max_ms": ttft_spread,
         "same_text": len({r.text for r in runs}) == 1,
         "decode_tokens_per_s_runs": [round(d, 2) for d in decode],
     }
