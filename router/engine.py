@@ -1,6 +1,7 @@
 """The libp2p side: one trio loop that owns a py-libp2p host and drives the protocol Endpoint.
 
-Everything here runs in the engine's own thread. The application talks to it through
+Everything here runs on the engine's trio loop: the application's own when that is trio, else
+one on a thread of its own (`enginehost`). The application talks to it through
 `submit_*` methods (thread-safe: they queue and wake the trio loop) and hears back through an
 `AppSink`, whose methods the engine schedules on the application's loop.
 
@@ -78,7 +79,8 @@ class EngineStats:
 
 
 class Engine:
-    """A libp2p host plus the reliability Endpoint, in a trio loop on its own thread."""
+    """A libp2p host plus the reliability Endpoint, in a trio loop: the application's own, or
+    one on a thread of its own (`router.enginehost`)."""
 
     def __init__(
         self,
@@ -229,14 +231,23 @@ class Engine:
     def run(self) -> None:
         """Thread body: run the host until stop()."""
         try:
-            trio.run(self._main)
+            trio.run(self._main, self.ready.set)
         except BaseException as exc:  # reported to the application, which owns the thread
             self.error = exc
             log.exception("engine stopped with an error")
         finally:
             self.ready.set()
 
-    async def _main(self) -> None:
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the host on the calling trio loop until stop(); started once it is ready."""
+        await self._main(lambda: task_status.started())
+
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() was asked for (and run on the engine's loop)."""
+        return self._stopping.is_set()
+
+    async def _main(self, started: Callable[[], None]) -> None:
         cfg = self.config
         self._bridge.attach()
         addrs = listen_addrs(cfg.listen_host, cfg.listen_port)
@@ -270,7 +281,7 @@ class Engine:
                     peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
                 nursery.start_soon(self.dialer.run, host, nursery)
                 self._bridge.run_pending()
-                self.ready.set()
+                started()
                 await self._stopping.wait()
                 nursery.cancel_scope.cancel()
                 if cfg.enable_mdns:

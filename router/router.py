@@ -1,8 +1,8 @@
 """The application side: exo's Router/TopicRouter interface over the reliable engine.
 
-It runs under any anyio backend (asyncio for exo, trio alike). The libp2p engine lives on its
-own thread with its own trio loop; this module only moves items between anyio channels and
-that thread. Backpressure is end to end: a receiver that is not read fills its channel, its
+It runs under any anyio backend (asyncio for exo, trio alike). The libp2p engine runs on the
+application's loop when that is trio, else on its own thread with its own trio loop
+(`enginehost`); this module only moves items between anyio channels and the engine. Backpressure is end to end: a receiver that is not read fills its channel, its
 TopicRouter stops reporting consumption, the protocol stops granting credit, and the remote
 publisher's `send` waits. Nothing is dropped on the way.
 """
@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 import math
-import threading
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +31,7 @@ from p2p_reliable import Delivered, Gap, MessageTooLarge, Rejected, Unrecoverabl
 from .channels import DEFAULT_BUFFER, Receiver, Sender
 from .config import EngineConfig
 from .engine import Engine
+from .enginehost import EngineLoop, hosted_engine, shares_loop
 from .faults import FaultConfig
 from .ratelog import RateLimitedLog
 from .topic_router import DirectDelivery, DirectMessage, TopicRouter
@@ -52,6 +52,9 @@ class RouterConfig:
     # Messages handed to the engine but not yet accepted into a protocol window; `send`
     # waits beyond this (the window being full means the receivers are behind).
     outbound_slots: int = 1024
+    # Where the engine runs (`router.enginehost`): on a thread of its own, or "shared": on the
+    # application's loop when that is trio (fewer thread crossings; see there for the trade).
+    engine_loop: EngineLoop = "thread"
     receiver_buffer: float = DEFAULT_BUFFER  # items per receiver; math.inf as exo's
 
 
@@ -238,42 +241,30 @@ class Router:
         if self._ready is None:
             self._ready = anyio.Event()
         engine = Engine(self.key_pair, self.config.engine, sink=self, post=post)
-        thread = threading.Thread(target=engine.run, name="p2pr-engine", daemon=True)
         self.engine = engine
-        thread.start()
         try:
-            await anyio.to_thread.run_sync(engine.ready.wait, abandon_on_cancel=True)
-            if engine.error is not None:
-                raise RuntimeError(f"libp2p engine failed to start: {engine.error}")
-            # Unbounded in itself; there are at most as many direct streams as the protocol
-            # keeps state for (ProtocolConfig.max_inbound_streams) plus the application's own.
-            starts_send, starts_recv = anyio.create_memory_object_stream[TopicRouter[Any]](math.inf)
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                self._starts = starts_send
-                tg.start_soon(self._start_routers, starts_recv)
-                tg.start_soon(self._watch_engine, engine, thread)
-                for router in [*self.topic_routers.values(), *self._direct.values()]:
-                    tg.start_soon(router.run)
-                for router in self.topic_routers.values():
-                    self._subscribe(router.topic)
-                self._ready.set()
-                await anyio.sleep_forever()
+            async with hosted_engine(engine, shares_loop(self.config.engine_loop)):
+                # Unbounded in itself; there are at most as many direct streams as the
+                # protocol keeps state for (ProtocolConfig.max_inbound_streams) plus the
+                # application's own.
+                starts_send, starts_recv = anyio.create_memory_object_stream[TopicRouter[Any]](
+                    math.inf
+                )
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    self._starts = starts_send
+                    tg.start_soon(self._start_routers, starts_recv)
+                    for router in [*self.topic_routers.values(), *self._direct.values()]:
+                        tg.start_soon(router.run)
+                    for router in self.topic_routers.values():
+                        self._subscribe(router.topic)
+                    self._ready.set()
+                    await anyio.sleep_forever()
         finally:
             self._tg = None
             self._starts = None
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                engine.stop()
-                await anyio.to_thread.run_sync(thread.join)
             for router in [*self.topic_routers.values(), *self._direct.values()]:
                 await router.shutdown()
-
-    @staticmethod
-    async def _watch_engine(engine: Engine, thread: threading.Thread) -> None:
-        # The engine only stops when asked; if its thread ends on its own, say so loudly
-        # rather than leaving an application that waits for messages that cannot come.
-        await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
-        raise RuntimeError(f"the libp2p engine stopped unexpectedly: {engine.error!r}")
 
     async def shutdown(self) -> None:
         """Stop run()."""

@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 import time
 from typing import Any
 
@@ -75,11 +76,11 @@ class _Receiving:
         self.expected = args.expect * args.expect_count
         self.done = anyio.Event()
         self.last_arrival = 0.0
+        self.total = 0  # new messages of other publishers, over both ways in
         # With --record-consumption: when the application took each message (wall clock).
         self.consumed_at: list[float] = []
 
     async def consume(self, items: Any) -> None:
-        total = 0
         async for data in items:
             now = self.last_arrival = time.time()
             if self.args.consume_delay:
@@ -87,8 +88,8 @@ class _Receiving:
             if self.args.record_consumption:
                 self.consumed_at.append(time.time())
             if self._tally(data, now):
-                total += 1
-                if total >= self.expected:
+                self.total += 1
+                if self.total >= self.expected:
                     self.done.set()
 
     def _tally(self, data: bytes, now: float) -> bool:
@@ -137,7 +138,9 @@ def _router(args: argparse.Namespace) -> Router:
         flow_control=True, receive_window=args.receive_window, window_bytes=args.window_mib << 20
     )
     config = RouterConfig(
-        engine=EngineConfig(protocol=protocol, faults=faults), receiver_buffer=args.buffer
+        engine=EngineConfig(protocol=protocol, faults=faults),
+        receiver_buffer=args.buffer,
+        engine_loop=args.engine_loop,
     )
     return Router.create(bootstrap_peers=args.bootstrap, config=config)
 
@@ -153,12 +156,11 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
         tg.start_soon(router.run)
         await router.wait_ready()
         print_event("ready", node_id=router.node_id, addrs=router.listen_addrs)
-        if args.mode == "direct":
-            send, recv = anyio.create_memory_object_stream[bytes](16)
-            tg.start_soon(_forward_direct, direct, send)
-            tg.start_soon(receiving.consume, recv)
-        else:
-            tg.start_soon(receiving.consume, receiver)
+        # Both ways in, whatever this node sends: others may send the other way.
+        send, recv = anyio.create_memory_object_stream[bytes](16)
+        tg.start_soon(_forward_direct, direct, send)
+        tg.start_soon(receiving.consume, recv)
+        tg.start_soon(receiving.consume, receiver)
         with anyio.fail_after(args.timeout):
             await router.wait_for_subscribers(TOPIC.topic, args.peers)
         # As for bare gossipsub: let the mesh form (1 s heartbeats) before measuring.
@@ -176,6 +178,7 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
         result.update(receiving.summary())
         result.update(protocol=counters["protocol"], shim=counters["shim"])
         result["bad_payloads"] = dict(router.bad_payloads)
+        result["engine_thread"] = any(t.name == "p2pr-engine" for t in threading.enumerate())
         print_event("result", **result)
         # Keep acking and repairing for the others until the orchestrator lets us go.
         await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
@@ -230,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--backend", default="trio", choices=["trio", "asyncio"])
     parser.add_argument("--mode", default="topic", choices=["topic", "direct"])
+    parser.add_argument(
+        "--engine-loop",
+        default="thread",
+        choices=["thread", "shared"],
+        help="the engine on its own thread, or on this process's trio loop (RouterConfig)",
+    )
     parser.add_argument("--rate", type=float, default=0.0, help="messages/s (0: flat out)")
     parser.add_argument("--warmup", type=float, default=0.0, help="seconds before publishing")
     parser.add_argument("--receive-window", type=int, default=4096, help="flow-control credit")

@@ -28,6 +28,8 @@ class BenchCase:
     warmup: float = 1.5
     # How long a node waits for everything to arrive (and to be acknowledged) before it reports.
     timeout: float = 120.0
+    # Where each node's engine runs (RouterConfig.engine_loop; the loadtest nodes only).
+    engine_loop: str = "thread"
 
 
 def run_case(case: BenchCase) -> dict[str, Any]:
@@ -38,6 +40,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         f"--rate={case.rate}",
         f"--warmup={case.warmup}",
         f"--timeout={case.timeout}",
+        f"--engine-loop={case.engine_loop}",
     ]
     if case.module == RAWGOSSIP:
         extra = []
@@ -99,6 +102,15 @@ CASES = [
     BenchCase("raw gossipsub 256 KiB", RAWGOSSIP, 150, 256 * 1024),
     BenchCase("reliable 256 KiB", LOADTEST, 300, 256 * 1024),
     BenchCase("reliable point-to-point 64 B, 200/s", LOADTEST, 600, 64, "direct", 200),
+    BenchCase(
+        "reliable point-to-point 64 B, 200/s, engine on the app's loop",
+        LOADTEST,
+        600,
+        64,
+        "direct",
+        200,
+        engine_loop="shared",
+    ),
 ]
 
 

@@ -102,3 +102,31 @@ def test_a_slow_consumer_slows_the_publisher_and_loses_nothing() -> None:
     assert results[0]["drained_at"] >= receiver["consumed_at"][count - 64]
     assert results[0]["protocol"]["window_full"] > 0
     assert results[0]["protocol"]["unrecoverable"] == 0
+
+
+def test_engines_on_the_applications_loops_through_faults() -> None:
+    """`RouterConfig.engine_loop="shared"` in every node: point-to-point and topic messages
+    through loss, duplication, reordering and corruption, exactly once and in order."""
+    count = 1500
+    with LocalCluster() as cluster:
+        for index, mode in enumerate(["direct", "topic", "topic"]):
+            cluster.start(
+                [
+                    f"--index={index}",
+                    f"--publish={count if index < 2 else 0}",
+                    "--peers=2",
+                    f"--mode={mode}",
+                    "--engine-loop=shared",
+                    f"--expect={1 if index == 1 else 2 if index == 2 else 1}",
+                    f"--expect-count={count}",
+                    f"--faults={FAULTS.format(seed=index + 1)}",
+                ]
+            )
+        results = cluster.results(timeout=240)
+    # Node 0 sends point to point to 1 and 2; node 1 publishes on the topic (to 0 and 2).
+    expectations = {0: [1], 1: [0], 2: [0, 1]}
+    for result in results:
+        assert result["engine_thread"] is False
+        _check_exact(result, expectations[result["index"]], count)
+        assert result["protocol"]["gaps"] == 0 and result["protocol"]["unrecoverable"] == 0
+    assert sum(r["shim"]["dropped"] for r in results) > 0
