@@ -119,6 +119,7 @@ class Engine:
         )
         self._idle_waiters: list[Callable[[], None]] = []
         self._timer_changed = trio.Event()
+        self._armed_at = math.inf  # the deadline the timer loop sleeps until
         self._stopping = trio.Event()
         self._host: IHost | None = None
         self._pubsub: Pubsub | None = None
@@ -343,7 +344,7 @@ class Engine:
                 peer = event.origin if isinstance(event, Gap) else event.peer
                 self._events_log.warning(peer, type(event).__name__, "%s", event)
                 self._post(self.sink.protocol_event, event)
-        self._timer_changed.set()
+        self._rearm_timer()
         self._wake_idle_waiters()
 
     def _wake_idle_waiters(self) -> None:
@@ -376,13 +377,23 @@ class Engine:
         self.endpoint.receive(frame, peer, self.now())
         self._flush()
 
+    def _rearm_timer(self) -> None:
+        # Wake the timer loop only for a deadline earlier than the one it sleeps until: a
+        # later one is found when it wakes. Waking it on every flush cost a task switch and a
+        # cancel scope per message.
+        deadline = self.endpoint.get_timer()
+        if deadline is not None and deadline < self._armed_at:
+            self._timer_changed.set()
+
     async def _timer_loop(self) -> None:
         while True:
             deadline = self.endpoint.get_timer()
+            self._armed_at = deadline if deadline is not None else math.inf
             self._timer_changed = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
+            with trio.move_on_at(self._armed_at):
                 await self._timer_changed.wait()
             now = self.now()
+            deadline = self.endpoint.get_timer()
             if deadline is not None and now >= deadline:
                 self.endpoint.handle_timer(now)
                 self._flush()

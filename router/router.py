@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
 
 from p2p_reliable import Delivered, Gap, MessageTooLarge, Rejected, Unrecoverable
 
@@ -82,6 +83,8 @@ class Router:
     def __init__(self, key_pair: KeyPair, config: RouterConfig) -> None:
         self.key_pair = key_pair
         self.config = config
+        # Computed once: deriving it costs a key serialization and a base58 encoding.
+        self._node_id = ID.from_pubkey(key_pair.public_key).to_base58()
         self.topic_routers: dict[str, TopicRouter[Any]] = {}
         self._direct: dict[str, TopicRouter[DirectMessage]] = {}
         self.engine: Engine | None = None
@@ -104,9 +107,7 @@ class Router:
     @property
     def node_id(self) -> str:
         """This node's libp2p peer id (12D3KooW…)."""
-        from libp2p.peer.id import ID
-
-        return ID.from_pubkey(self.key_pair.public_key).to_base58()
+        return self._node_id
 
     @property
     def listen_addrs(self) -> list[str]:
