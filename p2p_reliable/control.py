@@ -25,6 +25,9 @@ class AckInfo:
     ranges: RangeSet
     ack_delay: float  # seconds the receiver held the ack back; subtracted from RTT samples
     limit: int  # flow control: the publisher may send sequence numbers below this
+    # Whether the first copy that arrived of the largest sequence number was its original
+    # transmission (not one flagged AGAIN); None from a receiver that does not say.
+    original: bool | None = None
 
 
 @attrs.frozen
@@ -92,19 +95,27 @@ def _ranges_from_wire(items: Any, what: str) -> RangeSet:
 def encode_ack(info: AckInfo) -> bytes:
     """Serialise an ACK payload."""
     delay_us = max(0, min(int(info.ack_delay * 1e6), _U64 - 1))
-    return packb([info.floor, _ranges_to_wire(info.ranges), delay_us, info.limit])
+    fields = [info.floor, _ranges_to_wire(info.ranges), delay_us, info.limit]
+    if info.original is not None:
+        fields.append(int(info.original))
+    return packb(fields)
 
 
 def decode_ack(data: bytes) -> AckInfo:
     """Parse an ACK payload or raise `DecodeError`."""
     fields = _unpack(data, "ack")
-    if type(fields) is not list or len(fields) != 4:
-        raise DecodeError("ack: expected 4 fields")
+    if type(fields) is not list or len(fields) not in (4, 5):
+        raise DecodeError("ack: expected 4 or 5 fields")
     floor = _u64(fields[0], "ack floor", _MAX_MARK)
     ranges = _ranges_from_wire(fields[1], "ack")
     delay = _u64(fields[2], "ack delay") / 1e6
     limit = _u64(fields[3], "ack limit", _U64 - 1)
-    return AckInfo(floor=floor, ranges=ranges, ack_delay=delay, limit=limit)
+    original = None
+    if len(fields) == 5:
+        if type(fields[4]) is not int or fields[4] not in (0, 1):
+            raise DecodeError("ack: the original flag must be 0 or 1")
+        original = fields[4] == 1
+    return AckInfo(floor=floor, ranges=ranges, ack_delay=delay, limit=limit, original=original)
 
 
 def encode_ranges(ranges: RangeSet) -> bytes:

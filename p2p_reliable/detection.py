@@ -42,6 +42,7 @@ from typing import Protocol
 from .config import ProtocolConfig
 from .congestion import DelayWindow
 from .control import AckInfo
+from .envelope import EnvelopeCodec
 from .health import PeerHealth
 from .recovery import RetryPolicy, RttEstimator
 from .stats import EndpointStats
@@ -179,6 +180,7 @@ class RecoveryHost(Protocol):
     config: ProtocolConfig
     rng: random.Random
     stats: EndpointStats
+    envelopes: EnvelopeCodec
 
     def transmit(self, peer: str | None, topic: str | None, data: bytes) -> None: ...
     def rtt(self, peer: str) -> RttEstimator: ...
@@ -221,9 +223,17 @@ class LossRecovery:
         host = self.host
         rtt = host.rtt(rcv.peer)
         # The ack delay the receiver reports is that of the largest sequence number it has:
-        # a sample only from that one, and only if it was sent once (Karn's rule).
-        if acked[-1] == rcv.largest_acked and flights[-1].attempt == 0:
-            sample = rtt.on_sample(now - flights[-1].first_sent, info.ack_delay)
+        # a sample only from that one, and only if the receiver got its original first (it
+        # says so; from one that does not, only if it was sent once: Karn's rule). Samples of
+        # the originals of spurious retransmissions are kept: without them only the faster
+        # answers of a busy receiver would be sampled, and its probe timer would stay short.
+        last = flights[-1]
+        original = info.original if info.original is not None else last.attempt == 0
+        if acked[-1] == rcv.largest_acked and original:
+            if last.attempt:
+                host.stats.spurious_retransmits += last.attempt
+                rtt.on_spurious()
+            sample = rtt.on_sample(now - last.first_sent, info.ack_delay)
             host.health(rcv.peer).on_rtt_sample(sample, now)
             host.congestion(rcv.peer).on_sample(sample, now, flights[-1].pipe)
         learn_reordering(rcv, acked, flights, now, rtt.min_rtt or 0.0)
@@ -262,7 +272,7 @@ class LossRecovery:
             waiting = [rcv for rcv in live if seq in rcv.unacked]
             if waiting:
                 self.host.transmit(
-                    waiting[0].peer if self.topic is None else None, self.topic, self._data(seq)
+                    waiting[0].peer if self.topic is None else None, self.topic, self.again(seq)
                 )
                 self.host.stats.redundant_copies += 1
                 for rcv in waiting:
@@ -282,12 +292,16 @@ class LossRecovery:
             self.host.stats.probes += 1
         self._arm(rcv, now)
 
+    def again(self, seq: int) -> bytes:
+        """The encoded envelope of `seq`, flagged as sent again."""
+        return self.host.envelopes.mark_again(self._data(seq))
+
     def retransmit(self, rcv: SendWindow, seq: int, now: float) -> None:
         """Send `seq` to `rcv` again (point to point)."""
         flight = rcv.unacked[seq]
         flight.attempt += 1
         flight.last_sent = now
-        self.host.transmit(rcv.peer, None, self._data(seq))
+        self.host.transmit(rcv.peer, None, self.again(seq))
         self.host.health(rcv.peer).on_retransmit(now)
         self.host.stats.retransmits += 1
 

@@ -60,9 +60,17 @@ class Flags(enum.IntFlag):
     NONE = 0
     COMPRESSED = 1  # the message body is zstd (set on every fragment of that message)
     DIRECT = 2  # a point-to-point stream rather than a topic
+    # A copy sent again (a repair, probe or redundant copy): the receiver's ack says whether
+    # the first copy it got of its largest sequence number was the original, so that the
+    # publisher keeps RTT samples (and sees its spurious retransmissions) despite them.
+    AGAIN = 4
 
 
-_KNOWN_FLAGS = int(Flags.COMPRESSED | Flags.DIRECT)
+_KNOWN_FLAGS = int(Flags.COMPRESSED | Flags.DIRECT | Flags.AGAIN)
+# Where the flags byte sits in an encoded envelope: after the magic, the version, the
+# header array's one-byte length (its 9 fields) and the kind (a one-byte fixint).
+_FLAGS_AT = 5
+_FIXARRAY_9 = 0x99
 _KINDS = {int(k): k for k in Kind}
 
 
@@ -231,6 +239,22 @@ class EnvelopeCodec:
         data = _AUTH_HEAD + packb(_fields(env))
         data += hashlib.blake2b(data, key=self.key, digest_size=TAG_LEN).digest()
         return data + xxhash.xxh3_64_digest(data)
+
+    def mark_again(self, data: bytes) -> bytes:
+        """The encoded envelope `data` (of this codec), flagged as sent again (Flags.AGAIN).
+
+        The flag is set in place, in a copy, and the tag and checksum made anew: no decoding
+        and re-encoding of a payload that may be large.
+        """
+        if data[_FLAGS_AT - 2] != _FIXARRAY_9 or max(data[_FLAGS_AT - 1 : _FLAGS_AT + 1]) >= 0x80:
+            raise ValueError("not an envelope of this codec")  # the layout changed: a bug
+        tag_len = 0 if self.key is None else TAG_LEN
+        body = bytearray(memoryview(data)[: len(data) - _TRAILER - tag_len])
+        body[_FLAGS_AT] |= int(Flags.AGAIN)
+        if self.key is not None:
+            body += hashlib.blake2b(body, key=self.key, digest_size=TAG_LEN).digest()
+        body += xxhash.xxh3_64_digest(body)
+        return bytes(body)
 
     def decode(self, data: object) -> Envelope:
         """Parse and verify; raise `DecodeError` (`AuthError` for foreign envelopes)."""

@@ -49,6 +49,7 @@ class Feedback:
         # largest acknowledged: the publisher samples the RTT from it).
         self._largest = -1
         self._largest_at: float | None = None
+        self._largest_again = False
         self._last_arrival: float | None = None
         self._nacked = RangeSet()
         self._nack_round = 0
@@ -58,8 +59,9 @@ class Feedback:
         times = [t for t in (self.ack_at, self.nack_at) if t is not None]
         return min(times) if times else None
 
-    def note_arrival(self, seq: int, arrived: float, now: float) -> bool:
-        """`seq` arrived (first time) at `arrived`: the transport's time, if it kept one.
+    def note_arrival(self, seq: int, arrived: float, now: float, again: bool = False) -> bool:
+        """`seq` arrived (first time) at `arrived`: the transport's time, if it kept one;
+        `again`: that copy was flagged as sent again.
 
         Returns whether the stream was quiet before (nothing for `ack_delay`): a lone message
         (a token) is acked at once, which costs no more acks than delaying it and gives its
@@ -68,6 +70,7 @@ class Feedback:
         if seq > self._largest:
             self._largest = seq
             self._largest_at = arrived
+            self._largest_again = again
         quiet = self._last_arrival is None or now - self._last_arrival >= self.host.config.ack_delay
         self._last_arrival = now
         return quiet
@@ -85,7 +88,13 @@ class Feedback:
         # From the arrival of the largest sequence number to now: the ack timer, and the
         # time the frame waited before it was processed when the transport stamped it.
         arrived = self._largest_at if self._largest_at is not None else now
-        info = AckInfo(floor=floor, ranges=held, ack_delay=max(0.0, now - arrived), limit=limit)
+        info = AckInfo(
+            floor=floor,
+            ranges=held,
+            ack_delay=max(0.0, now - arrived),
+            limit=limit,
+            original=None if self._largest < 0 else not self._largest_again,
+        )
         self.advertised = limit
         self._control(Kind.ACK, encode_ack(info))
         self.host.stats.acks_sent += 1

@@ -129,7 +129,9 @@ class StreamReceiver:
             return
         self._buffer[seq] = env
         self._held.add(seq)
-        quiet = self.feedback.note_arrival(seq, now if arrived is None else min(arrived, now), now)
+        quiet = self.feedback.note_arrival(
+            seq, now if arrived is None else min(arrived, now), now, bool(env.flags & Flags.AGAIN)
+        )
         if not self.synced and seq == 0:
             self._sync(0)
         # Fragment 0 tells how long its message is: a lost tail fragment is a known hole.
@@ -272,8 +274,10 @@ class StreamReceiver:
             if any(s not in self._buffer for s in span):
                 return
             pieces = [self._buffer[s] for s in span]
+            # Some pieces may be copies sent again: that flag is the piece's own.
+            flags = env.flags & ~Flags.AGAIN
             if any(
-                p.frag_index != i or p.frag_count != count or p.flags != env.flags
+                p.frag_index != i or p.frag_count != count or p.flags & ~Flags.AGAIN != flags
                 for i, p in enumerate(pieces)
             ):
                 self._gap(span.stop, "inconsistent fragments")

@@ -68,6 +68,10 @@ class RetryPolicy:
         return self.budget if self.budget is not None else self.cap * self.max_attempts
 
 
+# How many samples a spurious probe widens the probe timeout for.
+SPURIOUS_WIDENING = 64
+
+
 class RttEstimator:
     """Smoothed RTT and variance as in RFC 6298, section 2, and the minimum RTT.
 
@@ -92,6 +96,10 @@ class RttEstimator:
         self.min_rtt: float | None = None
         self.samples = 0
         self.backoff = 1  # RFC 6298 (5.5): doubled per timeout, reset by the next sample
+        # Samples left during which the probe timeout allows for the variance too: set when
+        # a probe turned out spurious (the receiver had the original), as RACK widens its
+        # reordering window when a retransmission was (RFC 8985, 6.2).
+        self.wide_samples = 0
 
     def on_sample(self, rtt: float, ack_delay: float = 0.0) -> float:
         """Feed one RTT measurement (from a message that was sent once: Karn's rule) and the
@@ -103,6 +111,7 @@ class RttEstimator:
         self.latest = rtt
         self.backoff = 1
         self.samples += 1
+        self.wide_samples = max(0, self.wide_samples - 1)
         if self.srtt is None:
             self.srtt = rtt
             self.rttvar = rtt / 2
@@ -130,11 +139,19 @@ class RttEstimator:
         RFC 8985's 2 * SRTT, plus the longest the receiver may hold its acknowledgement back
         (not in the samples). Before any sample: `base`. Not QUIC's SRTT + 4 * RTTVAR: on a
         loaded node the variance is scheduling noise, and waiting it out would cost a lost
-        token several RTTs where a spurious probe costs one small duplicate.
+        token several RTTs where a spurious probe costs one small duplicate. But once a probe
+        of this peer proved spurious, for `SPURIOUS_WIDENING` samples: at least QUIC's.
         """
         if self.srtt is None:
             return self.policy.base
-        return min(max(2 * self.srtt, GRANULARITY) + max_ack_delay, self.policy.cap)
+        core = max(2 * self.srtt, GRANULARITY)
+        if self.wide_samples:
+            core = max(core, self.srtt + self.K * self.rttvar)
+        return min(core + max_ack_delay, self.policy.cap)
+
+    def on_spurious(self) -> None:
+        """A probe was answered by its original: allow for the variance for a while."""
+        self.wide_samples = SPURIOUS_WIDENING
 
     def upper_bound(self) -> float:
         """SRTT + 4 * RTTVAR: RFC 6298's RTO before its clamps, the RTT rarely exceeded."""

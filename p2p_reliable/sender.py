@@ -265,7 +265,7 @@ class StreamSender:
                         self.recovery.retransmit(rcv, seq, now)
                         self.host.stats.nack_retransmits += 1
                 else:
-                    self.host.transmit(peer, None, frag.data)
+                    self.host.transmit(peer, None, self.recovery.again(seq))
                     self.host.health(peer).on_retransmit(now)
                     self.host.stats.retransmits += 1
                     self.host.stats.nack_retransmits += 1

@@ -18,6 +18,8 @@ class EndpointStats:
     rack_retransmits: int = 0
     nack_retransmits: int = 0
     probes: int = 0
+    # Retransmissions of which the receiver then said it had got the original first.
+    spurious_retransmits: int = 0
     redundant_copies: int = 0  # second transmissions of messages sent redundantly
     delivered: int = 0
     delivered_bytes: int = 0

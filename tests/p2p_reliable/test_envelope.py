@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import attrs
 import msgpack
 import pytest
 import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2p_reliable.control import AckInfo, decode_ack, encode_ack
 from p2p_reliable.envelope import (
     BATCH_MAGIC,
     MAGIC,
@@ -22,6 +24,7 @@ from p2p_reliable.envelope import (
     encode,
     encode_batch,
 )
+from p2p_reliable.rangeset import RangeSet
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 
@@ -257,6 +260,30 @@ def test_keyed_decoder_raises_only_decode_error(data: bytes) -> None:
 
 @given(resealed_mutations())
 def test_keyed_decoder_refuses_resealed_mutations_without_the_tag(wire: bytes) -> None:
-    # A plain envelope, however well sealed, carries no cluster tag: refused as a stranger's.
-    with pytest.raises(AuthError):
+    # A plain envelope, however well sealed, carries no cluster tag: refused as a stranger's;
+    # one cut shorter than any envelope can be is refused as damage.
+    with pytest.raises(DecodeError) as refused:
         EnvelopeCodec(b"k").decode(wire)
+    assert isinstance(refused.value, AuthError) or str(refused.value).startswith("truncated")
+
+
+@given(envelopes(), st.sampled_from([None, b"k"]))
+def test_marking_a_copy_as_sent_again_changes_that_flag_only(
+    env: Envelope, secret: bytes | None
+) -> None:
+    codec = EnvelopeCodec(secret)
+    again = codec.mark_again(codec.encode(env))
+    assert codec.decode(again) == attrs.evolve(env, flags=env.flags | Flags.AGAIN)
+    assert codec.mark_again(again) == again
+
+
+@pytest.mark.parametrize("original", [None, True, False])
+def test_acks_say_whether_the_original_came_first_or_nothing(original: bool | None) -> None:
+    info = AckInfo(floor=3, ranges=RangeSet(), ack_delay=0.002, limit=9, original=original)
+    assert decode_ack(encode_ack(info)) == info
+    # An ack of four fields (from a receiver that does not say) is read as "not said".
+    four = msgpack.packb([3, [], 2000, 9])
+    assert decode_ack(four).original is None
+    for bad in (2, True, 0.5, "1"):
+        with pytest.raises(DecodeError):
+            decode_ack(msgpack.packb([3, [], 2000, 9, bad]))

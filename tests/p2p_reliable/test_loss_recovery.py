@@ -125,6 +125,60 @@ def test_rtt_samples_exclude_the_time_a_frame_waited_in_the_receiver(stamped: bo
     assert latest == pytest.approx(0.002 if stamped else 0.102)
 
 
+def _probe_a_busy_receiver(a: Endpoint, b: Endpoint) -> None:
+    """A (with a 2 ms SRTT to B) sends one message; B's process is busy for 30 ms, so A
+    probes; B then takes in the original and the probe, in that order."""
+    a.send("B", STREAM, b"warm", 0.0)
+    _deliver(a, b, 0.001)
+    b.handle_timer(b.get_timer() or 0.001)
+    _deliver(b, a, 0.002)
+    assert a.rtt("B").latest == pytest.approx(0.002)
+    a.send("B", STREAM, b"token", 0.1)
+    original = [tx.data for tx in a.datagrams_to_send(0.1)]
+    probe_at = a.get_timer()
+    assert probe_at is not None and probe_at < 0.13
+    a.handle_timer(probe_at)
+    probe = [tx.data for tx in a.datagrams_to_send(probe_at)]
+    assert a.stats.probes == 1
+    for data in original + probe:
+        b.receive(data, "A", 0.13)
+
+
+def test_the_original_of_a_spurious_probe_still_gives_an_rtt_sample() -> None:
+    a, b = _manual_pair(QUIET)
+    _probe_a_busy_receiver(a, b)
+    b.handle_timer(b.get_timer() or 0.13)
+    _deliver(b, a, 0.131)
+    # B says it got the original first: the 31 ms it took is a sample (B's busy spell is
+    # the path's, for all A can tell), and the probe is counted as spurious. Without the
+    # sample, a busy receiver's slow answers would never be measured, its fast ones only,
+    # and the probe timer would stay too short for it.
+    assert a.rtt("B").latest == pytest.approx(0.031)
+    assert a.stats.spurious_retransmits == 1
+    assert b.stats.duplicates == 1  # the probe
+
+
+def test_a_repair_that_arrived_first_gives_no_sample() -> None:
+    a, b = _manual_pair(QUIET)
+    a.send("B", STREAM, b"warm", 0.0)
+    _deliver(a, b, 0.001)
+    b.handle_timer(b.get_timer() or 0.001)
+    _deliver(b, a, 0.002)
+    a.send("B", STREAM, b"token", 0.1)
+    a.datagrams_to_send(0.1)  # the original is lost
+    probe_at = a.get_timer()
+    assert probe_at is not None
+    a.handle_timer(probe_at)
+    _deliver(a, b, probe_at + 0.001)  # the probe arrives, flagged as sent again
+    b.handle_timer(b.get_timer() or probe_at + 0.001)
+    _deliver(b, a, probe_at + 0.002)
+    # Acknowledged, but not a measurement of the original (Karn): the sample is still the
+    # warm-up's, and nothing was spurious.
+    assert a.unacked() == 0
+    assert a.rtt("B").latest == pytest.approx(0.002)
+    assert a.stats.spurious_retransmits == 0
+
+
 def test_the_ack_delay_is_that_of_the_largest_sequence_number() -> None:
     a, b = _manual_pair(QUIET)
     a.send("B", STREAM, b"first", 0.0)

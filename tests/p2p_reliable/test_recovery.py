@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2p_reliable.recovery import RetryPolicy, RttEstimator
+from p2p_reliable.recovery import SPURIOUS_WIDENING, RetryPolicy, RttEstimator
 
 
 def test_rfc6298_first_and_later_samples() -> None:
@@ -173,3 +173,25 @@ def test_the_reordering_window_is_a_quarter_of_the_minimum_rtt() -> None:
     est.on_sample(0.040)
     est.on_sample(0.020)
     assert est.reorder_window() == pytest.approx(0.005)
+
+
+def test_a_spurious_probe_widens_the_probe_timeout_for_a_while() -> None:
+    rtt = RttEstimator(RetryPolicy())
+    for sample in (0.002, 0.002, 0.010, 0.002):  # a busy spell among fast answers
+        rtt.on_sample(sample)
+    assert rtt.srtt is not None
+    narrow = max(2 * rtt.srtt, 0.001)
+    assert rtt.pto(0.0) == pytest.approx(narrow)
+    assert rtt.srtt + 4 * rtt.rttvar > narrow  # the case where widening matters
+    rtt.on_spurious()
+    wide = rtt.srtt + 4 * rtt.rttvar
+    assert rtt.pto(0.0) == pytest.approx(wide)
+    # Wide for the next SPURIOUS_WIDENING samples (busy spells keep the variance up), then
+    # narrow again.
+    for i in range(SPURIOUS_WIDENING):
+        rtt.on_sample(0.010 if i % 2 else 0.002)
+        expected = max(2 * rtt.srtt, 0.001)
+        if i < SPURIOUS_WIDENING - 1:
+            expected = max(expected, rtt.srtt + 4 * rtt.rttvar)
+        assert rtt.pto(0.0) == pytest.approx(expected)
+    assert rtt.srtt + 4 * rtt.rttvar > 2 * rtt.srtt
