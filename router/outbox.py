@@ -52,22 +52,31 @@ class Outbox:
         if not self._try_send(peer, stream, data):
             self._blocked.setdefault(key, deque()).append(data)
 
+    @property
+    def streams_waiting(self) -> int:
+        """Streams with messages waiting (each kept only while it has some)."""
+        return len(self._blocked)
+
     def idle(self) -> bool:
         """No message waits."""
-        return not any(self._blocked.values())
+        return not self._blocked
 
     def retry(self, peer: str | None, stream: str) -> None:
         """Admit what waits on (peer, stream), in order, while there is room."""
-        pending = self._blocked.get((peer, stream))
+        key = (peer, stream)
+        pending = self._blocked.get(key)
         while pending:
             if not self._try_send(peer, stream, pending[0]):
                 return
             pending.popleft()
+        # Emptied queues go: every request has streams of its own, and the drain below
+        # looks at each queue kept (it had grown by one per request, and cost per frame).
+        self._blocked.pop(key, None)
 
     def drained(self, peer: str | None) -> bool:
         """libp2p took frames towards `peer` (None: gossipsub): admit messages that waited
         for transport room. Whether any message was waiting on that path."""
-        keys = [k for k, q in self._blocked.items() if q and k[0] in (peer, None)]
+        keys = [k for k in self._blocked if k[0] in (peer, None)]
         for key in keys:
             if self._backlog(key[0]) <= self.transport_backlog // 2:
                 self.retry(*key)
