@@ -45,6 +45,7 @@ How a request flows (see `inference_glue.messages` for the streams):
 | `rpc` | request/reply by nonce over direct streams (the client asks, nodes answer) |
 | **the stage node** | |
 | `node` | `StageNode`: a request's life at one stage and its routing to the next |
+| `replay` | a resumed request's replay: one decode step at a time, in batches of steps per message |
 | `stage_requests` | `StageRequests`: the requests in flight at a stage (states, KV caches, round trips) |
 | `admission` | whether a stage takes a new request (plan epoch, route, vocabulary) |
 | `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan |

@@ -188,7 +188,9 @@ class Activation:
     `tensor` is `tensor_codec.encode_tensor` bytes (dtype and shape kept, xxh3-64 checksum).
     `sample`: the next stage (if last) samples a token from these logits; otherwise this is a
     prefill piece whose output only fills the KV caches. `meta` comes with a request's first
-    activation only.
+    activation only. `steps`: the L positions are L decode steps of a resumed request's
+    replay, to be run one at a time (`inference_glue.replay`); `sample` then concerns the
+    last of them.
     """
 
     KIND: ClassVar[str] = "act"
@@ -198,6 +200,7 @@ class Activation:
     sample: bool
     tensor: bytes
     meta: RequestMeta | None = None
+    steps: bool = False
 
 
 @attrs.frozen

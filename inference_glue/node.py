@@ -12,7 +12,8 @@ Failover (driven by the client, see `inference_glue.failover_driver`): a `Reconf
 the node new layers, stage index and plan epoch (`StageControl.reconfigure`). A request with
 `RequestMeta.resume` replays the prompt in the same prefill pieces and then the resumed
 tokens one at a time, exactly as the first attempt computed them, so the KV caches and the
-next sampled token are bit for bit the same.
+next sampled token are bit for bit the same; the steps travel in batches
+(`inference_glue.replay`).
 
 Any number of requests may be in flight: each stage keeps KV caches per request id and works
 through its messages one at a time, in arrival order (one worker task).
@@ -59,6 +60,7 @@ from inference_glue.messages import (
 )
 from inference_glue.node_control import StageControl
 from inference_glue.node_counters import NodeCounters
+from inference_glue.replay import forward_steps, replay_batches
 from inference_glue.sampling import SamplingParams
 from inference_glue.stage import PipelineStage, check_stage
 from inference_glue.stage_compute import HeadShared, RequestState, StageCompute
@@ -279,6 +281,13 @@ class StageNode:
             self.compute.forward, state, inputs, position, sample_it, self.num_stages
         )
 
+    async def _forward_steps(
+        self, state: RequestState, inputs: list[int] | bytes, position: int, sample_last: bool
+    ) -> bytes | int | HeadShared | None:
+        return await self.compute.run(
+            forward_steps, self.compute, state, inputs, position, sample_last, self.num_stages
+        )
+
     # -- a request's life ------------------------------------------------------------------
 
     async def _start(self, request: GenerateRequest) -> None:
@@ -298,16 +307,18 @@ class StageNode:
             out = await self._forward(state, prompt[piece.start : piece.stop], piece.start, last)
             await self._emit(meta, out, piece.start, last, first=n == 0)
         # A resumed request: the tokens generated before the failover, one decode step each,
-        # as they were first computed (a one-shot prefill would differ in the last bits).
-        # Nothing is sampled until the last of them, whose output gives the next new token.
-        for i, token in enumerate(meta.resume):
+        # as they were first computed (a one-shot prefill would differ in the last bits), sent
+        # on in batches (`inference_glue.replay`). Nothing is sampled until the last of them,
+        # whose output gives the next new token.
+        for batch in replay_batches(len(meta.resume)):
             if rid not in self._requests:
                 return  # released meanwhile (a single-stage node samples inline)
-            position = len(prompt) + i
-            last = i == len(meta.resume) - 1
-            out = await self._forward(state, [token], position, last)
-            self.counters.replayed_tokens += 1
-            await self._emit(meta, out, position, last, first=False)
+            position = len(prompt) + batch.start
+            last = batch.stop == len(meta.resume)
+            tokens = list(meta.resume[batch.start : batch.stop])
+            out = await self._forward_steps(state, tokens, position, last)
+            self.counters.replayed_tokens += len(tokens)
+            await self._emit(meta, out, position, last, first=False, steps=True)
 
     def _new_request(self, meta: RequestMeta) -> RequestState:
         params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
@@ -335,8 +346,12 @@ class StageNode:
             self.counters.stale_messages += 1
             log.info("%s: activation for unknown request %r dropped", self.name, rid)
             return
-        out = await self._forward(state, act.tensor, act.position, act.sample)
-        await self._emit(state.meta, out, act.position, act.sample, first=act.meta is not None)
+        if act.steps:
+            out = await self._forward_steps(state, act.tensor, act.position, act.sample)
+        else:
+            out = await self._forward(state, act.tensor, act.position, act.sample)
+        first = act.meta is not None
+        await self._emit(state.meta, out, act.position, act.sample, first, steps=act.steps)
 
     async def _emit(
         self,
@@ -345,13 +360,15 @@ class StageNode:
         position: int,
         sample_it: bool,
         first: bool,
+        steps: bool = False,
     ) -> None:
         if isinstance(out, bytes):
             if self.corrupt_activations and self._fault_rng.random() < self.corrupt_activations:
                 out = damage(out, self._fault_rng)
                 self.counters.activations_corrupted += 1
+            act_meta = meta if first else None
             payload = encode_message(
-                Activation(meta.request_id, position, sample_it, out, meta if first else None)
+                Activation(meta.request_id, position, sample_it, out, act_meta, steps)
             )
             self.counters.bytes_out += len(payload)
             await self.router.send_to(meta.route[self.index + 1], ACTIVATION_STREAM, payload)

@@ -98,7 +98,7 @@ class StageCompute:
     def forward(
         self,
         state: RequestState,
-        inputs: Sequence[int] | bytes,
+        inputs: Sequence[int] | bytes | mx.array,
         position: int,
         sample_it: bool,
         num_stages: int,
@@ -107,16 +107,7 @@ class StageCompute:
         (last stage, `sample_it`), the hidden state for the first stage (last stage,
         `sample_it`, split head) or None (last stage, prefill piece: caches only)."""
         request_id = state.meta.request_id
-        have = self.stage.offset(request_id)
-        if have > position:
-            self.counters.duplicate_deliveries += 1
-        if have != position:
-            raise RuntimeError(
-                f"request {request_id!r}: this stage holds {have} tokens of KV cache but the "
-                f"input starts at position {position}"
-            )
-        # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
-        x = decode_tensor(inputs) if isinstance(inputs, bytes) else mx.array(list(inputs))
+        x = self._input(request_id, inputs, position)
         split, timed = (
             self._head_plan(state.meta, x, num_stages)
             if sample_it and self.stage.is_last
@@ -138,6 +129,34 @@ class StageCompute:
             state.head = PendingHead(own, position, out.shape[1], split, time.perf_counter(), timed)
             return shared
         return self._sample_whole(state.params, out, position, timed)
+
+    def hidden(
+        self, state: RequestState, inputs: Sequence[int] | bytes | mx.array, position: int
+    ) -> mx.array:
+        """A stage that is not the last: its output for `inputs`, evaluated (the step a
+        replay batch is made of, see `inference_glue.replay`)."""
+        request_id = state.meta.request_id
+        out = self.stage.forward(request_id, self._input(request_id, inputs, position))
+        self.counters.forwards += 1
+        mx.eval(out)
+        return out
+
+    def _input(
+        self, request_id: str, inputs: Sequence[int] | bytes | mx.array, position: int
+    ) -> mx.array:
+        """`inputs` as an array, after checking that they continue the KV caches."""
+        have = self.stage.offset(request_id)
+        if have > position:
+            self.counters.duplicate_deliveries += 1
+        if have != position:
+            raise RuntimeError(
+                f"request {request_id!r}: this stage holds {have} tokens of KV cache but the "
+                f"input starts at position {position}"
+            )
+        # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
+        if isinstance(inputs, bytes):
+            return decode_tensor(inputs)
+        return inputs if isinstance(inputs, mx.array) else mx.array(list(inputs))
 
     def _sample_whole(
         self, params: SamplingParams, out: mx.array, position: int, timed: bool
