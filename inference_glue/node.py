@@ -284,6 +284,7 @@ class StageNode:
     async def _forward_steps(
         self, state: RequestState, inputs: list[int] | bytes, position: int, sample_last: bool
     ) -> bytes | int | HeadShared | None:
+        self.counters.replay_batches += 1
         return await self.compute.run(
             forward_steps, self.compute, state, inputs, position, sample_last, self.num_stages
         )

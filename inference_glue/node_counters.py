@@ -29,6 +29,9 @@ class NodeCounters:
     # The same hidden state or token delivered twice (the router promises exactly once).
     duplicate_deliveries: int = 0
     replayed_tokens: int = 0
+    # Messages of replayed decode steps this stage ran (`inference_glue.replay`), each a
+    # batch of up to REPLAY_BATCH steps: what a replay costs in messages at this stage.
+    replay_batches: int = 0
     reconfigurations: int = 0
     # Fault injection (--corrupt-activations): hidden states damaged after their checksum.
     activations_corrupted: int = 0
