@@ -152,6 +152,8 @@ class Recovery:
     layers: tuple[tuple[int, int], ...] = ()
     replanned_at: float | None = None
     first_token_at: float | None = None
+    # The stages took over the request's KV caches (`kv_handoff`) instead of replaying it.
+    handoff: bool = False
 
     @property
     def replan_seconds(self) -> float | None:
@@ -173,6 +175,7 @@ class Recovery:
             "resumed_from": self.resumed_from,
             "route": list(self.route),
             "layers": [list(r) for r in self.layers],
+            "handoff": self.handoff,
             "replan_s": _round(self.replan_seconds),
             "recover_s": _round(self.recover_seconds),
         }

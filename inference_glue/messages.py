@@ -89,8 +89,10 @@ CLIENT_STREAM = "p2pr.infer.client"
 CHUNK_STREAM = "p2pr.infer.chunks"
 CHUNK_DELIVERY = ("topic", "direct")
 # Why a stage failed a request: "corrupt" (a hidden state from `suspect` failed its checksum),
-# "stale" (the request's plan epoch is not the node's), "error" (anything else).
-FAILURE_KINDS = ("error", "corrupt", "stale")
+# "stale" (the request's plan epoch is not the node's), "rebuild" (a resumed request could
+# not take over the KV caches of its previous attempt: resume it with a full replay),
+# "error" (anything else).
+FAILURE_KINDS = ("error", "corrupt", "stale", "rebuild")
 
 TOKENS: TypedTopic[TokenChunk] = TypedTopic("p2pr.infer.tokens", PublishPolicy.Always, TokenChunk)
 
@@ -131,6 +133,9 @@ class RequestMeta:
     the token chunks reach it: "topic" or "direct" (see the module docstring).
     `head_split` > 0: the last stage computes the logits of vocabulary rows
     `0 .. head_split - 1` and the first stage the rest (see the module docstring).
+    `resume_of`: the wire id of the attempt this one resumes, when the plan handed the lost
+    stage's layers to a neighbour: the stages take over that attempt's KV caches and rebuild
+    only the layers they gained (`inference_glue.kv_handoff`) instead of replaying everything.
     """
 
     KIND: ClassVar[str] = "meta"
@@ -147,6 +152,7 @@ class RequestMeta:
     epoch: int = 0
     resume: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_int)
     head_split: int = 0
+    resume_of: str = ""
 
     def __attrs_post_init__(self) -> None:
         if len(self.resume) >= self.max_tokens:
@@ -161,6 +167,8 @@ class RequestMeta:
             raise ValueError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
         if not self.route:
             raise ValueError("the route names no stage")
+        if self.resume_of and not self.resume:
+            raise ValueError("resume_of names an attempt, but there are no tokens to resume")
         if self.head_split < 0 or (self.head_split and len(self.route) < 2):
             raise ValueError(
                 f"head_split {self.head_split} needs a route of 2 or more stages and >= 0"

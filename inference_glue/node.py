@@ -35,6 +35,8 @@ from inference_glue.admission import StaleEpochError, check_request
 from inference_glue.blas import blas_in_use
 from inference_glue.footprint import ModelFootprint, available_memory
 from inference_glue.head_exchange import HeadExchange
+from inference_glue.kv_handoff import HandoffError, take_over
+from inference_glue.kv_parking import KvParking, SentHidden
 from inference_glue.local_pipeline import prefill_pieces
 from inference_glue.messages import (
     ACTIVATION_STREAM,
@@ -74,6 +76,9 @@ from router import DirectMessage, RouterLike
 __all__ = ["NodeCounters", "StageNode", "StaleEpochError", "Work"]
 
 log = logging.getLogger("p2pr.inference.node")
+
+# The reason of the `Release` the last stage sends when a request is done.
+FINISHED = "finished"
 
 # Messages waiting for the compute worker; beyond this the direct streams hold their senders
 # back (the router's flow control), so memory stays bounded.
@@ -158,8 +163,12 @@ class StageNode:
         self.heads = HeadExchange(self)
         self.publisher = TokenPublisher(router, self.counters)
         self._eos = set(tokenizer.eos_token_ids)
-        # Through a lambda: a new plan replaces the stage.
-        self._requests = StageRequests(lambda rid: self.stage.release(rid))
+        # A dropped request's caches and send log stay parked a while, for a resumed attempt
+        # to take over (`kv_handoff`). Through a lambda: a new plan replaces the stage.
+        self.parking = KvParking()
+        self._requests = StageRequests(
+            lambda rid: self.parking.park(rid, self.stage.take_caches(rid))
+        )
         self._local: deque[Work] = deque()
 
     @property
@@ -242,7 +251,9 @@ class StageNode:
             raise
         except Exception as exc:
             kind, suspect = "error", ""
-            if isinstance(exc, TensorDecodeError):
+            if isinstance(exc, HandoffError):
+                kind, detail = "rebuild", f"cannot take over the KV caches: {exc}"
+            elif isinstance(exc, TensorDecodeError):
                 self.counters.tensor_checksum_failures += 1
                 kind, suspect = "corrupt", item.peer
                 detail = f"hidden state from {item.peer} failed its check: {exc}"
@@ -269,6 +280,8 @@ class StageNode:
             await self.heads.on_part(message)
         elif isinstance(message, Release):
             self._requests.drop(message.request_id)
+            if message.reason == FINISHED:
+                self.parking.discard(message.request_id)  # no attempt will resume it
         elif isinstance(message, Reconfigure):
             await self.control.reconfigure(message, item.peer)
         else:
@@ -302,6 +315,13 @@ class StageNode:
         state = self._requests.add(self._new_request(meta))
         self.counters.requests += 1
         prompt = list(request.prompt_ids)
+        if meta.resume_of:
+            # The other stages kept their caches: only the last delivered token's step runs.
+            need = len(prompt) + len(meta.resume) - 1
+            await self._take_over(meta, need, prompt)
+            out = await self._forward(state, [meta.resume[-1]], need, True)
+            await self._emit(meta, out, need, True, first=True)
+            return
         pieces = prefill_pieces(len(prompt), meta.prefill_step_size)
         for n, piece in enumerate(pieces):
             last = n == len(pieces) - 1 and not meta.resume
@@ -320,6 +340,15 @@ class StageNode:
             out = await self._forward_steps(state, tokens, position, last)
             self.counters.replayed_tokens += len(tokens)
             await self._emit(meta, out, position, last, first=False, steps=True)
+
+    async def _take_over(self, meta: RequestMeta, need: int, prompt: list[int]) -> None:
+        """Take over the KV caches and send log of the attempt `meta` resumes."""
+        parked = self.parking.take(meta.resume_of)
+        if parked is not None:
+            self.parking.continue_log(meta.request_id, parked.log, need)
+        forwards = await self.compute.run(take_over, self.stage, meta, parked, need, prompt)
+        self.counters.handoffs += 1
+        self.counters.rebuild_forwards += forwards
 
     def _new_request(self, meta: RequestMeta) -> RequestState:
         params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
@@ -342,6 +371,8 @@ class StageNode:
                 return
             self._requests.add(self._new_request(act.meta))
             self.counters.requests += 1
+            if act.meta.resume_of:
+                await self._take_over(act.meta, act.position, [])
         state = self._requests.get(rid)
         if state is None:
             self.counters.stale_messages += 1
@@ -364,6 +395,7 @@ class StageNode:
         steps: bool = False,
     ) -> None:
         if isinstance(out, bytes):
+            self.parking.record(meta.request_id, SentHidden(position, steps, out))
             if self.corrupt_activations and self._fault_rng.random() < self.corrupt_activations:
                 out = damage(out, self._fault_rng)
                 self.counters.activations_corrupted += 1
@@ -416,7 +448,7 @@ class StageNode:
         if done:
             self._finish(request_id)
             for peer in meta.route[1:-1]:
-                await self._send_release(peer, request_id, "finished")
+                await self._send_release(peer, request_id, FINISHED)
 
     async def _token(self, feedback: TokenFeedback) -> None:
         rid = feedback.request_id
@@ -438,6 +470,7 @@ class StageNode:
     def _finish(self, request_id: str) -> None:
         if self._requests.drop(request_id) is not None:
             self.counters.finished += 1
+        self.parking.discard(request_id)
 
     async def _send_release(self, peer: str, request_id: str, reason: str) -> None:
         if peer != self.router.node_id:
