@@ -16,7 +16,10 @@ missing on a lossy but working link.
 4. resubmits the request under a new id (`<id>~<attempt>`) with `RequestMeta.resume` = the
    tokens already delivered; the stages replay them step by step, which rebuilds the KV
    caches bit for bit (deterministic sampling is keyed by position), so the stream continues
-   at the next seq with exactly the text a run without failure gives.
+   at the next seq with exactly the text a run without failure gives. When one stage was
+   lost, the plan first hands its layers to a neighbour (`handoff_plan`): then the stages
+   take over the previous attempt's KV caches and only the neighbour rebuilds the layers it
+   gained, locally (`kv_handoff`), so recovery does not grow with the replayed answer.
 
 This module holds the pure parts: the policy, the planning, the per-peer corruption count
 that leads to quarantine, and the records of what happened (`PeerEvent`, `Recovery`).

@@ -23,7 +23,8 @@ import attrs
 
 __all__ = ["LOG_BYTES", "MAX_PARKED", "TOTAL_LOG_BYTES", "KvParking", "Parked", "SentHidden"]
 
-MAX_PARKED = 4
+# Requests dropped at a failover wait here for their resumed attempts: room for several.
+MAX_PARKED = 8
 # A 1,000-token answer of a model with a hidden size of 4096 in float32 logs 16 MB.
 LOG_BYTES = 64 * 1024 * 1024
 TOTAL_LOG_BYTES = 256 * 1024 * 1024

@@ -30,7 +30,9 @@ requester alone on `p2pr.infer.chunks` ("direct").
 Failover (see `inference_glue.failover`): the client re-plans the layers over the nodes left
 and sends each a `Reconfigure` with a new plan `epoch`; every node answers with its
 `InfoReply`. The request then starts again under a new request id with `RequestMeta.resume`,
-the tokens already generated, which the stages replay to rebuild their KV caches exactly.
+the tokens already generated, which the stages replay to rebuild their KV caches exactly
+(or, after a hand-off of the lost layers, `RequestMeta.resume_of`: the stages take over the
+previous attempt's caches and only the layers that moved are rebuilt).
 
 Wire form: msgpack `[kind, {field: value}]`; `decode_message` checks the kind and the
 fields and raises `MessageDecodeError` for anything else.

@@ -13,7 +13,10 @@ the node new layers, stage index and plan epoch (`StageControl.reconfigure`). A 
 `RequestMeta.resume` replays the prompt in the same prefill pieces and then the resumed
 tokens one at a time, exactly as the first attempt computed them, so the KV caches and the
 next sampled token are bit for bit the same; the steps travel in batches
-(`inference_glue.replay`).
+(`inference_glue.replay`). When the new plan handed the lost stage's layers to a neighbour,
+the request names the attempt it resumes (`RequestMeta.resume_of`) instead: every stage
+takes over that attempt's parked KV caches and the neighbour rebuilds only the layers it
+gained (`inference_glue.kv_handoff`); nothing is replayed through the pipeline.
 
 Any number of requests may be in flight: each stage keeps KV caches per request id and works
 through its messages one at a time, in arrival order (one worker task).
