@@ -349,7 +349,12 @@ class StageNode:
         parked = self.parking.take(meta.resume_of)
         if parked is not None:
             self.parking.continue_log(meta.request_id, parked.log, need)
-        forwards = await self.compute.run(take_over, self.stage, meta, parked, need, prompt)
+        try:
+            forwards = await self.compute.run(take_over, self.stage, meta, parked, need, prompt)
+        except (HandoffError, anyio.get_cancelled_exc_class()):
+            raise
+        except Exception as exc:  # caches of a kind that cannot be taken over: replay
+            raise HandoffError(f"{type(exc).__name__}: {exc}") from exc
         self.counters.handoffs += 1
         self.counters.rebuild_forwards += forwards
 
