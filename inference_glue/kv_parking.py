@@ -51,10 +51,11 @@ class SendLog:
 
 @attrs.define
 class Parked:
-    """A dropped request: its KV caches by model layer, and its send log."""
+    """A dropped request: its KV caches by model layer, its send log, and its requester."""
 
     caches: dict[int, Any]
     log: SendLog
+    owner: str = ""
 
 
 class KvParking:
@@ -106,24 +107,28 @@ class KvParking:
         for entry in kept:
             self.record(request_id, entry)
 
-    def park(self, request_id: str, caches: dict[int, Any]) -> None:
-        """`request_id` was dropped: keep its caches and log (the oldest parked goes)."""
+    def park(self, request_id: str, caches: dict[int, Any], owner: str) -> None:
+        """`request_id` of requester `owner` was dropped: keep its caches and log (the
+        oldest parked goes)."""
         log = self._logs.pop(request_id, SendLog())
         if not caches and not log.entries:
             return
         old = self._parked.pop(request_id, None)
         if old is not None:
             self._clear(old.log)
-        self._parked[request_id] = Parked(caches, log)
+        self._parked[request_id] = Parked(caches, log, owner)
         while len(self._parked) > self.max_parked:
             _, evicted = self._parked.popitem(last=False)
             self._clear(evicted.log)
 
-    def take(self, request_id: str) -> Parked | None:
-        """The parked state of `request_id`, now the caller's (None if none is kept)."""
-        parked = self._parked.pop(request_id, None)
-        if parked is not None:
-            self._total -= parked.log.size
+    def take(self, request_id: str, owner: str) -> Parked | None:
+        """The parked state of `request_id`, now the caller's: None if none is kept, or if
+        it was another requester's (whose context must not leak into this one's answer)."""
+        parked = self._parked.get(request_id)
+        if parked is None or parked.owner != owner:
+            return None
+        del self._parked[request_id]
+        self._total -= parked.log.size
         return parked
 
     def discard(self, request_id: str) -> None:

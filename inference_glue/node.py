@@ -169,9 +169,7 @@ class StageNode:
         # A dropped request's caches and send log stay parked a while, for a resumed attempt
         # to take over (`kv_handoff`). Through a lambda: a new plan replaces the stage.
         self.parking = KvParking()
-        self._requests = StageRequests(
-            lambda rid: self.parking.park(rid, self.stage.take_caches(rid))
-        )
+        self._requests = StageRequests(self._park)
         self._local: deque[Work] = deque()
 
     @property
@@ -344,9 +342,15 @@ class StageNode:
             self.counters.replayed_tokens += len(tokens)
             await self._emit(meta, out, position, last, first=False, steps=True)
 
+    def _park(self, request_id: str) -> None:
+        state = self._requests.get(request_id)  # still there: dropping frees caches first
+        owner = state.meta.reply_to if state is not None else ""
+        self.parking.park(request_id, self.stage.take_caches(request_id), owner)
+
     async def _take_over(self, meta: RequestMeta, need: int, prompt: list[int]) -> None:
-        """Take over the KV caches and send log of the attempt `meta` resumes."""
-        parked = self.parking.take(meta.resume_of)
+        """Take over the KV caches and send log of the attempt `meta` resumes (only the
+        same requester's)."""
+        parked = self.parking.take(meta.resume_of, meta.reply_to)
         if parked is not None:
             self.parking.continue_log(meta.request_id, parked.log, need)
         try:

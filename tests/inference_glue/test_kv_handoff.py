@@ -51,18 +51,19 @@ def test_parking_keeps_few_requests_and_bounded_logs() -> None:
     parking = KvParking(max_parked=2, log_bytes=10, total_log_bytes=15)
     for rid in ("a", "b", "c"):
         parking.record(rid, SentHidden(0, False, b"12345"))
-        parking.park(rid, {0: object()})
+        parking.park(rid, {0: object()}, "me")
     assert "a" not in parking and "b" in parking and "c" in parking  # the oldest went
     assert parking.logged_bytes == 10
     parking.record("d", SentHidden(0, False, b"123456"))  # past the total: given up
     assert parking.overflows == 1 and parking.logged_bytes == 10
-    parked = parking.take("b")
+    assert parking.take("b", "someone else") is None and "b" in parking  # not theirs
+    parked = parking.take("b", "me")
     assert parked is not None and parking.logged_bytes == 5 and "b" not in parking
     parking.continue_log("b~1", parked.log, before=1)
     parking.record("b~1", SentHidden(1, True, b"12345"))
     parking.record("b~1", SentHidden(2, True, b"1"))  # past the request's own bound
-    parking.park("b~1", {0: object()})
-    again = parking.take("b~1")
+    parking.park("b~1", {0: object()}, "me")
+    again = parking.take("b~1", "me")
     assert again is not None and again.log.overflowed and not again.log.entries
     parking.discard("c")
     assert "c" not in parking and parking.logged_bytes == 0
