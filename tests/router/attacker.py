@@ -15,6 +15,7 @@ import json
 import secrets
 import socket
 import time
+import urllib.request
 from typing import Any
 
 import anyio
@@ -77,8 +78,35 @@ async def _with_router(target: str, body: Any) -> dict[str, Any]:
         out = await body(router, peer)
         with anyio.move_on_after(5):
             await router.drain()
+        if Linger.metrics:
+            # Frames the target has not read yet are lost when we hang up: on a loaded machine
+            # it may still be working through the first window's worth. Stay (bounded) until
+            # it has counted what this attack is about.
+            with anyio.move_on_after(Linger.bound):
+                while not await anyio.to_thread.run_sync(_counted, router.node_id):
+                    await anyio.sleep(0.2)
         tg.cancel_scope.cancel()
     return {"attacker": router.node_id, **out}
+
+
+class Linger:  # set once, from the command line
+    metrics: str = ""
+    kinds: frozenset[str] = frozenset()
+    bound: float = 90.0
+
+
+def _counted(me: str) -> bool:
+    """Whether the target's /metrics counts a refusal of one of Linger.kinds against `me`."""
+    try:
+        with urllib.request.urlopen(Linger.metrics, timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return False
+    return any(
+        f'kind="{kind}"' in line and f'peer="{me}"' in line
+        for line in text.splitlines()
+        for kind in Linger.kinds
+    )
 
 
 async def bad_views(target: str, count: int, victim: str) -> dict[str, Any]:
@@ -359,7 +387,11 @@ def main() -> None:
     parser.add_argument("--target", required=True)
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--victim", default="")
+    parser.add_argument("--metrics", default="", help="the target's /metrics URL: stay until")
+    parser.add_argument("--kinds", default="", help="... it counts one of these (comma list)")
     args = parser.parse_args()
+    Linger.metrics = args.metrics
+    Linger.kinds = frozenset(k for k in args.kinds.split(",") if k)
     attack = ATTACKS[args.attack]
     if args.attack in RAW:
         result = trio.run(attack, args.target, args.count, args.victim)

@@ -133,11 +133,14 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     node.stop()
 
 
-def attack(name: str, target: Target, count: int, victim: str = "") -> dict[str, Any]:
+def attack(
+    name: str, target: Target, count: int, victim: str = "", kinds: set[str] | None = None
+) -> dict[str, Any]:
     target.begin()
+    metrics = f"http://127.0.0.1:{target.metrics_port}/metrics" if kinds else ""
     out = subprocess.run(
         [sys.executable, ATTACKER, name, "--target", target.addr, "--count", str(count),
-         "--victim", victim],
+         "--victim", victim, "--metrics", metrics, "--kinds", ",".join(sorted(kinds or ()))],
         capture_output=True, text=True, timeout=240, cwd=REPO, check=False,
     )  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -172,7 +175,7 @@ ROWS = [
 
 @pytest.mark.parametrize(("name", "count", "kinds"), ROWS, ids=[r[0] for r in ROWS])
 def test_a_node_stands_through(target: Target, name: str, count: int, kinds: set[str]) -> None:
-    result = attack(name, target, count)
+    result = attack(name, target, count, kinds=kinds)
     assert_stood(target, name)
     counted = target.rejected(result["attacker"])
     assert kinds & set(counted), f"{name}: refusals counted for the attacker: {counted}"
