@@ -49,8 +49,8 @@ How a request flows (see `inference_glue.messages` for the streams):
 | `kv_parking` | `KvParking`: a dropped request's KV caches and send log, kept (bounded) for a resumed attempt |
 | `kv_handoff` | a resumed request taking over those caches; the layers a stage gained rebuilt locally |
 | `stage_requests` | `StageRequests`: the requests in flight at a stage (states, KV caches, round trips) |
-| `admission` | whether a stage takes a new request (plan epoch, route, vocabulary) |
-| `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan |
+| `admission` | whether a stage takes a new request (plan epoch, route, vocabulary); the kind of a failure |
+| `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan; releases and failure reports |
 | `node_counters` | `NodeCounters`: what a stage node did |
 | `head_exchange` | the split LM head's messages between the first and last stages |
 | `token_publisher` | `TokenPublisher`: token chunks to their requesters, off the critical path |

@@ -15,14 +15,16 @@ bits as the first computation):
 
 Anything else (a log given up, caches of another kind, layers that are neither) raises
 `HandoffError`; the node fails the request with kind "rebuild" and the client resumes it with
-a full replay. Runs on the node's MLX thread.
+a full replay. `take_over` runs on the node's MLX thread; `take_over_attempt` is the node's
+side (the parked state taken, the outcome counted).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import anyio
 import mlx.core as mx
 
 from inference_glue.kv_parking import Parked, SendLog
@@ -31,11 +33,32 @@ from inference_glue.messages import RequestMeta
 from inference_glue.stage import PipelineStage
 from inference_glue.tensor_codec import decode_tensor
 
-__all__ = ["HandoffError", "take_over"]
+if TYPE_CHECKING:
+    from inference_glue.node import StageNode
+
+__all__ = ["HandoffError", "take_over", "take_over_attempt"]
 
 
 class HandoffError(RuntimeError):
     """The previous attempt's caches cannot be taken over here."""
+
+
+async def take_over_attempt(
+    node: StageNode, meta: RequestMeta, need: int, prompt: Sequence[int]
+) -> None:
+    """At `node`: take over the KV caches and send log of the attempt `meta` resumes (only
+    the same requester's), on the MLX thread."""
+    parked = node.parking.take(meta.resume_of, meta.reply_to)
+    if parked is not None:
+        node.parking.continue_log(meta.request_id, parked.log, need)
+    try:
+        forwards = await node.compute.run(take_over, node.stage, meta, parked, need, prompt)
+    except (HandoffError, anyio.get_cancelled_exc_class()):
+        raise
+    except Exception as exc:  # caches of a kind that cannot be taken over: replay
+        raise HandoffError(f"{type(exc).__name__}: {exc}") from exc
+    node.counters.handoffs += 1
+    node.counters.rebuild_forwards += forwards
 
 
 def take_over(

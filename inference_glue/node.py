@@ -34,17 +34,15 @@ from typing import Any
 import anyio
 import attrs
 
-from inference_glue.admission import StaleEpochError, check_request
+from inference_glue.admission import StaleEpochError, check_request, failure_of
 from inference_glue.blas import blas_in_use
 from inference_glue.footprint import ModelFootprint, available_memory
 from inference_glue.head_exchange import HeadExchange
-from inference_glue.kv_handoff import HandoffError, take_over
+from inference_glue.kv_handoff import take_over_attempt
 from inference_glue.kv_parking import KvParking, SentHidden
 from inference_glue.local_pipeline import prefill_pieces
 from inference_glue.messages import (
     ACTIVATION_STREAM,
-    CLIENT_STREAM,
-    CONTROL_STREAM,
     HEAD_STREAM,
     REQUEST_STREAM,
     TOKEN_STREAM,
@@ -63,25 +61,20 @@ from inference_glue.messages import (
     decode_message,
     encode_message,
 )
-from inference_glue.node_control import StageControl
+from inference_glue.node_control import FINISHED, StageControl
 from inference_glue.node_counters import NodeCounters
-from inference_glue.replay import forward_steps, replay_batches
-from inference_glue.sampling import SamplingParams
+from inference_glue.replay import replay_resumed, run_steps
 from inference_glue.stage import PipelineStage, check_stage
 from inference_glue.stage_compute import HeadShared, RequestState, StageCompute
 from inference_glue.stage_requests import StageRequests
-from inference_glue.tensor_codec import TensorDecodeError, damage
+from inference_glue.tensor_codec import damage
 from inference_glue.token_publisher import TokenPublisher
-from inference_glue.tokens import TokenStreamWriter
 from inference_glue.worker import MlxWorker
 from router import DirectMessage, RouterLike
 
 __all__ = ["NodeCounters", "StageNode", "StaleEpochError", "Work"]
 
 log = logging.getLogger("p2pr.inference.node")
-
-# The reason of the `Release` the last stage sends when a request is done.
-FINISHED = "finished"
 
 # Messages waiting for the compute worker; beyond this the direct streams hold their senders
 # back (the router's flow control), so memory stays bounded.
@@ -169,7 +162,7 @@ class StageNode:
         # A dropped request's caches and send log stay parked a while, for a resumed attempt
         # to take over (`kv_handoff`). Through a lambda: a new plan replaces the stage.
         self.parking = KvParking()
-        self._requests = StageRequests(self._park)
+        self._requests = StageRequests(lambda rid: self.stage.take_caches(rid), self.parking)
         self._local: deque[Work] = deque()
 
     @property
@@ -251,19 +244,17 @@ class StageNode:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
-            kind, suspect = "error", ""
-            if isinstance(exc, HandoffError):
-                kind, detail = "rebuild", f"cannot take over the KV caches: {exc}"
-            elif isinstance(exc, TensorDecodeError):
+            kind, detail, suspect = failure_of(exc, item.peer)
+            if kind == "corrupt":
                 self.counters.tensor_checksum_failures += 1
-                kind, suspect = "corrupt", item.peer
-                detail = f"hidden state from {item.peer} failed its check: {exc}"
-            elif isinstance(exc, StaleEpochError):
-                kind, detail = "stale", str(exc)
-            else:
-                detail = f"{type(exc).__name__}: {exc}"
             log.warning("%s: request %r failed (%s): %s", self.name, request_id, kind, detail)
-            await self._fail(request_id, detail, meta, kind, suspect)
+            state = self._requests.drop(request_id)
+            self.counters.failed += 1
+            meta = state.meta if state is not None else meta
+            if meta is not None:
+                node_id = self.router.node_id
+                failure = Failure(request_id, self.index, node_id, detail, kind, suspect)
+                await self.control.report_failure(failure, meta)
 
     async def _dispatch(self, item: Work) -> None:
         message, stream = item.message, item.stream
@@ -295,14 +286,6 @@ class StageNode:
             self.compute.forward, state, inputs, position, sample_it, self.num_stages
         )
 
-    async def _forward_steps(
-        self, state: RequestState, inputs: list[int] | bytes, position: int, sample_last: bool
-    ) -> bytes | int | HeadShared | None:
-        self.counters.replay_batches += 1
-        return await self.compute.run(
-            forward_steps, self.compute, state, inputs, position, sample_last, self.num_stages
-        )
-
     # -- a request's life ------------------------------------------------------------------
 
     async def _start(self, request: GenerateRequest) -> None:
@@ -312,64 +295,24 @@ class StageNode:
         check_request(
             request, self.epoch, self.index, self.num_stages, self.router.node_id, self.vocab_size
         )
-        rid = meta.request_id
-        state = self._requests.add(self._new_request(meta))
+        state = self._requests.add(RequestState.arrived(meta, self.tokenizer, self.stage.is_last))
         self.counters.requests += 1
         prompt = list(request.prompt_ids)
         if meta.resume_of:
             # The other stages kept their caches: only the last delivered token's step runs.
             need = len(prompt) + len(meta.resume) - 1
-            await self._take_over(meta, need, prompt)
+            await take_over_attempt(self, meta, need, prompt)
             out = await self._forward(state, [meta.resume[-1]], need, True)
-            await self._emit(meta, out, need, True, first=True)
+            await self.emit(meta, out, need, True, first=True)
             return
         pieces = prefill_pieces(len(prompt), meta.prefill_step_size)
         for n, piece in enumerate(pieces):
             last = n == len(pieces) - 1 and not meta.resume
             out = await self._forward(state, prompt[piece.start : piece.stop], piece.start, last)
-            await self._emit(meta, out, piece.start, last, first=n == 0)
+            await self.emit(meta, out, piece.start, last, first=n == 0)
         # A resumed request: the tokens generated before the failover, one decode step each,
-        # as they were first computed (a one-shot prefill would differ in the last bits), sent
-        # on in batches (`inference_glue.replay`). Nothing is sampled until the last of them,
-        # whose output gives the next new token.
-        for batch in replay_batches(len(meta.resume)):
-            if rid not in self._requests:
-                return  # released meanwhile (a single-stage node samples inline)
-            position = len(prompt) + batch.start
-            last = batch.stop == len(meta.resume)
-            tokens = list(meta.resume[batch.start : batch.stop])
-            out = await self._forward_steps(state, tokens, position, last)
-            self.counters.replayed_tokens += len(tokens)
-            await self._emit(meta, out, position, last, first=False, steps=True)
-
-    def _park(self, request_id: str) -> None:
-        state = self._requests.get(request_id)  # still there: dropping frees caches first
-        owner = state.meta.reply_to if state is not None else ""
-        self.parking.park(request_id, self.stage.take_caches(request_id), owner)
-
-    async def _take_over(self, meta: RequestMeta, need: int, prompt: list[int]) -> None:
-        """Take over the KV caches and send log of the attempt `meta` resumes (only the
-        same requester's)."""
-        parked = self.parking.take(meta.resume_of, meta.reply_to)
-        if parked is not None:
-            self.parking.continue_log(meta.request_id, parked.log, need)
-        try:
-            forwards = await self.compute.run(take_over, self.stage, meta, parked, need, prompt)
-        except (HandoffError, anyio.get_cancelled_exc_class()):
-            raise
-        except Exception as exc:  # caches of a kind that cannot be taken over: replay
-            raise HandoffError(f"{type(exc).__name__}: {exc}") from exc
-        self.counters.handoffs += 1
-        self.counters.rebuild_forwards += forwards
-
-    def _new_request(self, meta: RequestMeta) -> RequestState:
-        params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
-        writer = (
-            TokenStreamWriter(meta.request_id, self.tokenizer, meta.resume)
-            if self.stage.is_last
-            else None
-        )
-        return RequestState(meta, params, writer, generated=len(meta.resume))
+        # as they were first computed (a one-shot prefill would differ in the last bits).
+        await replay_resumed(self, state, len(prompt))
 
     async def _activation(self, act: Activation) -> None:
         rid = act.request_id
@@ -381,23 +324,23 @@ class StageNode:
                     "%s: activation of %r from epoch %d dropped", self.name, rid, act.meta.epoch
                 )
                 return
-            self._requests.add(self._new_request(act.meta))
+            self._requests.add(RequestState.arrived(act.meta, self.tokenizer, self.stage.is_last))
             self.counters.requests += 1
             if act.meta.resume_of:
-                await self._take_over(act.meta, act.position, [])
+                await take_over_attempt(self, act.meta, act.position, [])
         state = self._requests.get(rid)
         if state is None:
             self.counters.stale_messages += 1
             log.info("%s: activation for unknown request %r dropped", self.name, rid)
             return
         if act.steps:
-            out = await self._forward_steps(state, act.tensor, act.position, act.sample)
+            out = await run_steps(self, state, act.tensor, act.position, act.sample)
         else:
             out = await self._forward(state, act.tensor, act.position, act.sample)
         first = act.meta is not None
-        await self._emit(state.meta, out, act.position, act.sample, first, steps=act.steps)
+        await self.emit(state.meta, out, act.position, act.sample, first, steps=act.steps)
 
-    async def _emit(
+    async def emit(
         self,
         meta: RequestMeta,
         out: bytes | int | HeadShared | None,
@@ -406,6 +349,8 @@ class StageNode:
         first: bool,
         steps: bool = False,
     ) -> None:
+        """Send on what a forward of `meta`'s request gave: a hidden state to the next stage
+        (the first of the request's with `first`), a sampled token, a share of the head."""
         if isinstance(out, bytes):
             self.parking.record(meta.request_id, SentHidden(position, steps, out))
             if self.corrupt_activations and self._fault_rng.random() < self.corrupt_activations:
@@ -436,13 +381,7 @@ class StageNode:
         position = self.stage.offset(request_id)  # the sampled token's position
         state.generated += 1
         self.counters.tokens_sampled += 1
-        finish = (
-            "stop"
-            if token in self._eos
-            else "length"
-            if state.generated == meta.max_tokens
-            else None
-        )
+        finish = state.finish_reason(token, self._eos)
         # A requester that left (without a Release) gets nothing more: stop its request.
         gone = meta.reply_to not in self.router.connected
         done = finish is not None or gone
@@ -460,7 +399,7 @@ class StageNode:
         if done:
             self._finish(request_id)
             for peer in meta.route[1:-1]:
-                await self._send_release(peer, request_id, FINISHED)
+                await self.control.release(peer, request_id, FINISHED)
 
     async def _token(self, feedback: TokenFeedback) -> None:
         rid = feedback.request_id
@@ -477,37 +416,12 @@ class StageNode:
             self._finish(rid)
             return
         out = await self._forward(state, [feedback.token_id], feedback.position, True)
-        await self._emit(state.meta, out, feedback.position, True, first=False)
+        await self.emit(state.meta, out, feedback.position, True, first=False)
 
     def _finish(self, request_id: str) -> None:
         if self._requests.drop(request_id) is not None:
             self.counters.finished += 1
         self.parking.discard(request_id)
-
-    async def _send_release(self, peer: str, request_id: str, reason: str) -> None:
-        if peer != self.router.node_id:
-            payload = encode_message(Release(request_id, reason))
-            await self.router.send_to(peer, CONTROL_STREAM, payload)
-
-    async def _fail(
-        self,
-        request_id: str,
-        detail: str,
-        meta: RequestMeta | None,
-        kind: str = "error",
-        suspect: str = "",
-    ) -> None:
-        """Tell the requester which stage failed and why; release the request everywhere."""
-        state = self._requests.drop(request_id)
-        self.counters.failed += 1
-        meta = state.meta if state is not None else meta
-        if meta is None:
-            return
-        failure = Failure(request_id, self.index, self.router.node_id, detail, kind, suspect)
-        with anyio.move_on_after(10):
-            await self.router.send_to(meta.reply_to, CLIENT_STREAM, encode_message(failure))
-            for peer in meta.route:
-                await self._send_release(peer, request_id, "failed")
 
     # -- a new plan (StageControl.reconfigure) ---------------------------------------------
 

@@ -9,19 +9,24 @@ answer was not that compute but a message, a network hop and a wake-up per token
 stage. A batch of steps costs one message per stage; each stage starts on a batch as soon as
 it comes, so the stages work on successive batches at the same time.
 
-Runs on the node's MLX thread (`StageCompute.run`).
+`forward_steps` runs on the node's MLX thread (`StageCompute.run`); `replay_resumed` and
+`run_steps` are the node's side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from inference_glue.stage_compute import HeadShared, RequestState, StageCompute
 from inference_glue.tensor_codec import decode_tensor, encode_tensor
 
-__all__ = ["REPLAY_BATCH", "forward_steps", "replay_batches"]
+if TYPE_CHECKING:
+    from inference_glue.node import StageNode
+
+__all__ = ["REPLAY_BATCH", "forward_steps", "replay_batches", "replay_resumed", "run_steps"]
 
 # Decode steps per replay message: large enough that per-message costs vanish, small enough
 # that the next stage starts early (and that a batch of a large model's hidden states, e.g.
@@ -34,6 +39,36 @@ def replay_batches(count: int, batch: int = REPLAY_BATCH) -> list[range]:
     if batch < 1:
         raise ValueError(f"a replay batch holds at least one step, not {batch}")
     return [range(start, min(start + batch, count)) for start in range(0, count, batch)]
+
+
+async def replay_resumed(node: StageNode, state: RequestState, start: int) -> None:
+    """At the first stage `node`: run the tokens `state`'s request delivered before the
+    failover from position `start`, a batch of decode steps at a time, and send each batch
+    on. Nothing is sampled until the last of them, whose output gives the next new token."""
+    meta = state.meta
+    for batch in replay_batches(len(meta.resume)):
+        if node.request(meta.request_id) is None:
+            return  # released meanwhile (a single-stage node samples inline)
+        position = start + batch.start
+        last = batch.stop == len(meta.resume)
+        tokens = list(meta.resume[batch.start : batch.stop])
+        out = await run_steps(node, state, tokens, position, last)
+        node.counters.replayed_tokens += len(tokens)
+        await node.emit(meta, out, position, last, first=False, steps=True)
+
+
+async def run_steps(
+    node: StageNode,
+    state: RequestState,
+    inputs: list[int] | bytes,
+    position: int,
+    sample_last: bool,
+) -> bytes | int | HeadShared | None:
+    """`forward_steps` on `node`'s MLX thread, counted."""
+    node.counters.replay_batches += 1
+    return await node.compute.run(
+        forward_steps, node.compute, state, inputs, position, sample_last, node.num_stages
+    )
 
 
 def forward_steps(

@@ -8,7 +8,7 @@ arrays are made there, since MLX streams belong to one thread.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -52,6 +52,21 @@ class RequestState:
     generated: int = 0
     # Last stage, split LM head: its own part, until the first stage's part arrives.
     head: PendingHead | None = None
+
+    @classmethod
+    def arrived(cls, meta: RequestMeta, tokenizer: Any, is_last: bool) -> RequestState:
+        """The state of a request as it arrives (the last stage detokenizes, following on
+        from the tokens delivered before a failover, `meta.resume`)."""
+        params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
+        writer = TokenStreamWriter(meta.request_id, tokenizer, meta.resume) if is_last else None
+        return cls(meta, params, writer, generated=len(meta.resume))
+
+    def finish_reason(self, token: int, eos: Collection[int]) -> str | None:
+        """Why the request ends with `token`, its `generated`-th: "stop" (an end of
+        sequence), "length" (the last token allowed), or None (it goes on)."""
+        if token in eos:
+            return "stop"
+        return "length" if self.generated == self.meta.max_tokens else None
 
 
 @attrs.frozen
