@@ -51,6 +51,7 @@ How a request flows (see `inference_glue.messages` for the streams):
 | `stage_requests` | `StageRequests`: the requests in flight at a stage (states, KV caches, round trips) |
 | `admission` | whether a stage takes a new request (plan epoch, route, vocabulary); the kind of a failure |
 | `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan; releases and failure reports |
+| `node_inbox` | `NodeInbox`: a stage node's messages decoded and queued for its one worker |
 | `node_counters` | `NodeCounters`: what a stage node did |
 | `head_exchange` | the split LM head's messages between the first and last stages |
 | `token_publisher` | `TokenPublisher`: token chunks to their requesters, off the critical path |

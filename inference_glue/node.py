@@ -3,8 +3,9 @@
 `StageNode` runs in any process with a running router; `python -m p2pr.stage_node` is the
 process that holds one (`p2pr.stage_cluster` starts several). This module is its request
 lifecycle and routing; the MLX calls are `StageCompute`'s (`inference_glue.stage_compute`),
-the control plane `StageControl`'s (`inference_glue.node_control`), the delivery of token
-chunks `TokenPublisher`'s (`inference_glue.token_publisher`).
+the control plane `StageControl`'s (`inference_glue.node_control`), the decoding and queueing
+of its messages `NodeInbox`'s (`inference_glue.node_inbox`), the delivery of token chunks
+`TokenPublisher`'s (`inference_glue.token_publisher`).
 
 How a request flows through the stages: `inference_glue` (the package's docstring).
 
@@ -27,12 +28,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import anyio
-import attrs
 
 from inference_glue.admission import StaleEpochError, check_request, failure_of
 from inference_glue.blas import blas_in_use
@@ -52,17 +51,15 @@ from inference_glue.messages import (
     GenerateRequest,
     HeadPart,
     HeadShare,
-    Message,
-    MessageDecodeError,
     Reconfigure,
     Release,
     RequestMeta,
     TokenFeedback,
-    decode_message,
     encode_message,
 )
 from inference_glue.node_control import FINISHED, StageControl
 from inference_glue.node_counters import NodeCounters
+from inference_glue.node_inbox import WORK_QUEUE, NodeInbox, Work
 from inference_glue.replay import replay_resumed, run_steps
 from inference_glue.stage import PipelineStage, check_stage
 from inference_glue.stage_compute import HeadShared, RequestState, StageCompute
@@ -70,24 +67,11 @@ from inference_glue.stage_requests import StageRequests
 from inference_glue.tensor_codec import damage
 from inference_glue.token_publisher import TokenPublisher
 from inference_glue.worker import MlxWorker
-from router import DirectMessage, RouterLike
+from router import RouterLike
 
 __all__ = ["NodeCounters", "StageNode", "StaleEpochError", "Work"]
 
 log = logging.getLogger("p2pr.inference.node")
-
-# Messages waiting for the compute worker; beyond this the direct streams hold their senders
-# back (the router's flow control), so memory stays bounded.
-WORK_QUEUE = 256
-
-
-@attrs.frozen
-class Work:
-    """A message for the node's worker, from `peer` on `stream`."""
-
-    stream: str
-    peer: str
-    message: Message
 
 
 class StageNode:
@@ -163,7 +147,7 @@ class StageNode:
         # to take over (`kv_handoff`). Through a lambda: a new plan replaces the stage.
         self.parking = KvParking()
         self._requests = StageRequests(lambda rid: self.stage.take_caches(rid), self.parking)
-        self._local: deque[Work] = deque()
+        self.inbox = NodeInbox(router, self.counters)
 
     @property
     def stage(self) -> PipelineStage:
@@ -189,51 +173,19 @@ class StageNode:
         work_send, work_recv = anyio.create_memory_object_stream[Work](WORK_QUEUE)
         async with anyio.create_task_group() as tg:
             for stream in (REQUEST_STREAM, ACTIVATION_STREAM, TOKEN_STREAM, HEAD_STREAM):
-                tg.start_soon(self._pump, stream, work_send.clone())
+                tg.start_soon(self.inbox.pump, stream, work_send.clone())
             tg.start_soon(self.control.pump, work_send.clone())
             tg.start_soon(self._worker, work_recv)
             # On every node: a failover may make any of them the last stage.
             tg.start_soon(self.publisher.run)
             work_send.close()
 
-    # -- inputs ----------------------------------------------------------------------------
-
-    def decode(self, item: DirectMessage) -> Message | None:
-        """The pipeline message `item` carries; None (counted, refused) if it is not one."""
-        try:
-            return decode_message(item.payload)
-        except MessageDecodeError as exc:
-            self.counters.bad_messages += 1
-            self.router.refused(item.peer, "bad pipeline message", f"on {item.stream}: {exc}")
-            return None
-
-    def unexpected(self, peer: str, message: Message, stream: str) -> None:
-        """`peer` sent a message that does not belong on `stream`: counted, refused."""
-        self.counters.bad_messages += 1
-        self.router.refused(
-            peer, "unexpected pipeline message", f"{type(message).__name__} on {stream}"
-        )
-
-    async def _pump(self, stream: str, work: anyio.abc.ObjectSendStream[Work]) -> None:
-        async with work:
-            async for item in self.router.direct_receiver(stream):
-                message = self.decode(item)
-                if message is not None:
-                    await work.send(Work(stream, item.peer, message))
-
     # -- the worker ------------------------------------------------------------------------
 
     async def _worker(self, work: anyio.abc.ObjectReceiveStream[Work]) -> None:
         async with work:
             while True:
-                if self._local:
-                    # A one-stage node feeds itself: let the rest of the process (its
-                    # client, an API in the same process) run between tokens.
-                    await anyio.lowlevel.checkpoint()
-                    item = self._local.popleft()
-                else:
-                    item = await work.receive()
-                await self._handle(item)
+                await self._handle(await self.inbox.next(work))
 
     async def _handle(self, item: Work) -> None:
         message = item.message
@@ -277,7 +229,7 @@ class StageNode:
         elif isinstance(message, Reconfigure):
             await self.control.reconfigure(message, item.peer)
         else:
-            self.unexpected(item.peer, message, stream)
+            self.inbox.unexpected(item.peer, message, stream)
 
     async def _forward(
         self, state: RequestState, inputs: list[int] | bytes, position: int, sample_it: bool
@@ -389,7 +341,7 @@ class StageNode:
         if self.num_stages > 1:
             await self.router.send_to(meta.route[0], TOKEN_STREAM, encode_message(feedback))
         elif not done:
-            self._local.append(Work(TOKEN_STREAM, self.router.node_id, feedback))
+            self.inbox.feed(Work(TOKEN_STREAM, self.router.node_id, feedback))
         if gone:
             self.counters.abandoned += 1
             log.info("%s: requester %s of %r is gone", self.name, meta.reply_to, request_id)
@@ -428,7 +380,7 @@ class StageNode:
     def release_all(self) -> None:
         """Drop every request in flight (a new plan is coming)."""
         self._requests.drop_all()
-        self._local.clear()
+        self.inbox.clear_own()
 
     async def take_plan(
         self, stage: PipelineStage, index: int, num_stages: int, epoch: int

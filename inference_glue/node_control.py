@@ -33,12 +33,13 @@ from inference_glue.messages import (
     StatsReply,
     encode_message,
 )
+from inference_glue.node_inbox import Work
 from inference_glue.rpc import reply
 from inference_glue.stage import PipelineStage, restage
 from router import FaultConfig
 
 if TYPE_CHECKING:
-    from inference_glue.node import StageNode, Work
+    from inference_glue.node import StageNode
 
 __all__ = ["FINISHED", "StageControl"]
 
@@ -57,12 +58,10 @@ class StageControl:
 
     async def pump(self, work: anyio.abc.ObjectSendStream[Work]) -> None:
         """Read the control stream until cancelled."""
-        from inference_glue.node import Work
-
         node = self.node
         async with work:
             async for item in node.router.direct_receiver(CONTROL_STREAM):
-                message = node.decode(item)
+                message = node.inbox.decode(item)
                 if isinstance(message, Release | Reconfigure):
                     # Through the worker, so that it never races a computation.
                     await work.send(Work(item.stream, item.peer, message))
@@ -73,7 +72,7 @@ class StageControl:
                 elif isinstance(message, SetFaults):
                     await self._set_faults(message, item.peer)
                 elif message is not None:
-                    node.unexpected(item.peer, message, item.stream)
+                    node.inbox.unexpected(item.peer, message, item.stream)
 
     async def release(self, peer: str, request_id: str, reason: str) -> None:
         """Tell `peer` (unless it is this node) to drop `request_id`."""
