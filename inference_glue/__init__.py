@@ -48,6 +48,7 @@ How a request flows (see `inference_glue.messages` for the streams):
 | `replay` | a resumed request's replay: one decode step at a time, in batches of steps per message |
 | `kv_parking` | `KvParking`: a dropped request's KV caches and send log, kept (bounded) for a resumed attempt |
 | `kv_handoff` | a resumed request taking over those caches; the layers a stage gained rebuilt locally |
+| `kv_kinds` | whether a model's KV caches can be taken over at all (no sliding windows, no recurrent state) |
 | `stage_requests` | `StageRequests`: the requests in flight at a stage (states, KV caches, round trips) |
 | `admission` | whether a stage takes a new request (plan epoch, route, vocabulary); the kind of a failure |
 | `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan; releases and failure reports |

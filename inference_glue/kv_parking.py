@@ -10,8 +10,10 @@ replaying every delivered token.
 Bounded everywhere: at most `max_parked` dropped requests are kept (the oldest goes first),
 each request's log holds at most `log_bytes` and all logs together `total_log_bytes`. A log
 that would grow past its bound is given up (`overflowed`): a resumed attempt that needs it
-then fails with kind "rebuild" and the client resumes with a full replay instead. No MLX and
-no network here; the caches are opaque objects.
+then fails with kind "rebuild" and the client resumes with a full replay instead. With
+`max_parked` 0 (a model whose caches cannot be cut back, `kv_kinds`: no hand-off is ever
+planned for it) nothing is logged or parked. No MLX and no network here; the caches are
+opaque objects.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class KvParking:
 
     def record(self, request_id: str, sent: SentHidden) -> None:
         """Log a hidden state sent for `request_id` (given up past the bounds)."""
+        if not self.max_parked:
+            return  # nothing is ever parked: a log would only hold memory
         log = self._logs.setdefault(request_id, SendLog())
         if log.overflowed:
             return
@@ -111,7 +115,7 @@ class KvParking:
         """`request_id` of requester `owner` was dropped: keep its caches and log (the
         oldest parked goes)."""
         log = self._logs.pop(request_id, SendLog())
-        if not caches and not log.entries:
+        if not self.max_parked or (not caches and not log.entries):
             return
         old = self._parked.pop(request_id, None)
         if old is not None:

@@ -144,8 +144,10 @@ class StageNode:
         self.publisher = TokenPublisher(router, self.counters)
         self._eos = set(tokenizer.eos_token_ids)
         # A dropped request's caches and send log stay parked a while, for a resumed attempt
-        # to take over (`kv_handoff`). Through a lambda: a new plan replaces the stage.
-        self.parking = KvParking()
+        # to take over (`kv_handoff`); nothing is kept of caches that no hand-off can take
+        # over (sliding windows): it would only hold memory.
+        self.parking = KvParking() if stage.caches_cut_back else KvParking(max_parked=0)
+        # Through a lambda: a new plan replaces the stage.
         self._requests = StageRequests(lambda rid: self.stage.take_caches(rid), self.parking)
         self.inbox = NodeInbox(router, self.counters)
 

@@ -24,6 +24,7 @@ import mlx_lm.utils
 from mlx.utils import tree_flatten
 
 from inference_glue.architectures import Architecture, architecture_for, untested_allowed
+from inference_glue.kv_kinds import model_caches_cut_back
 from inference_glue.model_view import LayerRangeView, check_layout, model_type_of
 
 __all__ = [
@@ -123,6 +124,12 @@ class PipelineStage:
         if missing:
             raise ValueError(f"no KV cache for layers {missing}")
         self._caches[request_id] = self._view.make_caches([by_layer[i] for i in self.layers])
+
+    @property
+    def caches_cut_back(self) -> bool:
+        """Whether every KV cache of this model can be cut back at any length (`kv_kinds`):
+        only then can a resumed request take them over (`kv_handoff`)."""
+        return model_caches_cut_back(self._model)
 
     def range_view(self, layers: range) -> LayerRangeView:
         """A view of `layers` (this stage's model, whose weights of those layers it must

@@ -1,7 +1,8 @@
 """The hand-off of a lost stage's layers (`handoff_plan`, `kv_parking`, `kv_handoff`): the
 plan, the bounds of what a node keeps, and in one process over memory routers (real mlx-lm
 layers of the tiny model) a lost last stage taken over by its neighbour, and the fall back
-to a full replay when a node cannot take over (its send log given up past its bound).
+to a full replay when a node cannot take over (its send log given up past its bound); no
+hand-off for a model with sliding-window caches (gemma3).
 Every generation is compared with mlx-lm's own single-process generation.
 """
 
@@ -10,13 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 from test_inprocess_pipeline import client_over, collect, pipeline, reference
 
 from inference_glue.failover import NodeOffer
 from inference_glue.footprint import ModelFootprint
 from inference_glue.handoff_plan import hand_off_plan
+from inference_glue.kv_kinds import cache_cuts_back
 from inference_glue.kv_parking import KvParking, SentHidden
 from inference_glue.plan import StageInfo
+from inference_glue.tiny_architectures import WINDOW, build_architecture
 
 SPLITS = [range(0, 3), range(3, 6), range(6, 8)]
 
@@ -67,6 +71,11 @@ def test_parking_keeps_few_requests_and_bounded_logs() -> None:
     assert again is not None and again.log.overflowed and not again.log.entries
     parking.discard("c")
     assert "c" not in parking and parking.logged_bytes == 0
+    # None kept (caches no hand-off can take over): nothing logged, nothing parked.
+    off = KvParking(max_parked=0)
+    off.record("e", SentHidden(0, False, b"12345"))
+    off.park("e", {0: object()}, "me")
+    assert "e" not in off and off.logged_bytes == 0 and off.take("e", "me") is None
 
 
 async def test_a_lost_last_stage_is_taken_over_by_its_neighbour(model_dir: Path) -> None:
@@ -101,3 +110,18 @@ async def test_a_node_that_cannot_take_over_gets_a_full_replay(model_dir: Path) 
             lost, rebuild = client.recoveries
             assert lost.handoff and not rebuild.handoff and "replaying in full" in rebuild.reason
             assert nodes.nodes[ids[0]].counters.replayed_tokens == rebuild.resumed_from
+
+
+def test_no_hand_off_is_planned_for_caches_that_cannot_be_cut_back(tmp_path: Path) -> None:
+    # Trimmable now is not enough: a sliding window cannot be cut back once it is full.
+    assert cache_cuts_back(KVCache())
+    assert RotatingKVCache(WINDOW).is_trimmable() and not cache_cuts_back(RotatingKVCache(WINDOW))
+    assert not cache_cuts_back(ArraysCache(2))
+    assert not cache_cuts_back(CacheList(KVCache(), RotatingKVCache(WINDOW)))
+    gemma = ModelFootprint.from_dir(build_architecture(tmp_path / "g", "gemma3_text tied"))
+    llama = ModelFootprint.from_dir(build_architecture(tmp_path / "l", "llama"))
+    assert llama.caches_cut_back and not gemma.caches_cut_back
+    stages = stage_infos([range(0, 2), range(2, 4), range(4, 6)])
+    big = [NodeOffer(f"n{i}", 1 << 40) for i in range(3)]
+    assert hand_off_plan(stages, "n1", big, llama) == [("n0", range(0, 4)), ("n2", range(4, 6))]
+    assert hand_off_plan(stages, "n1", big, gemma) is None
