@@ -223,7 +223,7 @@ class StageNode:
         elif isinstance(message, HeadShare) and stream == HEAD_STREAM:
             await self.heads.on_share(message, item.peer)
         elif isinstance(message, HeadPart) and stream == HEAD_STREAM:
-            await self.heads.on_part(message)
+            await self.heads.on_part(message, item.peer)
         elif isinstance(message, Release):
             self._requests.drop(message.request_id)
             if message.reason == FINISHED:
@@ -321,7 +321,7 @@ class StageNode:
         elif isinstance(out, int):
             await self.sampled(meta.request_id, out)
         elif isinstance(out, HeadShared):
-            await self.heads.share(meta, out, position)
+            await self.heads.share(meta, out)
 
     def request(self, request_id: str) -> RequestState | None:
         """The state of request `request_id` at this stage, if it is in flight."""

@@ -72,10 +72,13 @@ class RequestState:
 @attrs.frozen
 class HeadShared:
     """What the last stage's forward gives when the first stage computes part of the head:
-    the hidden state to send it, and the rows the last stage computes itself."""
+    the hidden state to send it, the rows the last stage computes itself, and the position
+    of that hidden state's first token (what the first stage's `HeadPart` must name: not the
+    position of a replay batch, whose last step alone is sampled)."""
 
     hidden: bytes
     rows: int
+    position: int
 
 
 class StageCompute:
@@ -138,7 +141,7 @@ class StageCompute:
             return None
         if split:
             # The first stage's part starts when it gets this; ours computes meanwhile.
-            shared = HeadShared(encode_tensor(out), split)
+            shared = HeadShared(encode_tensor(out), split, position)
             own = self.stage.head_rows(out, range(0, split))
             mx.async_eval(own)
             state.head = PendingHead(own, position, out.shape[1], split, time.perf_counter(), timed)

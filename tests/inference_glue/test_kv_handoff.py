@@ -1,8 +1,9 @@
 """The hand-off of a lost stage's layers (`handoff_plan`, `kv_parking`, `kv_handoff`): the
 plan, the bounds of what a node keeps, and in one process over memory routers (real mlx-lm
 layers of the tiny model) a lost last stage taken over by its neighbour, and the fall back
-to a full replay when a node cannot take over (its send log given up past its bound); no
-hand-off for a model with sliding-window caches (gemma3).
+to a full replay when a node cannot take over (its send log given up past its bound); a
+model with sliding-window caches (gemma3), never offered a hand-off, replayed in full with its
+LM head split between the first and last stages.
 Every generation is compared with mlx-lm's own single-process generation.
 """
 
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
-from test_inprocess_pipeline import client_over, collect, pipeline, reference
+from test_inprocess_pipeline import PROMPT, TOKENS, client_over, collect, pipeline, reference
 
 from inference_glue.failover import NodeOffer
 from inference_glue.footprint import ModelFootprint
@@ -125,3 +127,38 @@ def test_no_hand_off_is_planned_for_caches_that_cannot_be_cut_back(tmp_path: Pat
     big = [NodeOffer(f"n{i}", 1 << 40) for i in range(3)]
     assert hand_off_plan(stages, "n1", big, llama) == [("n0", range(0, 4)), ("n2", range(4, 6))]
     assert hand_off_plan(stages, "n1", big, gemma) is None
+
+
+async def test_sliding_windows_and_a_split_head_resume_with_a_full_replay(tmp_path: Path) -> None:
+    """The caches of gemma3's local layers cannot be cut back: the lost stage's layers are
+    planned evenly and the request replayed, in batches of decode steps whose last one's LM
+    head is split between the first and last stages (the share must name that step's
+    position, or the last stage never gets its part)."""
+    model_dir = build_architecture(tmp_path / "gemma3", "gemma3_text tied", seed=3)
+    assert ModelFootprint.from_dir(model_dir).head_split > 0
+    expected = reference(model_dir)
+    at = 10
+    assert len(PROMPT) + at > WINDOW and at + 1 < TOKENS  # the windows are full, steps > 1
+    splits = [range(0, 2), range(2, 4), range(4, 6)]
+    fixed = {i: {"adaptive_head_split": False} for i in range(3)}  # split every token's head
+    async with pipeline(model_dir, splits, fixed) as (nodes, ids):
+        async with client_over(nodes, ids) as client:
+
+            def kill_middle(seq: int) -> None:
+                if seq == at:
+                    nodes.kill(ids[1])
+
+            # Bounded (a stall is a failure, not a wait): well inside the client's own
+            # idle timeout, which a stalled attempt would otherwise run into.
+            with anyio.fail_after(60):
+                assert await collect(client, kill_middle) == expected
+            [recovery] = client.recoveries
+            assert recovery.lost == (ids[1],) and not recovery.handoff
+            first, last = nodes.nodes[ids[0]].counters, nodes.nodes[ids[2]].counters
+            assert first.handoffs == last.handoffs == 0
+            assert first.replayed_tokens == recovery.resumed_from > at
+            assert first.head_parts > 0 and last.replay_batches > 0
+            # Nothing a hand-off could use is kept: no caches parked, no hidden states logged.
+            for node in (nodes.nodes[ids[0]], nodes.nodes[ids[2]]):
+                assert recovery.request_id not in node.parking
+                assert node.parking.logged_bytes == 0
