@@ -19,7 +19,6 @@ import attrs
 import xxhash
 
 from inference_glue.architectures import SUPPORTED
-from inference_glue.kv_kinds import caches_cut_back
 from inference_glue.placement import contiguous_ranges, memory_weighted_counts
 
 __all__ = [
@@ -97,15 +96,10 @@ class ModelFootprint:
     vocab_size: int = 0
     quantized: bool = False
     plain_head: bool = True  # the logits are the head's matrix product alone (architectures)
-    # Every KV cache of the model can be cut back at any length (`kv_kinds`): the condition
-    # for a failover that hands a lost stage's layers over (`handoff_plan`).
-    caches_cut_back: bool = False
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelFootprint:
-        """Read the footprint of an mlx-lm model directory (config.json, *.safetensors
-        headers; whether its caches can be cut back from its architecture, no weight read:
-        `kv_kinds`)."""
+        """Read the footprint of an mlx-lm model directory (config.json, *.safetensors)."""
         root = Path(model_dir)
         config = json.loads((root / "config.json").read_text())
         num_layers = int(config["num_hidden_layers"])
@@ -133,10 +127,7 @@ class ModelFootprint:
         quantized = "quantization" in config
         arch = SUPPORTED.get(str(config.get("model_type")))
         plain_head = arch is not None and arch.plain_head
-        cut_back = caches_cut_back(config)
-        return cls(
-            tuple(layers), embedding, norm, lm_head, tied, vocab, quantized, plain_head, cut_back
-        )
+        return cls(tuple(layers), embedding, norm, lm_head, tied, vocab, quantized, plain_head)
 
     @property
     def head_split(self) -> int:

@@ -8,7 +8,8 @@ The layers are then less even than `failover.plan_stages` would place them, whic
 memory on the neighbour, not time (a request's steps go through every layer in turn
 anyway); the client falls back to the even plan when the neighbour's budget is too small,
 and plans none for a model whose caches cannot be cut back (sliding windows, recurrent
-state: `inference_glue.kv_kinds`), which resumes with a full replay.
+state: `inference_glue.kv_kinds`; every stage says so in its `InfoReply.kv_handoff`), which
+resumes with a full replay.
 Between requests the plan is left as it is: it changes only when the nodes do.
 """
 
@@ -30,10 +31,10 @@ def hand_off_plan(
     footprint: ModelFootprint,
 ) -> list[tuple[str, range]] | None:
     """(node id, layers) per stage: `stages` without `lost`, its layers given to a neighbour;
-    None when that is not possible (the model's KV caches cannot be cut back, e.g. sliding
-    windows: `kv_kinds`; `lost` is not a stage, or is the only one; a survivor is not
-    offered; the neighbour's memory budget is too small)."""
-    if not footprint.caches_cut_back:
+    None when that is not possible (a stage's KV caches cannot be taken over, e.g. sliding
+    windows: `StageInfo.kv_handoff`; `lost` is not a stage, or is the only one; a survivor
+    is not offered; the neighbour's memory budget is too small)."""
+    if not all(s.kv_handoff for s in stages):
         return None
     index = next((s.index for s in stages if s.node_id == lost), None)
     if index is None or len(stages) < 2:

@@ -5,21 +5,21 @@ may have run one step more than the client saw come back. mlx-lm caches say whet
 be cut back now (`is_trimmable()`), but for some kinds the answer changes as a request
 grows: a sliding-window cache (`RotatingKVCache`, e.g. gemma3's local layers) can be cut
 back only until its window fills, a recurrent state (`ArraysCache`) never. A model with any
-such cache would offer a hand-off that fails once the answer is longer than its window; so
-the client asks here, before it plans one, and such models resume with a full replay.
+such cache would be offered a hand-off that fails once the answer outgrows its window; so
+each stage node says whether its caches can be taken over (`InfoReply.kv_handoff`), and the
+client plans a hand-off only when all of them can: other models resume with a full replay.
+
+Asked of the loaded model on the node (`make_prompt_cache` makes no arrays): the client
+builds no model of its own.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import _get_classes
 
-__all__ = ["cache_cuts_back", "caches_cut_back", "model_caches_cut_back"]
-
-log = logging.getLogger("p2pr.inference")
+__all__ = ["cache_cuts_back", "model_caches_cut_back"]
 
 
 def cache_cuts_back(cache: Any) -> bool:
@@ -34,18 +34,3 @@ def cache_cuts_back(cache: Any) -> bool:
 def model_caches_cut_back(model: Any) -> bool:
     """Whether every KV cache mlx-lm makes for `model` can be cut back (`cache_cuts_back`)."""
     return all(cache_cuts_back(c) for c in make_prompt_cache(model))
-
-
-def caches_cut_back(config: dict[str, Any]) -> bool:
-    """`model_caches_cut_back` for the model of `config` (its config.json): the architecture
-    is built with lazily initialised weights that are never evaluated (no weight is read or
-    allocated). False when mlx-lm cannot build it: no hand-off is planned for a model whose
-    caches are not known."""
-    try:
-        model_class, args_class = _get_classes(config)
-        return model_caches_cut_back(model_class(args_class.from_dict(config)))
-    except Exception as exc:  # an architecture mlx-lm does not know: no hand-off
-        log.info(
-            "KV caches of model type %r not known (%s): no hand-off", config.get("model_type"), exc
-        )
-        return False

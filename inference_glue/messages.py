@@ -315,6 +315,8 @@ class InfoReply:
 
     `memory_budget` is the bytes of weights the node may hold (placement respects it);
     `epoch` its current plan; `error` is set when it answers a `Reconfigure` it could not do.
+    `kv_handoff`: its model's KV caches can be taken over by a resumed request (they can be
+    cut back at any length, `kv_kinds`); a hand-off is planned only when every stage says so.
     """
 
     KIND: ClassVar[str] = "info"
@@ -335,6 +337,7 @@ class InfoReply:
     memory_budget: int = 0
     error: str = ""
     load_seconds: float = 0.0
+    kv_handoff: bool = False
 
 
 @attrs.frozen

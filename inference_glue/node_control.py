@@ -107,6 +107,7 @@ class StageControl:
             pid=os.getpid(),
             epoch=node.epoch,
             memory_budget=node.memory_budget,
+            kv_handoff=node.parking.max_parked > 0,
         )
 
     async def stats(self, nonce: int = 0) -> StatsReply:

@@ -22,14 +22,16 @@ from inference_glue.handoff_plan import hand_off_plan
 from inference_glue.kv_kinds import cache_cuts_back
 from inference_glue.kv_parking import KvParking, SentHidden
 from inference_glue.plan import StageInfo
+from inference_glue.stage import load_stage
 from inference_glue.tiny_architectures import WINDOW, build_architecture
 
 SPLITS = [range(0, 3), range(3, 6), range(6, 8)]
 
 
-def stage_infos(splits: list[range]) -> list[StageInfo]:
+def stage_infos(splits: list[range], kv_handoff: bool = True) -> list[StageInfo]:
     return [
-        StageInfo(i, f"n{i}", r, 8, "tiny", "f", "openblas", "1", 0) for i, r in enumerate(splits)
+        StageInfo(i, f"n{i}", r, 8, "tiny", "f", "openblas", "1", 0, kv_handoff)
+        for i, r in enumerate(splits)
     ]
 
 
@@ -120,13 +122,19 @@ def test_no_hand_off_is_planned_for_caches_that_cannot_be_cut_back(tmp_path: Pat
     assert RotatingKVCache(WINDOW).is_trimmable() and not cache_cuts_back(RotatingKVCache(WINDOW))
     assert not cache_cuts_back(ArraysCache(2))
     assert not cache_cuts_back(CacheList(KVCache(), RotatingKVCache(WINDOW)))
-    gemma = ModelFootprint.from_dir(build_architecture(tmp_path / "g", "gemma3_text tied"))
-    llama = ModelFootprint.from_dir(build_architecture(tmp_path / "l", "llama"))
+    # What a node says of its model (`InfoReply.kv_handoff`).
+    gemma, _ = load_stage(build_architecture(tmp_path / "g", "gemma3_text tied"), range(0, 2))
+    llama, _ = load_stage(build_architecture(tmp_path / "l", "llama"), range(0, 2))
     assert llama.caches_cut_back and not gemma.caches_cut_back
-    stages = stage_infos([range(0, 2), range(2, 4), range(4, 6)])
+    footprint = ModelFootprint.from_dir(tmp_path / "l")
+    splits = [range(0, 2), range(2, 4), range(4, 6)]
     big = [NodeOffer(f"n{i}", 1 << 40) for i in range(3)]
-    assert hand_off_plan(stages, "n1", big, llama) == [("n0", range(0, 4)), ("n2", range(4, 6))]
-    assert hand_off_plan(stages, "n1", big, gemma) is None
+    assert hand_off_plan(stage_infos(splits), "n1", big, footprint) == [
+        ("n0", range(0, 4)),
+        ("n2", range(4, 6)),
+    ]
+    some = [*stage_infos(splits[:2]), *stage_infos(splits, kv_handoff=False)[2:]]
+    assert hand_off_plan(some, "n1", big, footprint) is None
 
 
 async def test_sliding_windows_and_a_split_head_resume_with_a_full_replay(tmp_path: Path) -> None:
