@@ -45,9 +45,14 @@ How a request flows (see `inference_glue.messages` for the streams):
 | `rpc` | request/reply by nonce over direct streams (the client asks, nodes answer) |
 | **the stage node** | |
 | `node` | `StageNode`: a request's life at one stage and its routing to the next |
+| `replay` | a resumed request's replay: one decode step at a time, in batches of steps per message |
+| `kv_parking` | `KvParking`: a dropped request's KV caches and send log, kept (bounded) for a resumed attempt |
+| `kv_handoff` | a resumed request taking over those caches; the layers a stage gained rebuilt locally |
+| `kv_kinds` | whether a model's KV caches can be taken over at all (no sliding windows, no recurrent state) |
 | `stage_requests` | `StageRequests`: the requests in flight at a stage (states, KV caches, round trips) |
-| `admission` | whether a stage takes a new request (plan epoch, route, vocabulary) |
-| `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan |
+| `admission` | whether a stage takes a new request (plan epoch, route, vocabulary); the kind of a failure |
+| `node_control` | `StageControl`: info, stats, fault settings, reconfiguration under a new plan; releases and failure reports |
+| `node_inbox` | `NodeInbox`: a stage node's messages decoded and queued for its one worker |
 | `node_counters` | `NodeCounters`: what a stage node did |
 | `head_exchange` | the split LM head's messages between the first and last stages |
 | `token_publisher` | `TokenPublisher`: token chunks to their requesters, off the critical path |
@@ -60,6 +65,7 @@ How a request flows (see `inference_glue.messages` for the streams):
 | `plan` | `StageInfo`, the checks that nodes form one pipeline, `PipelineError` |
 | `planner` | `Planner`: the plan (stages, epoch) and its upkeep between requests |
 | `failover_driver` | `FailoverDriver`: what breaks a request, re-planning, resuming |
+| `handoff_plan` | the plan after a lost stage that hands its layers to a neighbour (the others keep theirs) |
 | `failover` | the rules: `FailoverPolicy`, planning over offers, quarantine, `Recovery` records |
 | `roster` | the client's peers: stage nodes, strangers, lost, quarantined; when to re-plan |
 | `stage_exchange` | finding stage nodes (a restarted one) through the others' health views |

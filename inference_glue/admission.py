@@ -1,10 +1,13 @@
-"""Whether a stage node takes a new request: the checks that need no state of the request."""
+"""Whether a stage node takes a new request (the checks that need no state of the request),
+and the kind of `Failure` it reports when it cannot serve one."""
 
 from __future__ import annotations
 
+from inference_glue.kv_handoff import HandoffError
 from inference_glue.messages import GenerateRequest
+from inference_glue.tensor_codec import TensorDecodeError
 
-__all__ = ["StaleEpochError", "check_request"]
+__all__ = ["StaleEpochError", "check_request", "failure_of"]
 
 
 class StaleEpochError(ValueError):
@@ -38,3 +41,15 @@ def check_request(
             raise ValueError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary (0-{vocab_size - 1})"
             )
+
+
+def failure_of(exc: Exception, peer: str) -> tuple[str, str, str]:
+    """The `Failure` kind, message and suspect for `exc`, raised on a message from `peer`:
+    the client resumes a "rebuild" with a full replay, counts a "corrupt" against `peer`."""
+    if isinstance(exc, HandoffError):
+        return "rebuild", f"cannot take over the KV caches: {exc}", ""
+    if isinstance(exc, TensorDecodeError):
+        return "corrupt", f"hidden state from {peer} failed its check: {exc}", peer
+    if isinstance(exc, StaleEpochError):
+        return "stale", str(exc), ""
+    return "error", f"{type(exc).__name__}: {exc}", ""

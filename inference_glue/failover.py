@@ -16,7 +16,10 @@ missing on a lossy but working link.
 4. resubmits the request under a new id (`<id>~<attempt>`) with `RequestMeta.resume` = the
    tokens already delivered; the stages replay them step by step, which rebuilds the KV
    caches bit for bit (deterministic sampling is keyed by position), so the stream continues
-   at the next seq with exactly the text a run without failure gives.
+   at the next seq with exactly the text a run without failure gives. When one stage was
+   lost, the plan first hands its layers to a neighbour (`handoff_plan`): then the stages
+   take over the previous attempt's KV caches and only the neighbour rebuilds the layers it
+   gained, locally (`kv_handoff`), so recovery does not grow with the replayed answer.
 
 This module holds the pure parts: the policy, the planning, the per-peer corruption count
 that leads to quarantine, and the records of what happened (`PeerEvent`, `Recovery`).
@@ -152,6 +155,8 @@ class Recovery:
     layers: tuple[tuple[int, int], ...] = ()
     replanned_at: float | None = None
     first_token_at: float | None = None
+    # The stages took over the request's KV caches (`kv_handoff`) instead of replaying it.
+    handoff: bool = False
 
     @property
     def replan_seconds(self) -> float | None:
@@ -173,6 +178,7 @@ class Recovery:
             "resumed_from": self.resumed_from,
             "route": list(self.route),
             "layers": [list(r) for r in self.layers],
+            "handoff": self.handoff,
             "replan_s": _round(self.replan_seconds),
             "recover_s": _round(self.recover_seconds),
         }

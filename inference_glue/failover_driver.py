@@ -54,6 +54,8 @@ class StreamWatch:
         self.recovery: Recovery | None = None
         self.known_events: set[int] = set()
         self.progress = 0.0
+        # A stage could not take over the KV caches: resume with a full replay from now on.
+        self.full_replay = False
         self.restart()
 
     def restart(self) -> None:
@@ -112,6 +114,8 @@ class FailoverDriver:
         if isinstance(item, Failure):
             if item.request_id != meta.request_id:
                 return None  # of an attempt given up already
+            if item.kind == "rebuild":
+                watch.full_replay = True
             trouble = self._failure_trouble(item)
             if item.kind == "stale" and meta.epoch == self.planner.epoch:
                 self.planner.plan_broken = True  # a node of the current plan is not on it
@@ -138,6 +142,8 @@ class FailoverDriver:
         Raises `StageFailedError` for failures that another attempt would only repeat."""
         if failure.kind == "stale":
             return f"stage {failure.stage} is on another plan: {failure.message}", set()
+        if failure.kind == "rebuild":
+            return f"stage {failure.stage}: {failure.message}; replaying in full", set()
         if failure.kind != "corrupt" or not failure.suspect:
             raise StageFailedError(failure)
         peer = failure.suspect
@@ -229,10 +235,14 @@ class FailoverDriver:
         # first to get here re-plans for all of them; the others resume on its plan.
         async with self.planner.plan_lock:
             if lost & {s.node_id for s in self.planner.stages} or self.planner.plan_broken:
-                await self.planner.replan(reason)
+                # One stage lost: its layers may go to a neighbour, the others keep theirs.
+                await self.planner.replan(reason, next(iter(lost)) if len(lost) == 1 else None)
         recovery.replanned_at = clock()
         recovery.resumed_from = assembler.rekey(key)
         assembler.source = self.planner.stages[-1].label
         recovery.route = tuple(s.node_id for s in self.planner.stages)
+        recovery.handoff = (
+            self.planner.handoff == (meta.epoch, self.planner.epoch) and not watch.full_replay
+        )
         recovery.layers = tuple((s.layers.start, s.layers.stop) for s in self.planner.stages)
         return recovery

@@ -31,9 +31,9 @@ class HeadExchange:
     def __init__(self, node: StageNode) -> None:
         self.node = node
 
-    async def share(self, meta: RequestMeta, out: HeadShared, position: int) -> None:
+    async def share(self, meta: RequestMeta, out: HeadShared) -> None:
         """Last stage: send the first stage its share of the head."""
-        share = HeadShare(meta.request_id, position, out.rows, out.hidden)
+        share = HeadShare(meta.request_id, out.position, out.rows, out.hidden)
         await self.node.router.send_to(meta.route[0], HEAD_STREAM, encode_message(share))
 
     async def on_share(self, share: HeadShare, peer: str) -> None:
@@ -59,15 +59,30 @@ class HeadExchange:
         reply = HeadPart(share.request_id, share.position, share.row_start, part)
         await self.node.router.send_to(peer, HEAD_STREAM, encode_message(reply))
 
-    async def on_part(self, part: HeadPart) -> None:
-        """Last stage: the first stage's part of the logits arrived; sample the token."""
+    async def on_part(self, part: HeadPart, peer: str) -> None:
+        """Last stage: the first stage's part of the logits arrived; sample the token.
+
+        Raises `ValueError` for a part from a peer that is not the first stage, or one that
+        is not the part awaited: the request could never go on (nothing else would bring
+        its token), so it fails now with the reason instead of waiting out the client's
+        timeout."""
         state = self.node.request(part.request_id)
         pending = state.head if state is not None else None
-        if pending is None or pending.position != part.position or pending.rows != part.row_start:
+        if state is None or pending is None:
+            # Of a request released meanwhile, or a part already joined.
             self.node.counters.stale_messages += 1
             log.info("%s: head part for %r dropped (not awaited)", self.node.name, part.request_id)
             return
-        assert state is not None
+        if peer != state.meta.route[0]:
+            raise ValueError(
+                f"a head part of {part.request_id!r} from {peer}, which is not its first stage"
+            )
+        if pending.position != part.position or pending.rows != part.row_start:
+            raise ValueError(
+                f"the head part of {part.request_id!r} is for position {part.position}, rows "
+                f"{part.row_start}.. but position {pending.position}, rows {pending.rows}.. "
+                "is awaited"
+            )
         state.head = None
         token, own_wait = await self.node.compute.run(
             self.node.compute.sample_joined,

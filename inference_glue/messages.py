@@ -30,7 +30,9 @@ requester alone on `p2pr.infer.chunks` ("direct").
 Failover (see `inference_glue.failover`): the client re-plans the layers over the nodes left
 and sends each a `Reconfigure` with a new plan `epoch`; every node answers with its
 `InfoReply`. The request then starts again under a new request id with `RequestMeta.resume`,
-the tokens already generated, which the stages replay to rebuild their KV caches exactly.
+the tokens already generated, which the stages replay to rebuild their KV caches exactly
+(or, after a hand-off of the lost layers, `RequestMeta.resume_of`: the stages take over the
+previous attempt's caches and only the layers that moved are rebuilt).
 
 Wire form: msgpack `[kind, {field: value}]`; `decode_message` checks the kind and the
 fields and raises `MessageDecodeError` for anything else.
@@ -89,8 +91,10 @@ CLIENT_STREAM = "p2pr.infer.client"
 CHUNK_STREAM = "p2pr.infer.chunks"
 CHUNK_DELIVERY = ("topic", "direct")
 # Why a stage failed a request: "corrupt" (a hidden state from `suspect` failed its checksum),
-# "stale" (the request's plan epoch is not the node's), "error" (anything else).
-FAILURE_KINDS = ("error", "corrupt", "stale")
+# "stale" (the request's plan epoch is not the node's), "rebuild" (a resumed request could
+# not take over the KV caches of its previous attempt: resume it with a full replay),
+# "error" (anything else).
+FAILURE_KINDS = ("error", "corrupt", "stale", "rebuild")
 
 TOKENS: TypedTopic[TokenChunk] = TypedTopic("p2pr.infer.tokens", PublishPolicy.Always, TokenChunk)
 
@@ -131,6 +135,9 @@ class RequestMeta:
     the token chunks reach it: "topic" or "direct" (see the module docstring).
     `head_split` > 0: the last stage computes the logits of vocabulary rows
     `0 .. head_split - 1` and the first stage the rest (see the module docstring).
+    `resume_of`: the wire id of the attempt this one resumes, when the plan handed the lost
+    stage's layers to a neighbour: the stages take over that attempt's KV caches and rebuild
+    only the layers they gained (`inference_glue.kv_handoff`) instead of replaying everything.
     """
 
     KIND: ClassVar[str] = "meta"
@@ -147,6 +154,7 @@ class RequestMeta:
     epoch: int = 0
     resume: tuple[int, ...] = attrs.field(default=(), converter=_tuple_of_int)
     head_split: int = 0
+    resume_of: str = ""
 
     def __attrs_post_init__(self) -> None:
         if len(self.resume) >= self.max_tokens:
@@ -161,6 +169,8 @@ class RequestMeta:
             raise ValueError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
         if not self.route:
             raise ValueError("the route names no stage")
+        if self.resume_of and not self.resume:
+            raise ValueError("resume_of names an attempt, but there are no tokens to resume")
         if self.head_split < 0 or (self.head_split and len(self.route) < 2):
             raise ValueError(
                 f"head_split {self.head_split} needs a route of 2 or more stages and >= 0"
@@ -188,7 +198,9 @@ class Activation:
     `tensor` is `tensor_codec.encode_tensor` bytes (dtype and shape kept, xxh3-64 checksum).
     `sample`: the next stage (if last) samples a token from these logits; otherwise this is a
     prefill piece whose output only fills the KV caches. `meta` comes with a request's first
-    activation only.
+    activation only. `steps`: the L positions are L decode steps of a resumed request's
+    replay, to be run one at a time (`inference_glue.replay`); `sample` then concerns the
+    last of them.
     """
 
     KIND: ClassVar[str] = "act"
@@ -198,6 +210,7 @@ class Activation:
     sample: bool
     tensor: bytes
     meta: RequestMeta | None = None
+    steps: bool = False
 
 
 @attrs.frozen
@@ -302,6 +315,8 @@ class InfoReply:
 
     `memory_budget` is the bytes of weights the node may hold (placement respects it);
     `epoch` its current plan; `error` is set when it answers a `Reconfigure` it could not do.
+    `kv_handoff`: its model's KV caches can be taken over by a resumed request (they can be
+    cut back at any length, `kv_kinds`); a hand-off is planned only when every stage says so.
     """
 
     KIND: ClassVar[str] = "info"
@@ -322,6 +337,7 @@ class InfoReply:
     memory_budget: int = 0
     error: str = ""
     load_seconds: float = 0.0
+    kv_handoff: bool = False
 
 
 @attrs.frozen

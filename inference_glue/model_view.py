@@ -184,11 +184,16 @@ class LayerRangeView:
         if not self.tied:
             self._view.lm_head = _HeadPort(model.lm_head, self._feed)
 
-    def make_caches(self) -> tuple[list[Any], list[Any]]:
+    def make_caches(self, given: list[Any] | None = None) -> tuple[list[Any], list[Any]]:
         """(the range's own caches, the list the model is called with): the own caches at
-        the range's layers; elsewhere one of its own caches of the same kind (the model
-        makes masks from them), or where it has none of that kind an unused fresh one."""
+        the range's layers (`given`, one per layer, or new ones); elsewhere one of its own
+        caches of the same kind (the model makes masks from them), or where it has none of
+        that kind an unused fresh one."""
         full = make_prompt_cache(self.model)
+        if given is not None:
+            if len(given) != len(self.layers):
+                raise ValueError(f"{len(given)} caches for {len(self.layers)} layers")
+            full[self.layers.start : self.layers.stop] = given
         own = full[self.layers.start : self.layers.stop]
         by_kind = {}
         for cache in reversed(own):

@@ -3,8 +3,9 @@
 `StageNode` runs in any process with a running router; `python -m p2pr.stage_node` is the
 process that holds one (`p2pr.stage_cluster` starts several). This module is its request
 lifecycle and routing; the MLX calls are `StageCompute`'s (`inference_glue.stage_compute`),
-the control plane `StageControl`'s (`inference_glue.node_control`), the delivery of token
-chunks `TokenPublisher`'s (`inference_glue.token_publisher`).
+the control plane `StageControl`'s (`inference_glue.node_control`), the decoding and queueing
+of its messages `NodeInbox`'s (`inference_glue.node_inbox`), the delivery of token chunks
+`TokenPublisher`'s (`inference_glue.token_publisher`).
 
 How a request flows through the stages: `inference_glue` (the package's docstring).
 
@@ -12,7 +13,11 @@ Failover (driven by the client, see `inference_glue.failover_driver`): a `Reconf
 the node new layers, stage index and plan epoch (`StageControl.reconfigure`). A request with
 `RequestMeta.resume` replays the prompt in the same prefill pieces and then the resumed
 tokens one at a time, exactly as the first attempt computed them, so the KV caches and the
-next sampled token are bit for bit the same.
+next sampled token are bit for bit the same; the steps travel in batches
+(`inference_glue.replay`). When the new plan handed the lost stage's layers to a neighbour,
+the request names the attempt it resumes (`RequestMeta.resume_of`) instead: every stage
+takes over that attempt's parked KV caches and the neighbour rebuilds only the layers it
+gained (`inference_glue.kv_handoff`); nothing is replayed through the pipeline.
 
 Any number of requests may be in flight: each stage keeps KV caches per request id and works
 through its messages one at a time, in arrival order (one worker task).
@@ -23,22 +28,20 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import anyio
-import attrs
 
-from inference_glue.admission import StaleEpochError, check_request
+from inference_glue.admission import StaleEpochError, check_request, failure_of
 from inference_glue.blas import blas_in_use
 from inference_glue.footprint import ModelFootprint, available_memory
 from inference_glue.head_exchange import HeadExchange
+from inference_glue.kv_handoff import take_over_attempt
+from inference_glue.kv_parking import KvParking, SentHidden
 from inference_glue.local_pipeline import prefill_pieces
 from inference_glue.messages import (
     ACTIVATION_STREAM,
-    CLIENT_STREAM,
-    CONTROL_STREAM,
     HEAD_STREAM,
     REQUEST_STREAM,
     TOKEN_STREAM,
@@ -48,43 +51,27 @@ from inference_glue.messages import (
     GenerateRequest,
     HeadPart,
     HeadShare,
-    Message,
-    MessageDecodeError,
     Reconfigure,
     Release,
     RequestMeta,
     TokenFeedback,
-    decode_message,
     encode_message,
 )
-from inference_glue.node_control import StageControl
+from inference_glue.node_control import FINISHED, StageControl
 from inference_glue.node_counters import NodeCounters
-from inference_glue.sampling import SamplingParams
+from inference_glue.node_inbox import WORK_QUEUE, NodeInbox, Work
+from inference_glue.replay import replay_resumed, run_steps
 from inference_glue.stage import PipelineStage, check_stage
 from inference_glue.stage_compute import HeadShared, RequestState, StageCompute
 from inference_glue.stage_requests import StageRequests
-from inference_glue.tensor_codec import TensorDecodeError, damage
+from inference_glue.tensor_codec import damage
 from inference_glue.token_publisher import TokenPublisher
-from inference_glue.tokens import TokenStreamWriter
 from inference_glue.worker import MlxWorker
-from router import DirectMessage, RouterLike
+from router import RouterLike
 
 __all__ = ["NodeCounters", "StageNode", "StaleEpochError", "Work"]
 
 log = logging.getLogger("p2pr.inference.node")
-
-# Messages waiting for the compute worker; beyond this the direct streams hold their senders
-# back (the router's flow control), so memory stays bounded.
-WORK_QUEUE = 256
-
-
-@attrs.frozen
-class Work:
-    """A message for the node's worker, from `peer` on `stream`."""
-
-    stream: str
-    peer: str
-    message: Message
 
 
 class StageNode:
@@ -156,9 +143,13 @@ class StageNode:
         self.heads = HeadExchange(self)
         self.publisher = TokenPublisher(router, self.counters)
         self._eos = set(tokenizer.eos_token_ids)
+        # A dropped request's caches and send log stay parked a while, for a resumed attempt
+        # to take over (`kv_handoff`); nothing is kept of caches that no hand-off can take
+        # over (sliding windows): it would only hold memory.
+        self.parking = KvParking() if stage.caches_cut_back else KvParking(max_parked=0)
         # Through a lambda: a new plan replaces the stage.
-        self._requests = StageRequests(lambda rid: self.stage.release(rid))
-        self._local: deque[Work] = deque()
+        self._requests = StageRequests(lambda rid: self.stage.take_caches(rid), self.parking)
+        self.inbox = NodeInbox(router, self.counters)
 
     @property
     def stage(self) -> PipelineStage:
@@ -184,51 +175,19 @@ class StageNode:
         work_send, work_recv = anyio.create_memory_object_stream[Work](WORK_QUEUE)
         async with anyio.create_task_group() as tg:
             for stream in (REQUEST_STREAM, ACTIVATION_STREAM, TOKEN_STREAM, HEAD_STREAM):
-                tg.start_soon(self._pump, stream, work_send.clone())
+                tg.start_soon(self.inbox.pump, stream, work_send.clone())
             tg.start_soon(self.control.pump, work_send.clone())
             tg.start_soon(self._worker, work_recv)
             # On every node: a failover may make any of them the last stage.
             tg.start_soon(self.publisher.run)
             work_send.close()
 
-    # -- inputs ----------------------------------------------------------------------------
-
-    def decode(self, item: DirectMessage) -> Message | None:
-        """The pipeline message `item` carries; None (counted, refused) if it is not one."""
-        try:
-            return decode_message(item.payload)
-        except MessageDecodeError as exc:
-            self.counters.bad_messages += 1
-            self.router.refused(item.peer, "bad pipeline message", f"on {item.stream}: {exc}")
-            return None
-
-    def unexpected(self, peer: str, message: Message, stream: str) -> None:
-        """`peer` sent a message that does not belong on `stream`: counted, refused."""
-        self.counters.bad_messages += 1
-        self.router.refused(
-            peer, "unexpected pipeline message", f"{type(message).__name__} on {stream}"
-        )
-
-    async def _pump(self, stream: str, work: anyio.abc.ObjectSendStream[Work]) -> None:
-        async with work:
-            async for item in self.router.direct_receiver(stream):
-                message = self.decode(item)
-                if message is not None:
-                    await work.send(Work(stream, item.peer, message))
-
     # -- the worker ------------------------------------------------------------------------
 
     async def _worker(self, work: anyio.abc.ObjectReceiveStream[Work]) -> None:
         async with work:
             while True:
-                if self._local:
-                    # A one-stage node feeds itself: let the rest of the process (its
-                    # client, an API in the same process) run between tokens.
-                    await anyio.lowlevel.checkpoint()
-                    item = self._local.popleft()
-                else:
-                    item = await work.receive()
-                await self._handle(item)
+                await self._handle(await self.inbox.next(work))
 
     async def _handle(self, item: Work) -> None:
         message = item.message
@@ -239,17 +198,17 @@ class StageNode:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
-            kind, suspect = "error", ""
-            if isinstance(exc, TensorDecodeError):
+            kind, detail, suspect = failure_of(exc, item.peer)
+            if kind == "corrupt":
                 self.counters.tensor_checksum_failures += 1
-                kind, suspect = "corrupt", item.peer
-                detail = f"hidden state from {item.peer} failed its check: {exc}"
-            elif isinstance(exc, StaleEpochError):
-                kind, detail = "stale", str(exc)
-            else:
-                detail = f"{type(exc).__name__}: {exc}"
             log.warning("%s: request %r failed (%s): %s", self.name, request_id, kind, detail)
-            await self._fail(request_id, detail, meta, kind, suspect)
+            state = self._requests.drop(request_id)
+            self.counters.failed += 1
+            meta = state.meta if state is not None else meta
+            if meta is not None:
+                node_id = self.router.node_id
+                failure = Failure(request_id, self.index, node_id, detail, kind, suspect)
+                await self.control.report_failure(failure, meta)
 
     async def _dispatch(self, item: Work) -> None:
         message, stream = item.message, item.stream
@@ -264,13 +223,15 @@ class StageNode:
         elif isinstance(message, HeadShare) and stream == HEAD_STREAM:
             await self.heads.on_share(message, item.peer)
         elif isinstance(message, HeadPart) and stream == HEAD_STREAM:
-            await self.heads.on_part(message)
+            await self.heads.on_part(message, item.peer)
         elif isinstance(message, Release):
             self._requests.drop(message.request_id)
+            if message.reason == FINISHED:
+                self.parking.discard(message.request_id)  # no attempt will resume it
         elif isinstance(message, Reconfigure):
             await self.control.reconfigure(message, item.peer)
         else:
-            self.unexpected(item.peer, message, stream)
+            self.inbox.unexpected(item.peer, message, stream)
 
     async def _forward(
         self, state: RequestState, inputs: list[int] | bytes, position: int, sample_it: bool
@@ -288,35 +249,24 @@ class StageNode:
         check_request(
             request, self.epoch, self.index, self.num_stages, self.router.node_id, self.vocab_size
         )
-        rid = meta.request_id
-        state = self._requests.add(self._new_request(meta))
+        state = self._requests.add(RequestState.arrived(meta, self.tokenizer, self.stage.is_last))
         self.counters.requests += 1
         prompt = list(request.prompt_ids)
+        if meta.resume_of:
+            # The other stages kept their caches: only the last delivered token's step runs.
+            need = len(prompt) + len(meta.resume) - 1
+            await take_over_attempt(self, meta, need, prompt)
+            out = await self._forward(state, [meta.resume[-1]], need, True)
+            await self.emit(meta, out, need, True, first=True)
+            return
         pieces = prefill_pieces(len(prompt), meta.prefill_step_size)
         for n, piece in enumerate(pieces):
             last = n == len(pieces) - 1 and not meta.resume
             out = await self._forward(state, prompt[piece.start : piece.stop], piece.start, last)
-            await self._emit(meta, out, piece.start, last, first=n == 0)
+            await self.emit(meta, out, piece.start, last, first=n == 0)
         # A resumed request: the tokens generated before the failover, one decode step each,
         # as they were first computed (a one-shot prefill would differ in the last bits).
-        # Nothing is sampled until the last of them, whose output gives the next new token.
-        for i, token in enumerate(meta.resume):
-            if rid not in self._requests:
-                return  # released meanwhile (a single-stage node samples inline)
-            position = len(prompt) + i
-            last = i == len(meta.resume) - 1
-            out = await self._forward(state, [token], position, last)
-            self.counters.replayed_tokens += 1
-            await self._emit(meta, out, position, last, first=False)
-
-    def _new_request(self, meta: RequestMeta) -> RequestState:
-        params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
-        writer = (
-            TokenStreamWriter(meta.request_id, self.tokenizer, meta.resume)
-            if self.stage.is_last
-            else None
-        )
-        return RequestState(meta, params, writer, generated=len(meta.resume))
+        await replay_resumed(self, state, len(prompt))
 
     async def _activation(self, act: Activation) -> None:
         rid = act.request_id
@@ -328,30 +278,41 @@ class StageNode:
                     "%s: activation of %r from epoch %d dropped", self.name, rid, act.meta.epoch
                 )
                 return
-            self._requests.add(self._new_request(act.meta))
+            self._requests.add(RequestState.arrived(act.meta, self.tokenizer, self.stage.is_last))
             self.counters.requests += 1
+            if act.meta.resume_of:
+                await take_over_attempt(self, act.meta, act.position, [])
         state = self._requests.get(rid)
         if state is None:
             self.counters.stale_messages += 1
             log.info("%s: activation for unknown request %r dropped", self.name, rid)
             return
-        out = await self._forward(state, act.tensor, act.position, act.sample)
-        await self._emit(state.meta, out, act.position, act.sample, first=act.meta is not None)
+        if act.steps:
+            out = await run_steps(self, state, act.tensor, act.position, act.sample)
+        else:
+            out = await self._forward(state, act.tensor, act.position, act.sample)
+        first = act.meta is not None
+        await self.emit(state.meta, out, act.position, act.sample, first, steps=act.steps)
 
-    async def _emit(
+    async def emit(
         self,
         meta: RequestMeta,
         out: bytes | int | HeadShared | None,
         position: int,
         sample_it: bool,
         first: bool,
+        steps: bool = False,
     ) -> None:
+        """Send on what a forward of `meta`'s request gave: a hidden state to the next stage
+        (the first of the request's with `first`), a sampled token, a share of the head."""
         if isinstance(out, bytes):
+            self.parking.record(meta.request_id, SentHidden(position, steps, out))
             if self.corrupt_activations and self._fault_rng.random() < self.corrupt_activations:
                 out = damage(out, self._fault_rng)
                 self.counters.activations_corrupted += 1
+            act_meta = meta if first else None
             payload = encode_message(
-                Activation(meta.request_id, position, sample_it, out, meta if first else None)
+                Activation(meta.request_id, position, sample_it, out, act_meta, steps)
             )
             self.counters.bytes_out += len(payload)
             await self.router.send_to(meta.route[self.index + 1], ACTIVATION_STREAM, payload)
@@ -360,7 +321,7 @@ class StageNode:
         elif isinstance(out, int):
             await self.sampled(meta.request_id, out)
         elif isinstance(out, HeadShared):
-            await self.heads.share(meta, out, position)
+            await self.heads.share(meta, out)
 
     def request(self, request_id: str) -> RequestState | None:
         """The state of request `request_id` at this stage, if it is in flight."""
@@ -374,13 +335,7 @@ class StageNode:
         position = self.stage.offset(request_id)  # the sampled token's position
         state.generated += 1
         self.counters.tokens_sampled += 1
-        finish = (
-            "stop"
-            if token in self._eos
-            else "length"
-            if state.generated == meta.max_tokens
-            else None
-        )
+        finish = state.finish_reason(token, self._eos)
         # A requester that left (without a Release) gets nothing more: stop its request.
         gone = meta.reply_to not in self.router.connected
         done = finish is not None or gone
@@ -388,7 +343,7 @@ class StageNode:
         if self.num_stages > 1:
             await self.router.send_to(meta.route[0], TOKEN_STREAM, encode_message(feedback))
         elif not done:
-            self._local.append(Work(TOKEN_STREAM, self.router.node_id, feedback))
+            self.inbox.feed(Work(TOKEN_STREAM, self.router.node_id, feedback))
         if gone:
             self.counters.abandoned += 1
             log.info("%s: requester %s of %r is gone", self.name, meta.reply_to, request_id)
@@ -398,7 +353,7 @@ class StageNode:
         if done:
             self._finish(request_id)
             for peer in meta.route[1:-1]:
-                await self._send_release(peer, request_id, "finished")
+                await self.control.release(peer, request_id, FINISHED)
 
     async def _token(self, feedback: TokenFeedback) -> None:
         rid = feedback.request_id
@@ -415,43 +370,19 @@ class StageNode:
             self._finish(rid)
             return
         out = await self._forward(state, [feedback.token_id], feedback.position, True)
-        await self._emit(state.meta, out, feedback.position, True, first=False)
+        await self.emit(state.meta, out, feedback.position, True, first=False)
 
     def _finish(self, request_id: str) -> None:
         if self._requests.drop(request_id) is not None:
             self.counters.finished += 1
-
-    async def _send_release(self, peer: str, request_id: str, reason: str) -> None:
-        if peer != self.router.node_id:
-            payload = encode_message(Release(request_id, reason))
-            await self.router.send_to(peer, CONTROL_STREAM, payload)
-
-    async def _fail(
-        self,
-        request_id: str,
-        detail: str,
-        meta: RequestMeta | None,
-        kind: str = "error",
-        suspect: str = "",
-    ) -> None:
-        """Tell the requester which stage failed and why; release the request everywhere."""
-        state = self._requests.drop(request_id)
-        self.counters.failed += 1
-        meta = state.meta if state is not None else meta
-        if meta is None:
-            return
-        failure = Failure(request_id, self.index, self.router.node_id, detail, kind, suspect)
-        with anyio.move_on_after(10):
-            await self.router.send_to(meta.reply_to, CLIENT_STREAM, encode_message(failure))
-            for peer in meta.route:
-                await self._send_release(peer, request_id, "failed")
+        self.parking.discard(request_id)
 
     # -- a new plan (StageControl.reconfigure) ---------------------------------------------
 
     def release_all(self) -> None:
         """Drop every request in flight (a new plan is coming)."""
         self._requests.drop_all()
-        self._local.clear()
+        self.inbox.clear_own()
 
     async def take_plan(
         self, stage: PipelineStage, index: int, num_stages: int, epoch: int

@@ -1,5 +1,6 @@
 """A stage node's control plane: what it serves (`InfoQuery`), its counters (`StatsQuery`),
-fault settings for chaos runs (`SetFaults`), and a new plan (`Reconfigure`).
+fault settings for chaos runs (`SetFaults`), and a new plan (`Reconfigure`); and what it
+tells others about a request: its release (`Release`) and its failure (`Failure`).
 
 Queries are answered at once, off the compute path. `Release` and `Reconfigure` go through
 the node's work queue, so that they never race a computation; a `Reconfigure` loads the new
@@ -19,25 +20,33 @@ import attrs
 
 from inference_glue.footprint import format_bytes
 from inference_glue.messages import (
+    CLIENT_STREAM,
     CONTROL_STREAM,
+    Failure,
     InfoQuery,
     InfoReply,
     Reconfigure,
     Release,
+    RequestMeta,
     SetFaults,
     StatsQuery,
     StatsReply,
+    encode_message,
 )
+from inference_glue.node_inbox import Work
 from inference_glue.rpc import reply
 from inference_glue.stage import PipelineStage, restage
 from router import FaultConfig
 
 if TYPE_CHECKING:
-    from inference_glue.node import StageNode, Work
+    from inference_glue.node import StageNode
 
-__all__ = ["StageControl"]
+__all__ = ["FINISHED", "StageControl"]
 
 log = logging.getLogger("p2pr.inference.node")
+
+# The reason of the `Release` the last stage sends when a request is done.
+FINISHED = "finished"
 
 
 class StageControl:
@@ -49,12 +58,10 @@ class StageControl:
 
     async def pump(self, work: anyio.abc.ObjectSendStream[Work]) -> None:
         """Read the control stream until cancelled."""
-        from inference_glue.node import Work
-
         node = self.node
         async with work:
             async for item in node.router.direct_receiver(CONTROL_STREAM):
-                message = node.decode(item)
+                message = node.inbox.decode(item)
                 if isinstance(message, Release | Reconfigure):
                     # Through the worker, so that it never races a computation.
                     await work.send(Work(item.stream, item.peer, message))
@@ -65,7 +72,21 @@ class StageControl:
                 elif isinstance(message, SetFaults):
                     await self._set_faults(message, item.peer)
                 elif message is not None:
-                    node.unexpected(item.peer, message, item.stream)
+                    node.inbox.unexpected(item.peer, message, item.stream)
+
+    async def release(self, peer: str, request_id: str, reason: str) -> None:
+        """Tell `peer` (unless it is this node) to drop `request_id`."""
+        if peer != self.node.router.node_id:
+            payload = encode_message(Release(request_id, reason))
+            await self.node.router.send_to(peer, CONTROL_STREAM, payload)
+
+    async def report_failure(self, failure: Failure, meta: RequestMeta) -> None:
+        """Tell the requester of `meta` which stage failed and why; release the request
+        everywhere (bounded: a failing pipeline must not hold up the node's worker)."""
+        with anyio.move_on_after(10):
+            await self.node.router.send_to(meta.reply_to, CLIENT_STREAM, encode_message(failure))
+            for peer in meta.route:
+                await self.release(peer, failure.request_id, "failed")
 
     def info(self, nonce: int = 0) -> InfoReply:
         """What this node serves (no stage and no layers before its first plan)."""
@@ -86,6 +107,7 @@ class StageControl:
             pid=os.getpid(),
             epoch=node.epoch,
             memory_budget=node.memory_budget,
+            kv_handoff=node.parking.max_parked > 0,
         )
 
     async def stats(self, nonce: int = 0) -> StatsReply:

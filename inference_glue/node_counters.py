@@ -29,6 +29,13 @@ class NodeCounters:
     # The same hidden state or token delivered twice (the router promises exactly once).
     duplicate_deliveries: int = 0
     replayed_tokens: int = 0
+    # Messages of replayed decode steps this stage ran (`inference_glue.replay`), each a
+    # batch of up to REPLAY_BATCH steps: what a replay costs in messages at this stage.
+    replay_batches: int = 0
+    # Resumed requests that took over their previous attempt's KV caches (`kv_handoff`), and
+    # the forwards run here to rebuild the caches of the layers this stage gained.
+    handoffs: int = 0
+    rebuild_forwards: int = 0
     reconfigurations: int = 0
     # Fault injection (--corrupt-activations): hidden states damaged after their checksum.
     activations_corrupted: int = 0

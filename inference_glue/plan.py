@@ -48,6 +48,8 @@ class StageInfo:
     blas: str
     blas_threads: str | None
     pid: int
+    # Its KV caches can be taken over in a hand-off (`InfoReply.kv_handoff`).
+    kv_handoff: bool = False
 
     @property
     def label(self) -> str:
@@ -67,6 +69,7 @@ class StageInfo:
             blas=reply.blas,
             blas_threads=reply.blas_threads,
             pid=reply.pid,
+            kv_handoff=reply.kv_handoff,
         )
 
 

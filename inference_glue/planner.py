@@ -27,6 +27,7 @@ from inference_glue.failover import (
     plan_stages,
 )
 from inference_glue.footprint import ModelDoesNotFitError, ModelFootprint
+from inference_glue.handoff_plan import hand_off_plan
 from inference_glue.messages import (
     CONTROL_STREAM,
     TOKENS,
@@ -88,6 +89,9 @@ class Planner:
         self._plan_due = anyio.Event()  # set: see whether the plan should change
         self._gone: set[str] = set()  # nodes whose loss was reported, until they connect again
         self.plan_broken = False  # a re-plan failed half-way: re-plan before the next use
+        # (from epoch, to epoch) when the current plan handed a lost stage's layers to a
+        # neighbour: requests of the old epoch resume by taking over their KV caches.
+        self.handoff: tuple[int, int] | None = None
 
     @property
     def excluded(self) -> set[str]:
@@ -214,9 +218,11 @@ class Planner:
 
     # -- planning --------------------------------------------------------------------------
 
-    async def replan(self, reason: str) -> None:
+    async def replan(self, reason: str, lost: str | None = None) -> None:
         """Plan the layers over every reachable node not excluded, have them load their
-        layers, and make that the pipeline (`stages`, `epoch`).
+        layers, and make that the pipeline (`stages`, `epoch`). When the stage `lost` was
+        lost, first try the plan that hands its layers to a neighbour (`handoff_plan`):
+        then `handoff` says from which epoch to which the caches may be taken over.
 
         Raises:
             ModelDoesNotFitError: the nodes left cannot hold the model (at once).
@@ -226,8 +232,15 @@ class Planner:
             raise PipelineError(f"{reason}; cannot re-plan without the model's layer sizes")
         # Until a plan is in place, some nodes may hold a newer epoch than `self.stages`.
         self.plan_broken = True
-        for _ in range(3):
-            plan = plan_stages(self.footprint, await self._offers())
+        self.handoff = None
+        old, old_epoch = list(self.stages), self.epoch
+        for attempt in range(3):
+            offers = await self._offers()
+            plan = None
+            if lost is not None and attempt == 0:
+                plan = hand_off_plan(old, lost, offers, self.footprint)
+            handed_off = plan is not None
+            plan = plan or plan_stages(self.footprint, offers)
             epoch = self.epoch + 1
             asks: dict[str, Callable[[int], Message]] = {
                 node: functools.partial(
@@ -238,6 +251,7 @@ class Planner:
             replies = await self.rpc.ask(asks, self.policy.reconfigure_timeout)
             self.epoch = epoch
             if all(reply is not None and not reply.error for reply in replies.values()):
+                self.handoff = (old_epoch, epoch) if handed_off else None
                 await self._take_plan([StageInfo.from_reply(replies[node]) for node, _ in plan])
                 return
             for node, reply in replies.items():

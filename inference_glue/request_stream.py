@@ -120,9 +120,12 @@ class RequestStream:
                 )
                 if trouble is not None:
                     key = attempt_id(request_id, watch.attempt)
-                    await self.failover.failover(watch, meta, assembler, trouble, key)
+                    recovery = await self.failover.failover(watch, meta, assembler, trouble, key)
                     del self.inbox.streams[meta.request_id]
-                    meta = self._meta(key, options, [c.token_id for c in assembler.chunks])
+                    resume = [c.token_id for c in assembler.chunks]
+                    # Taking over the caches needs a token to run: none delivered, replay.
+                    of = meta.request_id if recovery.handoff and resume else ""
+                    meta = self._meta(key, options, resume, of)
                     self.inbox.streams[meta.request_id] = send
                     watch.restart()
                     await self._submit(meta, prompt_ids)
@@ -135,9 +138,11 @@ class RequestStream:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     await self.planner.release(meta, "abandoned by the client")
 
-    def _meta(self, key: str, options: RequestOptions, resume: Sequence[int]) -> RequestMeta:
+    def _meta(
+        self, key: str, options: RequestOptions, resume: Sequence[int], resume_of: str = ""
+    ) -> RequestMeta:
         """The request's meta for the current plan, under wire id `key`, resuming after the
-        tokens `resume`."""
+        tokens `resume` (taking over the KV caches of attempt `resume_of`, if given)."""
         return RequestMeta(
             key,
             options.max_tokens,
@@ -151,6 +156,7 @@ class RequestStream:
             epoch=self.planner.epoch,
             resume=tuple(resume),
             head_split=self._head_split(),
+            resume_of=resume_of,
         )
 
     async def _submit(self, meta: RequestMeta, prompt_ids: Sequence[int]) -> None:

@@ -24,6 +24,7 @@ import mlx_lm.utils
 from mlx.utils import tree_flatten
 
 from inference_glue.architectures import Architecture, architecture_for, untested_allowed
+from inference_glue.kv_kinds import model_caches_cut_back
 from inference_glue.model_view import LayerRangeView, check_layout, model_type_of
 
 __all__ = [
@@ -107,6 +108,33 @@ class PipelineStage:
         """The KV cache arrays of `request_id`, to `mx.eval` after a prefill chunk."""
         own = self._caches[request_id][0] if request_id in self._caches else []
         return [array for cache in own for array in cache.state if array is not None]
+
+    def take_caches(self, request_id: str) -> dict[int, Any]:
+        """The KV caches of `request_id` by model layer, taken from this stage (it no longer
+        holds them); empty if it holds none."""
+        held = self._caches.pop(request_id, None)
+        return dict(zip(self.layers, held[0])) if held is not None else {}
+
+    def adopt_caches(self, request_id: str, by_layer: dict[int, Any]) -> None:
+        """Hold `by_layer` (a cache for each of this stage's layers) as the KV caches of
+        `request_id` (a resumed request that takes over another attempt's caches)."""
+        if request_id in self._caches:
+            raise ValueError(f"request {request_id!r} already holds KV caches here")
+        missing = [layer for layer in self.layers if layer not in by_layer]
+        if missing:
+            raise ValueError(f"no KV cache for layers {missing}")
+        self._caches[request_id] = self._view.make_caches([by_layer[i] for i in self.layers])
+
+    @property
+    def caches_cut_back(self) -> bool:
+        """Whether every KV cache of this model can be cut back at any length (`kv_kinds`):
+        only then can a resumed request take them over (`kv_handoff`)."""
+        return model_caches_cut_back(self._model)
+
+    def range_view(self, layers: range) -> LayerRangeView:
+        """A view of `layers` (this stage's model, whose weights of those layers it must
+        hold or read lazily): what rebuilds the KV caches of layers a stage gained."""
+        return LayerRangeView(self._model, layers)
 
     def release(self, request_id: str) -> None:
         """Drop the KV caches of `request_id` (no error if it has none)."""

@@ -8,7 +8,7 @@ arrays are made there, since MLX streams belong to one thread.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -53,14 +53,32 @@ class RequestState:
     # Last stage, split LM head: its own part, until the first stage's part arrives.
     head: PendingHead | None = None
 
+    @classmethod
+    def arrived(cls, meta: RequestMeta, tokenizer: Any, is_last: bool) -> RequestState:
+        """The state of a request as it arrives (the last stage detokenizes, following on
+        from the tokens delivered before a failover, `meta.resume`)."""
+        params = SamplingParams(temp=meta.temp, top_p=meta.top_p, seed=meta.seed)
+        writer = TokenStreamWriter(meta.request_id, tokenizer, meta.resume) if is_last else None
+        return cls(meta, params, writer, generated=len(meta.resume))
+
+    def finish_reason(self, token: int, eos: Collection[int]) -> str | None:
+        """Why the request ends with `token`, its `generated`-th: "stop" (an end of
+        sequence), "length" (the last token allowed), or None (it goes on)."""
+        if token in eos:
+            return "stop"
+        return "length" if self.generated == self.meta.max_tokens else None
+
 
 @attrs.frozen
 class HeadShared:
     """What the last stage's forward gives when the first stage computes part of the head:
-    the hidden state to send it, and the rows the last stage computes itself."""
+    the hidden state to send it, the rows the last stage computes itself, and the position
+    of that hidden state's first token (what the first stage's `HeadPart` must name: not the
+    position of a replay batch, whose last step alone is sampled)."""
 
     hidden: bytes
     rows: int
+    position: int
 
 
 class StageCompute:
@@ -98,7 +116,7 @@ class StageCompute:
     def forward(
         self,
         state: RequestState,
-        inputs: Sequence[int] | bytes,
+        inputs: Sequence[int] | bytes | mx.array,
         position: int,
         sample_it: bool,
         num_stages: int,
@@ -107,16 +125,7 @@ class StageCompute:
         (last stage, `sample_it`), the hidden state for the first stage (last stage,
         `sample_it`, split head) or None (last stage, prefill piece: caches only)."""
         request_id = state.meta.request_id
-        have = self.stage.offset(request_id)
-        if have > position:
-            self.counters.duplicate_deliveries += 1
-        if have != position:
-            raise RuntimeError(
-                f"request {request_id!r}: this stage holds {have} tokens of KV cache but the "
-                f"input starts at position {position}"
-            )
-        # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
-        x = decode_tensor(inputs) if isinstance(inputs, bytes) else mx.array(list(inputs))
+        x = self._input(request_id, inputs, position)
         split, timed = (
             self._head_plan(state.meta, x, num_stages)
             if sample_it and self.stage.is_last
@@ -132,12 +141,40 @@ class StageCompute:
             return None
         if split:
             # The first stage's part starts when it gets this; ours computes meanwhile.
-            shared = HeadShared(encode_tensor(out), split)
+            shared = HeadShared(encode_tensor(out), split, position)
             own = self.stage.head_rows(out, range(0, split))
             mx.async_eval(own)
             state.head = PendingHead(own, position, out.shape[1], split, time.perf_counter(), timed)
             return shared
         return self._sample_whole(state.params, out, position, timed)
+
+    def hidden(
+        self, state: RequestState, inputs: Sequence[int] | bytes | mx.array, position: int
+    ) -> mx.array:
+        """A stage that is not the last: its output for `inputs`, evaluated (the step a
+        replay batch is made of, see `inference_glue.replay`)."""
+        request_id = state.meta.request_id
+        out = self.stage.forward(request_id, self._input(request_id, inputs, position))
+        self.counters.forwards += 1
+        mx.eval(out)
+        return out
+
+    def _input(
+        self, request_id: str, inputs: Sequence[int] | bytes | mx.array, position: int
+    ) -> mx.array:
+        """`inputs` as an array, after checking that they continue the KV caches."""
+        have = self.stage.offset(request_id)
+        if have > position:
+            self.counters.duplicate_deliveries += 1
+        if have != position:
+            raise RuntimeError(
+                f"request {request_id!r}: this stage holds {have} tokens of KV cache but the "
+                f"input starts at position {position}"
+            )
+        # Arrays are made here, on the MLX thread: MLX streams belong to one thread.
+        if isinstance(inputs, bytes):
+            return decode_tensor(inputs)
+        return inputs if isinstance(inputs, mx.array) else mx.array(list(inputs))
 
     def _sample_whole(
         self, params: SamplingParams, out: mx.array, position: int, timed: bool

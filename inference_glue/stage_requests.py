@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
+from inference_glue.kv_parking import KvParking
 from inference_glue.stage_compute import RequestState
 
 __all__ = ["StageRequests"]
 
 
 class StageRequests:
-    """Request states by id. Dropping one also frees its KV caches (`free_caches`), so a
-    request is never forgotten with its caches still held."""
+    """Request states by id. Dropping one also takes its KV caches from the stage
+    (`take_caches`) and parks them with its send log (`parking`), for a resumed attempt to
+    take over; so a request is never forgotten with its caches still held."""
 
-    def __init__(self, free_caches: Callable[[str], None]) -> None:
-        self._free_caches = free_caches
+    def __init__(self, take_caches: Callable[[str], dict[int, Any]], parking: KvParking) -> None:
+        self._take_caches = take_caches
+        self._parking = parking
         self._states: dict[str, RequestState] = {}
         # When the first stage sent a step whose token is still to come back.
         self._sent_at: dict[str, float] = {}
@@ -47,10 +51,12 @@ class StageRequests:
         return None if sent is None else now - sent
 
     def drop(self, request_id: str) -> RequestState | None:
-        """Forget the request and free its caches; its state, if it was in flight."""
+        """Forget the request and park its caches; its state, if it was in flight."""
         self._sent_at.pop(request_id, None)
-        self._free_caches(request_id)
-        return self._states.pop(request_id, None)
+        state = self._states.pop(request_id, None)
+        owner = state.meta.reply_to if state is not None else ""
+        self._parking.park(request_id, self._take_caches(request_id), owner)
+        return state
 
     def drop_all(self) -> None:
         for rid in list(self._states):
