@@ -1,9 +1,10 @@
 """Where a stage node runs its MLX work: inline on the event loop, or on one dedicated thread.
 
 MLX keeps streams per thread, so all of a node's MLX work (loading included) stays on one
-thread: "inline" is the event loop's thread (measured faster); "thread" is one long-lived
-worker thread (not a pool, whose threads would change between calls), and the event loop
-keeps serving the network meanwhile.
+thread: "thread" (the stage nodes' default) is one long-lived worker thread (not a pool, whose
+threads would change between calls), and the event loop keeps serving the network meanwhile;
+"inline" is the event loop's thread. `p2pr bench generate` on a quiet 2-core machine, SmolLM2,
+2 stages: 0.885x (0.847-0.923) the single process with "thread", 0.767x (0.732-0.837) inline.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class ServeSettings:
     node: NodeSettings
     memory_budget: int
     model_name: str = ""
-    compute: str = "inline"
+    compute: str = "thread"
     api: ApiSettings | None = None
     api_port: int = 0
 

@@ -117,7 +117,7 @@ class StageCluster:
         *,
         layers: Sequence[range] | None = None,
         faults: str | None = None,
-        compute: str = "inline",
+        compute: str = "thread",
         detach: bool = False,
         log_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,

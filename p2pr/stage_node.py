@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any)")
     parser.add_argument("--faults", default=None, help=f"fault shim settings (or ${FAULTS_ENV})")
-    parser.add_argument("--compute", choices=COMPUTE_MODES, default="inline")
+    parser.add_argument("--compute", choices=COMPUTE_MODES, default="thread")
     parser.add_argument(
         "--memory-budget",
         default=None,

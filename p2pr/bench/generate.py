@@ -134,7 +134,7 @@ def bench_generate(
     runs: int = 3,
     repeats: int = DEFAULT_REPEATS,
     stage_counts: Sequence[int] = (2, 3),
-    compute: str = "inline",
+    compute: str = "thread",
     chunks: str = "direct",
     concurrent: int = 4,
     split_head: bool = True,

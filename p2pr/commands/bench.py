@@ -165,7 +165,7 @@ def _add_generate(bench_sub: Any) -> None:
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--runs", type=int, default=3, help="timed runs per round")
     _repeats_option(bench)
-    bench.add_argument("--compute", choices=["inline", "thread"], default="inline")
+    bench.add_argument("--compute", choices=["inline", "thread"], default="thread")
     bench.add_argument(
         "--concurrent", type=int, default=4, help="requests at once for aggregate tokens/s"
     )

@@ -70,9 +70,9 @@ def add_serve_command(sub: Any) -> None:
     serve.add_argument(
         "--compute",
         choices=["inline", "thread"],
-        default=None,
-        help="where the MLX work runs (default: a thread of its own on the API's node, which "
-        "must stay responsive; else inline, measured faster)",
+        default="thread",
+        help="where the MLX work runs (default: a thread of its own, measured faster and "
+        "keeping the node responsive; inline: on the event loop)",
     )
     untested_option(serve)
     serve.set_defaults(func=_cmd_serve)
@@ -133,8 +133,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             api = ApiSettings(host=args.api_host, api_key=args.api_key or os.getenv(API_KEY_ENV))
             check_bind(api.host, api.api_key)
         budget = parse_bytes(args.memory_budget) if args.memory_budget else available_memory()
-        if args.compute is None:
-            args.compute = "thread" if api is not None else "inline"
         identity = ephemeral_identity() if args.identity == "none" else load_identity(args.identity)
     except (IdentityError, PeerAddressError, ValueError, OSError) as exc:
         return fail("serve", exc)
