@@ -235,7 +235,7 @@ class LossRecovery:
                 rtt.on_spurious()
             sample = rtt.on_sample(now - last.first_sent, info.ack_delay)
             host.health(rcv.peer).on_rtt_sample(sample, now)
-            host.congestion(rcv.peer).on_sample(sample, now, flights[-1].pipe)
+            host.congestion(rcv.peer).on_sample(sample, now, last.pipe)
         learn_reordering(rcv, acked, flights, now, rtt.min_rtt or 0.0)
         sent, seq = delivered_sent_at(acked, flights, now, rtt.min_rtt or 0.0, self.topic is None)
         if (sent, seq) > (rcv.rack_sent, rcv.rack_seq):

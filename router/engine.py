@@ -243,11 +243,6 @@ class Engine:
         """Run the host on the calling trio loop until stop(); started once it is ready."""
         await self._main(lambda: task_status.started())
 
-    @property
-    def stopping(self) -> bool:
-        """Whether stop() was asked for (and run on the engine's loop)."""
-        return self._stopping.is_set()
-
     async def _main(self, started: Callable[[], None]) -> None:
         cfg = self.config
         self._bridge.attach()

@@ -17,7 +17,6 @@ engine silent.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -30,11 +29,10 @@ import trio
 
 from .engine import Engine
 
-__all__ = ["ENGINE_LOOP_ENV", "EngineLoop", "hosted_engine", "shares_loop"]
-
-log = logging.getLogger("p2pr.engine")
+__all__ = ["ENGINE_LOOP_ENV", "ENGINE_THREAD", "EngineLoop", "hosted_engine", "shares_loop"]
 
 ENGINE_LOOP_ENV = "P2PR_ENGINE_LOOP"
+ENGINE_THREAD = "p2pr-engine"  # the name of the engine's own thread, when it has one
 EngineLoop = Literal["thread", "shared"]
 
 # How long a stopping engine may take to close its connections before it is cancelled.
@@ -71,8 +69,6 @@ async def _on_this_loop(engine: Engine) -> AsyncIterator[None]:
     async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with shield:
             await engine.serve(task_status=task_status)
-        if not engine.stopping:
-            raise RuntimeError("the libp2p engine stopped unexpectedly")
 
     async with trio.open_nursery() as nursery:
         try:
@@ -88,7 +84,7 @@ async def _on_this_loop(engine: Engine) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def _on_own_thread(engine: Engine) -> AsyncIterator[None]:
-    thread = threading.Thread(target=engine.run, name="p2pr-engine", daemon=True)
+    thread = threading.Thread(target=engine.run, name=ENGINE_THREAD, daemon=True)
     thread.start()
     try:
         await anyio.to_thread.run_sync(engine.ready.wait, abandon_on_cancel=True)

@@ -27,6 +27,7 @@ import attrs
 from p2p_reliable import ProtocolConfig
 from p2p_reliable.health import nearest_rank
 from router import EngineConfig, FaultConfig, PublishPolicy, Router, RouterConfig, TypedTopic
+from router.enginehost import ENGINE_THREAD
 from router.faults import FAULTS_ENV
 
 from ..launch import print_event
@@ -178,7 +179,7 @@ async def run_node(args: argparse.Namespace) -> dict[str, Any]:
         result.update(receiving.summary())
         result.update(protocol=counters["protocol"], shim=counters["shim"])
         result["bad_payloads"] = dict(router.bad_payloads)
-        result["engine_thread"] = any(t.name == "p2pr-engine" for t in threading.enumerate())
+        result["engine_thread"] = any(t.name == ENGINE_THREAD for t in threading.enumerate())
         print_event("result", **result)
         # Keep acking and repairing for the others until the orchestrator lets us go.
         await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)

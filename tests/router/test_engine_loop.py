@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from router import CONNECTION_MESSAGES, PublishPolicy, Router, RouterConfig, TypedTopic
-from router.enginehost import ENGINE_LOOP_ENV, shares_loop
+from router.enginehost import ENGINE_LOOP_ENV, ENGINE_THREAD, shares_loop
 
 TOPIC = TypedTopic("engine-loop", PublishPolicy.Always, bytes)
 
@@ -20,7 +20,7 @@ def _router(bootstrap: list[str]) -> Router:
 
 
 def _engine_threads() -> int:
-    return sum(t.name == "p2pr-engine" for t in threading.enumerate())
+    return sum(t.name == ENGINE_THREAD for t in threading.enumerate())
 
 
 def test_shared_means_a_trio_loop_only(monkeypatch: pytest.MonkeyPatch) -> None:

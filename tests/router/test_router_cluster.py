@@ -26,24 +26,34 @@ def _check_exact(result: dict[str, Any], publishers: list[int], count: int) -> N
     assert result["bad_payloads"] == {}
 
 
-def test_three_nodes_two_publishers_through_faults() -> None:
-    count = 5000  # per publisher: 10,000 messages in all
+# Three nodes: 0 and 1 publish, each hears the other; 2 only listens, to both.
+EXPECTATIONS = {0: [1], 1: [0], 2: [0, 1]}
+
+
+def _three_nodes_through_faults(count: int, extra: list[list[str]]) -> list[dict[str, Any]]:
+    """Run the three nodes of EXPECTATIONS with `count` messages per publisher, each node
+    with its own fault seed and its `extra` flags; their results."""
     with LocalCluster() as cluster:
-        for index, (publish, expect) in enumerate([(count, [1]), (count, [0]), (0, [0, 1])]):
+        for index, expect in EXPECTATIONS.items():
             cluster.start(
                 [
                     f"--index={index}",
-                    f"--publish={publish}",
+                    f"--publish={count if index < 2 else 0}",
                     "--peers=2",
                     f"--expect={len(expect)}",
                     f"--expect-count={count}",
                     f"--faults={FAULTS.format(seed=index + 1)}",
+                    *extra[index],
                 ]
             )
-        results = cluster.results(timeout=240)
-    expectations = {0: [1], 1: [0], 2: [0, 1]}
+        return cluster.results(timeout=240)
+
+
+def test_three_nodes_two_publishers_through_faults() -> None:
+    count = 5000  # per publisher: 10,000 messages in all
+    results = _three_nodes_through_faults(count, [[], [], []])
     for result in results:
-        _check_exact(result, expectations[result["index"]], count)
+        _check_exact(result, EXPECTATIONS[result["index"]], count)
         shim, proto = result["shim"], result["protocol"]
         # Every frame the shim damaged was rejected by the protocol.
         assert proto["corrupted"] + proto["malformed"] >= shim["corrupted"]
@@ -108,25 +118,12 @@ def test_engines_on_the_applications_loops_through_faults() -> None:
     """`RouterConfig.engine_loop="shared"` in every node: point-to-point and topic messages
     through loss, duplication, reordering and corruption, exactly once and in order."""
     count = 1500
-    with LocalCluster() as cluster:
-        for index, mode in enumerate(["direct", "topic", "topic"]):
-            cluster.start(
-                [
-                    f"--index={index}",
-                    f"--publish={count if index < 2 else 0}",
-                    "--peers=2",
-                    f"--mode={mode}",
-                    "--engine-loop=shared",
-                    f"--expect={1 if index == 1 else 2 if index == 2 else 1}",
-                    f"--expect-count={count}",
-                    f"--faults={FAULTS.format(seed=index + 1)}",
-                ]
-            )
-        results = cluster.results(timeout=240)
     # Node 0 sends point to point to 1 and 2; node 1 publishes on the topic (to 0 and 2).
-    expectations = {0: [1], 1: [0], 2: [0, 1]}
+    shared = "--engine-loop=shared"
+    modes = ["--mode=direct", "--mode=topic", "--mode=topic"]
+    results = _three_nodes_through_faults(count, [[mode, shared] for mode in modes])
     for result in results:
         assert result["engine_thread"] is False
-        _check_exact(result, expectations[result["index"]], count)
+        _check_exact(result, EXPECTATIONS[result["index"]], count)
         assert result["protocol"]["gaps"] == 0 and result["protocol"]["unrecoverable"] == 0
     assert sum(r["shim"]["dropped"] for r in results) > 0
