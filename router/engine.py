@@ -1,7 +1,7 @@
 """The libp2p side: one trio loop that owns a py-libp2p host and drives the protocol Endpoint.
 
-Everything here runs on the engine's trio loop: the application's own when that is trio, else
-one on a thread of its own (`enginehost`). The application talks to it through
+Everything here runs on the engine's trio loop: one on a thread of its own, or the
+application's own when it asked to share it (`enginehost`). The application talks to it through
 `submit_*` methods (thread-safe: they queue and wake the trio loop) and hears back through an
 `AppSink`, whose methods the engine schedules on the application's loop.
 

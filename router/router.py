@@ -1,8 +1,9 @@
 """The application side: exo's Router/TopicRouter interface over the reliable engine.
 
-It runs under any anyio backend (asyncio for exo, trio alike). The libp2p engine runs on the
-application's loop when that is trio, else on its own thread with its own trio loop
-(`enginehost`); this module only moves items between anyio channels and the engine. Backpressure is end to end: a receiver that is not read fills its channel, its
+It runs under any anyio backend (asyncio for exo, trio alike). The libp2p engine runs on its
+own thread with its own trio loop, or, asked for (`engine_loop="shared"`) by a trio
+application, on the application's loop (`enginehost`); this module only moves items between
+anyio channels and the engine. Backpressure is end to end: a receiver that is not read fills its channel, its
 TopicRouter stops reporting consumption, the protocol stops granting credit, and the remote
 publisher's `send` waits. Nothing is dropped on the way.
 """
