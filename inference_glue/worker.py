@@ -10,11 +10,12 @@ threads would change between calls), and the event loop keeps serving the networ
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+
+from router import loop_poster
 
 __all__ = ["COMPUTE_MODES", "MlxWorker"]
 
@@ -46,15 +47,13 @@ class MlxWorker:
         mode."""
         if self._executor is None:
             return fn(*args)
-        token = anyio.lowlevel.current_token()
+        post = loop_poster()
         done = anyio.Event()
-
-        def wake(_: concurrent.futures.Future[T]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                anyio.from_thread.run_sync(done.set, token=token)
-
         future = self._executor.submit(fn, *args)
-        future.add_done_callback(wake)
+        # Not a blocking call back into the loop (anyio.from_thread): a call done before the
+        # callback is added runs the callback here, on the loop's thread, which would wait
+        # on itself forever (the node's loop frozen, its engine thread still answering).
+        future.add_done_callback(lambda _: post(done.set))
         await done.wait()
         return future.result()
 

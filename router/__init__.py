@@ -5,6 +5,7 @@ streams, both through the p2p_reliable protocol (sequence numbers, checksums, ac
 retransmission, in-order exactly-once delivery, flow control).
 """
 
+from .bridge import loop_poster
 from .channels import Receiver, Sender, channel
 from .config import EngineConfig
 from .faults import FaultConfig
@@ -35,4 +36,5 @@ __all__ = [
     "TopicRouter",
     "TypedTopic",
     "channel",
+    "loop_poster",
 ]

@@ -2,11 +2,13 @@
 
 `submit(fn)` queues `fn` and wakes the loop once per batch (never once per call); the loop
 runs the batch, then `after()` (the engine hands what the calls produced to libp2p). Calls
-submitted before `attach()` wait for the first `run_pending()`.
+submitted before `attach()` wait for the first `run_pending()`. And `loop_poster()`, the
+other way: calls from the engine's (or any) thread onto the application's loop, either backend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -14,9 +16,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import sniffio
 import trio
 
-__all__ = ["LoopBridge"]
+__all__ = ["LoopBridge", "loop_poster"]
 
 log = logging.getLogger("p2pr.engine")
 
@@ -72,3 +75,27 @@ class LoopBridge:
             except Exception:
                 log.exception("engine command failed")
         self._after()
+
+
+def loop_poster() -> Callable[..., None]:
+    """A thread-safe `post(fn, *args)` onto the calling event loop, for either backend.
+
+    It never blocks, so it may be called from any thread, the loop's own included (a
+    future's callback runs there when the future was done before the callback was added).
+    """
+    library = sniffio.current_async_library()
+    call: Callable[..., Any]
+    if library == "asyncio":
+        call = asyncio.get_running_loop().call_soon_threadsafe
+    elif library == "trio":
+        call = trio.lowlevel.current_trio_token().run_sync_soon
+    else:
+        raise RuntimeError(f"unsupported async library {library!r}")
+
+    def post(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            call(fn, *args)
+        except (RuntimeError, trio.RunFinishedError):
+            pass  # the application's loop is gone: nobody is left to tell
+
+    return post

@@ -10,7 +10,6 @@ publisher's `send` waits. Nothing is dropped on the way.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -20,8 +19,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import attrs
-import sniffio
-import trio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -30,6 +27,7 @@ from libp2p.peer.id import ID
 
 from p2p_reliable import Delivered, Gap, MessageTooLarge, Rejected, Unrecoverable
 
+from .bridge import loop_poster
 from .channels import DEFAULT_BUFFER, Receiver, Sender
 from .config import EngineConfig
 from .engine import Engine
@@ -238,7 +236,7 @@ class Router:
 
     async def run(self) -> None:
         """Run the node until cancelled (or shutdown())."""
-        post = self._post = _loop_poster()
+        post = self._post = loop_poster()
         self._slots = anyio.Semaphore(self.config.outbound_slots)
         if self._ready is None:
             self._ready = anyio.Event()
@@ -420,26 +418,6 @@ class Router:
         """`peer` delivered an item that is not what its topic carries."""
         self.bad_payloads[peer] += 1
         self.refused(peer, "bad payload", reason)
-
-
-def _loop_poster() -> Callable[..., None]:
-    """A thread-safe `post(fn, *args)` onto the calling event loop, for either backend."""
-    library = sniffio.current_async_library()
-    call: Callable[..., Any]
-    if library == "asyncio":
-        call = asyncio.get_running_loop().call_soon_threadsafe
-    elif library == "trio":
-        call = trio.lowlevel.current_trio_token().run_sync_soon
-    else:
-        raise RuntimeError(f"unsupported async library {library!r}")
-
-    def post(fn: Callable[..., None], *args: Any) -> None:
-        try:
-            call(fn, *args)
-        except (RuntimeError, trio.RunFinishedError):
-            pass  # the application's loop is gone: nobody is left to tell
-
-    return post
 
 
 if TYPE_CHECKING:
