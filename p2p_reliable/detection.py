@@ -227,12 +227,15 @@ class LossRecovery:
         # says so; from one that does not, only if it was sent once: Karn's rule). Samples of
         # the originals of spurious retransmissions are kept: without them only the faster
         # answers of a busy receiver would be sampled, and its probe timer would stay short.
+        # But not after more than one copy: a receiver that let several probes go unanswered
+        # was away (stopped, swapping), and that pause is not a round trip to plan for.
         last = flights[-1]
         original = info.original if info.original is not None else last.attempt == 0
         if acked[-1] == rcv.largest_acked and original:
             if last.attempt:
                 host.stats.spurious_retransmits += last.attempt
                 rtt.on_spurious()
+        if acked[-1] == rcv.largest_acked and original and last.attempt <= 1:
             sample = rtt.on_sample(now - last.first_sent, info.ack_delay)
             host.health(rcv.peer).on_rtt_sample(sample, now)
             host.congestion(rcv.peer).on_sample(sample, now, last.pipe)

@@ -158,6 +158,30 @@ def test_the_original_of_a_spurious_probe_still_gives_an_rtt_sample() -> None:
     assert b.stats.duplicates == 1  # the probe
 
 
+def test_a_receiver_that_was_away_for_several_probes_gives_no_sample() -> None:
+    a, b = _manual_pair(QUIET)
+    a.send("B", STREAM, b"warm", 0.0)
+    _deliver(a, b, 0.001)
+    b.handle_timer(b.get_timer() or 0.001)
+    _deliver(b, a, 0.002)
+    a.send("B", STREAM, b"token", 0.1)
+    sent = [tx.data for tx in a.datagrams_to_send(0.1)]
+    for _ in range(2):  # B is stopped (SIGSTOP): neither probe is answered
+        probe_at = a.get_timer()
+        assert probe_at is not None and probe_at < 3.0
+        a.handle_timer(probe_at)
+        sent += [tx.data for tx in a.datagrams_to_send(probe_at)]
+    assert a.stats.probes == 2
+    for data in sent:  # B runs again after 3 s and reads the original first
+        b.receive(data, "A", 3.0)
+    b.handle_timer(b.get_timer() or 3.0)
+    _deliver(b, a, 3.001)
+    # The 2.9 s pause is no round trip: the estimate keeps the warm-up's sample.
+    assert a.unacked() == 0
+    assert a.rtt("B").latest == pytest.approx(0.002)
+    assert a.stats.spurious_retransmits == 2
+
+
 def test_a_repair_that_arrived_first_gives_no_sample() -> None:
     a, b = _manual_pair(QUIET)
     a.send("B", STREAM, b"warm", 0.0)
