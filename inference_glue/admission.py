@@ -4,6 +4,7 @@ and the kind of `Failure` it reports when it cannot serve one."""
 from __future__ import annotations
 
 from inference_glue.kv_handoff import HandoffError
+from inference_glue.link_watch import LinkLostError
 from inference_glue.messages import GenerateRequest
 from inference_glue.tensor_codec import TensorDecodeError
 
@@ -45,11 +46,14 @@ def check_request(
 
 def failure_of(exc: Exception, peer: str) -> tuple[str, str, str]:
     """The `Failure` kind, message and suspect for `exc`, raised on a message from `peer`:
-    the client resumes a "rebuild" with a full replay, counts a "corrupt" against `peer`."""
+    the client resumes a "rebuild" with a full replay, counts a "corrupt" against `peer`,
+    and checks the suspect of a "lost" (the peer of a broken link) before it resumes."""
     if isinstance(exc, HandoffError):
         return "rebuild", f"cannot take over the KV caches: {exc}", ""
     if isinstance(exc, TensorDecodeError):
         return "corrupt", f"hidden state from {peer} failed its check: {exc}", peer
     if isinstance(exc, StaleEpochError):
         return "stale", str(exc), ""
+    if isinstance(exc, LinkLostError):
+        return "lost", str(exc), exc.peer
     return "error", f"{type(exc).__name__}: {exc}", ""

@@ -116,7 +116,10 @@ class FailoverDriver:
                 return None  # of an attempt given up already
             if item.kind == "rebuild":
                 watch.full_replay = True
-            trouble = self._failure_trouble(item)
+            if item.kind == "lost":
+                trouble = await self._link_trouble(item, meta.route)
+            else:
+                trouble = self._failure_trouble(item)
             if item.kind == "stale" and meta.epoch == self.planner.epoch:
                 self.planner.plan_broken = True  # a node of the current plan is not on it
         else:
@@ -160,6 +163,23 @@ class FailoverDriver:
             )
             return f"quarantined {peer} (stage {stage}) for corrupt hidden states", {peer}
         return f"corrupt hidden state from {peer} (stage {stage}); retrying", set()
+
+    async def _link_trouble(self, failure: Failure, route: Sequence[str]) -> tuple[str, set[str]]:
+        """A stage lost a message to or from `failure.suspect`: that stage is lost if its
+        connection closed or it does not answer a probe (it died or hung; the stage saw it
+        first), else the link broke for a moment and the request resumes on the same plan."""
+        said = f"stage {failure.stage}: {failure.message}"
+        peer = failure.suspect
+        if peer not in route:
+            return f"{said}; resuming", set()  # a message to or from the requester: us
+        label = f"stage {self.planner.stage_of(peer)} ({peer})"
+        if peer not in self.router.connected:
+            return f"lost {label}: connection closed ({said})", {peer}
+        timeout = self.policy.probe_timeout
+        replies = await self.planner.rpc.ask({peer: InfoQuery}, timeout)
+        if replies.get(peer) is None:
+            return f"lost {label}: no answer to a probe in {timeout:.0f} s ({said})", {peer}
+        return f"{said}; {label} answers: resuming on the same plan", set()
 
     async def _lost_stages(
         self, route: Sequence[str], progress: float
@@ -224,6 +244,7 @@ class FailoverDriver:
         reason, lost = trouble
         recovery = Recovery(meta.request_id, watch.attempt, reason, tuple(sorted(lost)), clock())
         self.recoveries.append(recovery)
+        self.planner.notify()
         watch.recovery = recovery
         for peer in lost:
             self.planner.lose(peer, reason)

@@ -92,9 +92,10 @@ CHUNK_STREAM = "p2pr.infer.chunks"
 CHUNK_DELIVERY = ("topic", "direct")
 # Why a stage failed a request: "corrupt" (a hidden state from `suspect` failed its checksum),
 # "stale" (the request's plan epoch is not the node's), "rebuild" (a resumed request could
-# not take over the KV caches of its previous attempt: resume it with a full replay),
-# "error" (anything else).
-FAILURE_KINDS = ("error", "corrupt", "stale", "rebuild")
+# not take over the KV caches of its previous attempt: resume it with a full replay), "lost"
+# (a message of it to or from `suspect` was given up or lost: resume it), "error" (anything
+# else).
+FAILURE_KINDS = ("error", "corrupt", "stale", "rebuild", "lost")
 
 TOKENS: TypedTopic[TokenChunk] = TypedTopic("p2pr.infer.tokens", PublishPolicy.Always, TokenChunk)
 
@@ -267,7 +268,8 @@ class Failure:
     """A stage could not serve a request; sent to the requester.
 
     `kind` is one of `FAILURE_KINDS`; for "corrupt", `suspect` is the peer whose hidden
-    state failed its checksum (the client counts these per peer to quarantine it).
+    state failed its checksum (the client counts these per peer to quarantine it); for
+    "lost", the peer a message of the request was lost to or from (`link_watch`).
     """
 
     KIND: ClassVar[str] = "failure"

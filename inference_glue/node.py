@@ -5,7 +5,8 @@ process that holds one (`p2pr.stage_cluster` starts several). This module is its
 lifecycle and routing; the MLX calls are `StageCompute`'s (`inference_glue.stage_compute`),
 the control plane `StageControl`'s (`inference_glue.node_control`), the decoding and queueing
 of its messages `NodeInbox`'s (`inference_glue.node_inbox`), the delivery of token chunks
-`TokenPublisher`'s (`inference_glue.token_publisher`).
+`TokenPublisher`'s (`inference_glue.token_publisher`); a message of a request the protocol
+gave up fails the request (`inference_glue.link_watch`), so that its client resumes it.
 
 How a request flows through the stages: `inference_glue` (the package's docstring).
 
@@ -39,6 +40,7 @@ from inference_glue.footprint import ModelFootprint, available_memory
 from inference_glue.head_exchange import HeadExchange
 from inference_glue.kv_handoff import take_over_attempt
 from inference_glue.kv_parking import KvParking, SentHidden
+from inference_glue.link_watch import LinkLossWatch, LinkLost, LinkLostError
 from inference_glue.local_pipeline import prefill_pieces
 from inference_glue.messages import (
     ACTIVATION_STREAM,
@@ -150,6 +152,7 @@ class StageNode:
         # Through a lambda: a new plan replaces the stage.
         self._requests = StageRequests(lambda rid: self.stage.take_caches(rid), self.parking)
         self.inbox = NodeInbox(router, self.counters)
+        self.links = LinkLossWatch(router, self._requests.metas)
 
     @property
     def stage(self) -> PipelineStage:
@@ -177,6 +180,7 @@ class StageNode:
             for stream in (REQUEST_STREAM, ACTIVATION_STREAM, TOKEN_STREAM, HEAD_STREAM):
                 tg.start_soon(self.inbox.pump, stream, work_send.clone())
             tg.start_soon(self.control.pump, work_send.clone())
+            tg.start_soon(self.links.run, work_send.clone())
             tg.start_soon(self._worker, work_recv)
             # On every node: a failover may make any of them the last stage.
             tg.start_soon(self.publisher.run)
@@ -214,6 +218,12 @@ class StageNode:
         message, stream = item.message, item.stream
         if not self.planned and not isinstance(message, Release | Reconfigure):
             raise ValueError("this node holds no layers yet: it serves once a plan gives it some")
+        if isinstance(message, LinkLost):
+            state = self._requests.get(message.request_id)
+            gone = message.peer not in self.router.connected
+            if state is not None and message.peer == state.meta.reply_to and gone:
+                return await self.control.abandon(state.meta, "when a token chunk was given up")
+            raise LinkLostError(message)
         if isinstance(message, GenerateRequest) and stream == REQUEST_STREAM:
             await self._start(message)
         elif isinstance(message, Activation) and stream == ACTIVATION_STREAM:
@@ -345,13 +355,12 @@ class StageNode:
         elif not done:
             self.inbox.feed(Work(TOKEN_STREAM, self.router.node_id, feedback))
         if gone:
-            self.counters.abandoned += 1
-            log.info("%s: requester %s of %r is gone", self.name, meta.reply_to, request_id)
-        else:
-            assert state.writer is not None
-            await self.publisher.put(state.writer.chunk(token, finish), meta)
+            await self.control.abandon(meta, f"at token {state.generated}")
+            return
+        assert state.writer is not None
+        await self.publisher.put(state.writer.chunk(token, finish), meta)
         if done:
-            self._finish(request_id)
+            self.finish(request_id)
             for peer in meta.route[1:-1]:
                 await self.control.release(peer, request_id, FINISHED)
 
@@ -367,12 +376,13 @@ class StageNode:
             log.info("%s: token for unknown request %r dropped", self.name, rid)
             return
         if feedback.done:
-            self._finish(rid)
+            self.finish(rid)
             return
         out = await self._forward(state, [feedback.token_id], feedback.position, True)
         await self.emit(state.meta, out, feedback.position, True, first=False)
 
-    def _finish(self, request_id: str) -> None:
+    def finish(self, request_id: str) -> None:
+        """The request is done here: drop it and its parked caches."""
         if self._requests.drop(request_id) is not None:
             self.counters.finished += 1
         self.parking.discard(request_id)
@@ -383,17 +393,3 @@ class StageNode:
         """Drop every request in flight (a new plan is coming)."""
         self._requests.drop_all()
         self.inbox.clear_own()
-
-    async def take_plan(
-        self, stage: PipelineStage, index: int, num_stages: int, epoch: int
-    ) -> None:
-        """Serve `stage` as stage `index` of `num_stages` under plan `epoch` from now on."""
-        check_stage(stage, index, num_stages)
-        for rid in self.stage.request_ids:
-            self.stage.release(rid)
-        self.compute.stage = stage
-        self.index, self.num_stages, self.epoch = index, num_stages, epoch
-        self.planned = True
-        self.counters.reconfigurations += 1
-        if self.stage.is_last and TOKENS.topic not in self.router.topic_routers:
-            await self.router.register_topic(TOKENS)

@@ -22,6 +22,7 @@ from inference_glue.footprint import format_bytes
 from inference_glue.messages import (
     CLIENT_STREAM,
     CONTROL_STREAM,
+    TOKENS,
     Failure,
     InfoQuery,
     InfoReply,
@@ -35,7 +36,7 @@ from inference_glue.messages import (
 )
 from inference_glue.node_inbox import Work
 from inference_glue.rpc import reply
-from inference_glue.stage import PipelineStage, restage
+from inference_glue.stage import PipelineStage, check_stage, restage
 from router import FaultConfig
 
 if TYPE_CHECKING:
@@ -79,6 +80,20 @@ class StageControl:
         if peer != self.node.router.node_id:
             payload = encode_message(Release(request_id, reason))
             await self.node.router.send_to(peer, CONTROL_STREAM, payload)
+
+    async def abandon(self, meta: RequestMeta, when: str) -> None:
+        """The requester of `meta` is not connected: stop the request everywhere. It may be
+        away only for a moment (a connection cut and made again): told (kind "lost"), it
+        resumes the request instead of waiting for tokens that will not come."""
+        node = self.node
+        node.counters.abandoned += 1
+        log.info("%s: requester %s of %r is gone", node.name, meta.reply_to, meta.request_id)
+        node.finish(meta.request_id)
+        why = f"the requester was not connected {when}"
+        failure = Failure(
+            meta.request_id, node.index, node.router.node_id, why, "lost", meta.reply_to
+        )
+        await self.report_failure(failure, meta)
 
     async def report_failure(self, failure: Failure, meta: RequestMeta) -> None:
         """Tell the requester of `meta` which stage failed and why; release the request
@@ -159,7 +174,7 @@ class StageControl:
         error = ""
         try:
             stage = await self._load(message, layers)
-            await node.take_plan(stage, message.stage, message.num_stages, message.epoch)
+            await self._take_plan(stage, message)
             log.warning(
                 "%s: reconfigured for epoch %d: layers %d-%d in %.2f s",
                 node.name,
@@ -179,6 +194,19 @@ class StageControl:
             load_seconds=round(time.perf_counter() - start, 3),
         )
         await reply(node.router, peer, answer)
+
+    async def _take_plan(self, stage: PipelineStage, message: Reconfigure) -> None:
+        """Serve `stage` as the message's stage under its plan epoch from now on."""
+        node = self.node
+        check_stage(stage, message.stage, message.num_stages)
+        for rid in node.stage.request_ids:
+            node.stage.release(rid)
+        node.compute.stage = stage
+        node.index, node.num_stages, node.epoch = message.stage, message.num_stages, message.epoch
+        node.planned = True
+        node.counters.reconfigurations += 1
+        if node.stage.is_last and TOKENS.topic not in node.router.topic_routers:
+            await node.router.register_topic(TOKENS)
 
     async def _load(self, message: Reconfigure, layers: range) -> PipelineStage:
         """The stage of the new plan, loaded (its requests in flight dropped), after

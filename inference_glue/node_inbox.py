@@ -6,6 +6,7 @@ one worker in arrival order; and the token feedback a one-stage node gives itsel
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import anyio
 import attrs
@@ -13,6 +14,9 @@ import attrs
 from inference_glue.messages import Message, MessageDecodeError, decode_message
 from inference_glue.node_counters import NodeCounters
 from router import DirectMessage, RouterLike
+
+if TYPE_CHECKING:
+    from inference_glue.link_watch import LinkLost
 
 __all__ = ["WORK_QUEUE", "NodeInbox", "Work"]
 
@@ -27,7 +31,7 @@ class Work:
 
     stream: str
     peer: str
-    message: Message
+    message: Message | LinkLost
 
 
 class NodeInbox:

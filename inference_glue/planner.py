@@ -104,6 +104,10 @@ class Planner:
         self.roster.rank(s.node_id for s in self.stages)
         self._notify()
 
+    def notify(self) -> None:
+        """Wake what waits on the client (`PipelineClient.wait_until`): something changed."""
+        self._notify()
+
     def stage_of(self, peer: str) -> int | None:
         """The stage index `peer` serves in the plan, if any."""
         return next((s.index for s in self.stages if s.node_id == peer), None)

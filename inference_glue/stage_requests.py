@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from inference_glue.kv_parking import KvParking
+from inference_glue.messages import RequestMeta
 from inference_glue.stage_compute import RequestState
 
 __all__ = ["StageRequests"]
@@ -31,6 +32,9 @@ class StageRequests:
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._states))
+
+    def metas(self) -> list[RequestMeta]:
+        return [state.meta for state in self._states.values()]
 
     def get(self, request_id: str) -> RequestState | None:
         return self._states.get(request_id)

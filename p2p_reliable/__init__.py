@@ -15,12 +15,14 @@ from .envelope import ChecksumError, DecodeError, Envelope, Flags, Kind, checksu
 from .events import Delivered, Event, Gap, PeerUnreachable, Rejected, Unrecoverable, WindowOpen
 from .fragment import MessageCodec, MessageTooLarge, ReassemblyError
 from .health import HealthConfig, HealthSnapshot, HealthTable, PeerHealth, PeerState, PhiAccrual
+from .losses import NOT_REPAIRED
 from .rangeset import RangeSet
 from .recovery import RetryPolicy, RttEstimator
 from .sender import WindowFull
 from .stats import EndpointStats
 
 __all__ = [
+    "NOT_REPAIRED",
     "AckInfo",
     "ChecksumError",
     "DecodeError",

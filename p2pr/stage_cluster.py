@@ -15,7 +15,9 @@ standard input, so the nodes form a full mesh. A node that fails to start raises
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +42,13 @@ __all__ = [
 ]
 
 STAGE_NODE_MODULE = "p2pr.stage_node"
+STAGE_LOG_LEVEL_ENV = "P2PR_STAGE_LOG_LEVEL"  # e.g. INFO: the nodes' --log-level
+STAGE_LOG_DIR_ENV = "P2PR_STAGE_LOG_DIR"  # keep every node's standard error in a file there
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 class ClusterStartError(RuntimeError):
@@ -103,6 +112,8 @@ class StageCluster:
         faults: fault shim settings for every node (`P2PR_FAULTS`), e.g. "corrupt=0.05".
         compute: the nodes' `--compute` mode.
         detach: the nodes outlive this object (run until SIGTERM) and log to `log_dir`.
+        log_dir: where the nodes write their standard error (default: `P2PR_STAGE_LOG_DIR`;
+            for detached nodes the cache's logs/; else only a tail is kept in memory).
         extra_env: more environment variables for the nodes.
         memory_budget: every node's `--memory-budget` (e.g. "8M"; default: available memory).
         node_args: more command-line arguments for some nodes, by index (fault injection:
@@ -207,12 +218,16 @@ class StageCluster:
         if self.fault_control:
             args.append("--allow-fault-control")
         args += self.node_args.get(index, [])
+        if level := os.environ.get(STAGE_LOG_LEVEL_ENV):
+            args.append(f"--log-level={level}")
         log_path = None
+        log_dir = self.log_dir or _env_path(STAGE_LOG_DIR_ENV)
         if self.detach:
             args.append("--detach")
-            log_dir = self.log_dir or default_cache_dir() / "logs"
+            log_dir = log_dir or default_cache_dir() / "logs"
+        if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = log_dir / f"node-{index}-{int(time.time())}.log"
+            log_path = log_dir / f"node-{index}-{time.time_ns()}.log"
         label = f"node {index} (stage {index}, layers {layers.start}-{layers.stop - 1})"
         process = Launched(
             python_module(STAGE_NODE_MODULE, *args),
@@ -309,5 +324,9 @@ class StageCluster:
     def __enter__(self) -> StageCluster:
         return self.start() if not self.nodes else self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         self.close()
+        if kind is not None and not self.detach:
+            # A failed test shows what every node said last (pytest prints captured stderr).
+            for node in self.nodes:
+                print(f"--- {node.label} stderr ---\n{node.stderr_text(80)}", file=sys.stderr)

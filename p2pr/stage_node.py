@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 
 from discovery.share import share_health
 from inference_glue.footprint import (
@@ -40,6 +41,7 @@ from inference_glue.messages import LATENCY_STREAMS, REDUNDANT_MAX_BYTES
 from inference_glue.node import StageNode
 from inference_glue.stage import PipelineStage, load_stage
 from inference_glue.worker import COMPUTE_MODES, MlxWorker
+from p2p_reliable import RetryPolicy
 from router import EngineConfig, FaultConfig, Router, RouterConfig
 from router.faults import FAULTS_ENV
 
@@ -91,8 +93,12 @@ async def run_node(args: argparse.Namespace) -> int:
     faults_text = args.faults if args.faults is not None else os.environ.get(FAULTS_ENV, "")
     faults = FaultConfig.parse(faults_text) if faults_text else None
     redundant = args.redundant_copies or os.environ.get(REDUNDANT_ENV, "") == "1"
+    protocol = EngineConfig().protocol
+    if args.retry_budget is not None:
+        protocol = attrs.evolve(protocol, retry=RetryPolicy(budget=args.retry_budget))
     config = RouterConfig(
         engine=EngineConfig(
+            protocol=protocol,
             faults=faults,
             redundant_streams=LATENCY_STREAMS if redundant else frozenset(),
             redundant_max_bytes=REDUNDANT_MAX_BYTES,
@@ -217,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send small per-token messages twice (hidden states, token feedback and chunks; "
         f"or ${REDUNDANT_ENV}=1). Off by default: on this project's loaded 2-core machines "
         "it has not yet shown a gain that outweighs the extra copies at 0%% loss",
+    )
+    parser.add_argument(
+        "--retry-budget",
+        type=float,
+        default=None,
+        help="seconds after which a message a live peer has not acknowledged is given up "
+        "(and the requests it belongs to fail and resume; default: the protocol's)",
     )
     parser.add_argument(
         "--detach", action="store_true", help="run until SIGTERM, not until stdin closes"

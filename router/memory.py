@@ -11,7 +11,8 @@ same `TopicRouter`s as over py-libp2p (typed topics serialized and checked, item
 to local receivers too, direct messages held until a receiver exists). No protocol runs
 underneath, so there are no protocol counters. The faults tests need are the network's:
 `kill` (a SIGKILLed process: its connections close), `hang` (a SIGSTOPped one: connections
-stay open, nothing gets through, peers see it DEAD) and `resume`.
+stay open, nothing gets through, peers see it DEAD) and `resume`; and a router's partition
+(`set_faults`), whose direct messages are given up at once (`Unrecoverable`).
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ class MemoryRouter:
         await anyio.lowlevel.checkpoint()
         target = self.network.routers.get(peer)
         if target is None or not self.network.reaches(self._node_id, peer):
+            if peer in self.partitioned and peer in self.network.running:
+                # What a partition longer than the retry budget ends in, without the wait.
+                self._verdict(Unrecoverable(stream, self._seq, peer, "partitioned"))
             return  # lost with the peer: its requester finds out by the connection or time
         self._seq += 1
         event = Delivered(self._node_id, stream, self._seq, payload, True, self._seq + 1)
@@ -249,6 +253,12 @@ class MemoryRouter:
         event, self._subscribers_event = self._subscribers_event, None
         if event is not None:
             event.set()
+
+    def _verdict(self, event: Gap | Unrecoverable | Rejected) -> None:
+        self.protocol_events.append(event)
+        waiting, self._protocol_event = self._protocol_event, None
+        if waiting is not None:
+            waiting.set()
 
     async def wait_protocol_event(self) -> None:
         if self._protocol_event is None:

@@ -198,6 +198,36 @@ async def test_the_failover_driver_resumes_after_a_lost_stage(model_dir: Path) -
             assert (ids[1], "lost") in [(e.peer, e.kind) for e in client.events]
 
 
+async def test_a_message_lost_between_two_live_stages_resumes_the_request(
+    model_dir: Path,
+) -> None:
+    """Stage 0 gives up a hidden state to stage 1 (partitioned from it; the client reaches
+    both): it fails the request with kind "lost" at once, the client finds stage 1 answering
+    and resumes on the same plan. Without the report the client would wait for a token
+    while every stage looks alive."""
+    expected = reference(model_dir)
+    async with pipeline(model_dir, [range(0, 3), range(3, 6), range(6, 8)]) as (nodes, ids):
+        first = nodes.network.routers[ids[0]]
+        async with client_over(nodes, ids) as client, anyio.create_task_group() as tg:
+
+            async def heal_at_the_verdict() -> None:
+                await first.wait_protocol_event()
+                first.set_faults(None, [])
+
+            def cut(seq: int) -> None:
+                if seq == 8:
+                    first.set_faults(None, [ids[1]])
+                    tg.start_soon(heal_at_the_verdict)
+
+            with anyio.fail_after(60):
+                assert await collect(client, cut) == expected
+            [recovery] = client.recoveries
+            assert recovery.lost == () and recovery.route == tuple(ids)
+            assert "given up" in recovery.reason and "resuming on the same plan" in recovery.reason
+            assert [s.node_id for s in client.stages] == ids
+        assert nodes.nodes[ids[0]].counters.failed == 1
+
+
 async def test_a_stage_that_keeps_corrupting_is_quarantined(model_dir: Path) -> None:
     expected = reference(model_dir)
     splits = [range(0, 3), range(3, 6), range(6, 8)]

@@ -158,6 +158,48 @@ def test_a_paused_stage_is_the_same_node_and_serves_again(
         anyio.run(main, cluster)
 
 
+def test_a_link_broken_between_two_live_stages_fails_the_request_over_at_once(
+    tiny_dir: Path, case: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """Stages 0 and 1 cut from each other mid-request, both still reaching the client: stage
+    0 gives its hidden states up (a 3 s retry budget) and fails the request ("lost"), and
+    the client, finding stage 1 alive, resumes it on the same three stages; the cut heals
+    once it has. The client alone could not tell: it would wait for a token that never
+    comes, every stage alive and connected."""
+    budget = ["--retry-budget=3"]
+
+    async def main(cluster: StageCluster) -> None:
+        ids = [n.node_id for n in cluster.nodes]
+        async with PipelineClient.connect(cluster.addrs, tiny_dir) as client:
+            async with anyio.create_task_group() as tg:
+
+                async def cut_until_resumed() -> None:
+                    await client.set_faults("", {ids[0]: [ids[1]], ids[1]: [ids[0]]})
+                    resumed = await client.wait_until(
+                        lambda: bool(client.recoveries), BACK_WITHIN_S
+                    )
+                    await client.set_faults("")
+                    assert resumed, "the request never failed over"
+
+                def cut_at_token_5(chunk: TokenChunk) -> None:
+                    if chunk.seq == 5:
+                        tg.start_soon(cut_until_resumed)
+
+                with anyio.fail_after(BACK_WITHIN_S):
+                    chunks = await generate(client, case, cut_at_token_5)
+            assert_same_as_reference(chunks, expected)
+            first = client.recoveries[0]
+            assert first.lost == () and first.route == tuple(ids), first.reason
+            assert "resuming on the same plan" in first.reason, first.reason
+            assert all(r.lost == () for r in client.recoveries)
+            assert route(client) == ids
+            print("\n".join(e.line() for e in client.events), first.reason)
+
+    nodes = StageCluster(tiny_dir, 3, fault_control=True, node_args={0: budget, 1: budget})
+    with nodes as cluster:
+        anyio.run(main, cluster)
+
+
 def test_a_restarted_stage_found_through_one_survivor_brings_the_pipeline_back(
     tiny_dir: Path, case: dict[str, Any], expected: dict[str, Any]
 ) -> None:

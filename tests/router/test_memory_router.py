@@ -12,6 +12,7 @@ import anyio
 import attrs
 import pytest
 
+from p2p_reliable import Unrecoverable
 from router import CONNECTION_MESSAGES, PublishPolicy, RouterLike, TypedTopic
 from router.memory import MemoryNetwork, MemoryRouter
 
@@ -107,6 +108,8 @@ async def test_a_hung_router_is_dead_in_health_and_gets_nothing() -> None:
             assert (await inbox.receive()).payload == b"after"  # the hung one was lost
         a.set_faults(None, ["b"])  # a partition: nothing gets through either way
         await a.send_to("b", "s", b"cut")
+        [verdict] = a.protocol_events  # given up at once, as the budget would in the end
+        assert isinstance(verdict, Unrecoverable) and (verdict.peer, verdict.stream) == ("b", "s")
         a.set_faults(None, [])
         await a.send_to("b", "s", b"healed")
         with anyio.fail_after(5):
