@@ -172,13 +172,12 @@ class FailoverDriver:
         peer = failure.suspect
         if peer not in route:
             return f"{said}; resuming", set()  # a message to or from the requester: us
-        label = f"stage {self.planner.stage_of(peer)} ({peer})"
         if peer not in self.router.connected:
-            return f"lost {label}: connection closed ({said})", {peer}
-        timeout = self.policy.probe_timeout
-        replies = await self.planner.rpc.ask({peer: InfoQuery}, timeout)
-        if replies.get(peer) is None:
-            return f"lost {label}: no answer to a probe in {timeout:.0f} s ({said})", {peer}
+            return self._lost({peer}, f"connection closed ({said})")
+        if await self._silent({peer}):
+            timeout = self.policy.probe_timeout
+            return self._lost({peer}, f"no answer to a probe in {timeout:.0f} s ({said})")
+        label = self._labels({peer})
         return f"{said}; {label} answers: resuming on the same plan", set()
 
     async def _lost_stages(
@@ -205,14 +204,23 @@ class FailoverDriver:
             }
             if not dead:
                 return None
-            asks = {p: InfoQuery for p in sorted(dead)}
-            replies = await self.planner.rpc.ask(asks, policy.probe_timeout)
-            lost = {p for p in dead if replies.get(p) is None}
+            lost = await self._silent(dead)
             why = f"no heartbeat (phi accrual) and no answer to a probe in {policy.probe_timeout:.0f} s"
             if not lost:
                 return None
-        labels = ", ".join(f"stage {self.planner.stage_of(p)} ({p})" for p in sorted(lost))
-        return f"lost {labels}: {why}", lost
+        return self._lost(lost, why)
+
+    async def _silent(self, peers: set[str]) -> set[str]:
+        """Those of `peers` that do not answer a probe (`InfoQuery`) within `probe_timeout`."""
+        asks = {p: InfoQuery for p in sorted(peers)}
+        replies = await self.planner.rpc.ask(asks, self.policy.probe_timeout)
+        return {p for p in peers if replies.get(p) is None}
+
+    def _labels(self, peers: set[str]) -> str:
+        return ", ".join(f"stage {self.planner.stage_of(p)} ({p})" for p in sorted(peers))
+
+    def _lost(self, peers: set[str], why: str) -> tuple[str, set[str]]:
+        return f"lost {self._labels(peers)}: {why}", peers
 
     def _stream_trouble(
         self, route: Sequence[str], watch: StreamWatch, idle_timeout: float

@@ -2,10 +2,11 @@
 
 The router reports a message to a peer that could not be delivered (`Unrecoverable`: the
 connection closed with it unacknowledged, or the retry budget ran out) and a message from a
-peer that is lost for good (`Gap`; one its publisher gave up is the publisher's to report). A request whose hidden state, token feedback, share of
-the head or token chunk was in it cannot go on, and nobody else may know: the client sees
-every stage alive and connected while the link between two of them broke (a hung-peer
-verdict, a reconnection), and would wait for a token that never comes.
+peer that is lost for good (`Gap`; one its publisher gave up is the publisher's to report).
+A request whose hidden state, token feedback, share of the head or token chunk was in it
+cannot go on, and nobody else may know: the client sees every stage alive and connected
+while the link between two of them broke (a hung-peer verdict, a reconnection), and would
+wait for a token that never comes.
 
 The messages of all requests between two nodes share one stream, so a verdict cannot say
 whose message it was: every request in flight through that peer fails, with kind "lost" and

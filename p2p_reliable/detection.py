@@ -235,10 +235,10 @@ class LossRecovery:
             if last.attempt:
                 host.stats.spurious_retransmits += last.attempt
                 rtt.on_spurious()
-        if acked[-1] == rcv.largest_acked and original and last.attempt <= 1:
-            sample = rtt.on_sample(now - last.first_sent, info.ack_delay)
-            host.health(rcv.peer).on_rtt_sample(sample, now)
-            host.congestion(rcv.peer).on_sample(sample, now, last.pipe)
+            if last.attempt <= 1:
+                sample = rtt.on_sample(now - last.first_sent, info.ack_delay)
+                host.health(rcv.peer).on_rtt_sample(sample, now)
+                host.congestion(rcv.peer).on_sample(sample, now, last.pipe)
         learn_reordering(rcv, acked, flights, now, rtt.min_rtt or 0.0)
         sent, seq = delivered_sent_at(acked, flights, now, rtt.min_rtt or 0.0, self.topic is None)
         if (sent, seq) > (rcv.rack_sent, rcv.rack_seq):

@@ -125,14 +125,19 @@ def test_rtt_samples_exclude_the_time_a_frame_waited_in_the_receiver(stamped: bo
     assert latest == pytest.approx(0.002 if stamped else 0.102)
 
 
-def _probe_a_busy_receiver(a: Endpoint, b: Endpoint) -> None:
-    """A (with a 2 ms SRTT to B) sends one message; B's process is busy for 30 ms, so A
-    probes; B then takes in the original and the probe, in that order."""
+def _warm_up(a: Endpoint, b: Endpoint) -> None:
+    """One message from A to B and its ack: A's RTT estimate for B is 2 ms."""
     a.send("B", STREAM, b"warm", 0.0)
     _deliver(a, b, 0.001)
     b.handle_timer(b.get_timer() or 0.001)
     _deliver(b, a, 0.002)
     assert a.rtt("B").latest == pytest.approx(0.002)
+
+
+def _probe_a_busy_receiver(a: Endpoint, b: Endpoint) -> None:
+    """A (with a 2 ms SRTT to B) sends one message; B's process is busy for 30 ms, so A
+    probes; B then takes in the original and the probe, in that order."""
+    _warm_up(a, b)
     a.send("B", STREAM, b"token", 0.1)
     original = [tx.data for tx in a.datagrams_to_send(0.1)]
     probe_at = a.get_timer()
@@ -160,10 +165,7 @@ def test_the_original_of_a_spurious_probe_still_gives_an_rtt_sample() -> None:
 
 def test_a_receiver_that_was_away_for_several_probes_gives_no_sample() -> None:
     a, b = _manual_pair(QUIET)
-    a.send("B", STREAM, b"warm", 0.0)
-    _deliver(a, b, 0.001)
-    b.handle_timer(b.get_timer() or 0.001)
-    _deliver(b, a, 0.002)
+    _warm_up(a, b)
     a.send("B", STREAM, b"token", 0.1)
     sent = [tx.data for tx in a.datagrams_to_send(0.1)]
     for _ in range(2):  # B is stopped (SIGSTOP): neither probe is answered
@@ -184,10 +186,7 @@ def test_a_receiver_that_was_away_for_several_probes_gives_no_sample() -> None:
 
 def test_a_repair_that_arrived_first_gives_no_sample() -> None:
     a, b = _manual_pair(QUIET)
-    a.send("B", STREAM, b"warm", 0.0)
-    _deliver(a, b, 0.001)
-    b.handle_timer(b.get_timer() or 0.001)
-    _deliver(b, a, 0.002)
+    _warm_up(a, b)
     a.send("B", STREAM, b"token", 0.1)
     a.datagrams_to_send(0.1)  # the original is lost
     probe_at = a.get_timer()
