@@ -11,6 +11,8 @@
 - A host listening on every interface (0.0.0.0) advertises each interface's address
   instead (`advertised_addrs`): 0.0.0.0 in an identify record, a health view or an mDNS
   announcement would send the peers that dial it to themselves.
+- An inbound connection's slot comes back when it closes (`free_inbound_slots_on_close`):
+  py-libp2p kept it for the node's life and went deaf to new peers after 250 connections.
 """
 
 from __future__ import annotations
@@ -121,7 +123,37 @@ def build_host(
     # keep failing; py-libp2p's own retries (3 more per address) would multiply every dial.
     network: Any = host.get_network()
     network.retry_config = RetryConfig(max_retries=0)
+    free_inbound_slots_on_close(network)
     return host
+
+
+class _InboundClosed(Exception):
+    """An inbound connection closed: ends py-libp2p's handler for it (see below)."""
+
+
+def free_inbound_slots_on_close(network: Any) -> None:
+    """Give an inbound connection's slot back when the connection closes.
+
+    py-libp2p 0.8's swarm takes one of its `max_connections - min_connections` (250)
+    inbound slots per accepted connection, and its handler then waits for the swarm's end
+    (trio closes a listener's stream when its handler returns). A closed connection thus
+    keeps its slot, its task and its socket objects: after 250 inbound connections in a
+    node's life, counting peers that came back and attackers that redialed, it closed
+    every new one before the handshake. Here the upgrade waits for the connection's close
+    and then fails, so the handler returns and frees the slot (its clean-up closes what is
+    already closed).
+    """
+    upgrade = network.upgrade_inbound_raw_conn
+
+    async def upgrade_until_closed(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
+        muxed = await upgrade(raw_conn, maddr)
+        closed: trio.Event | None = getattr(muxed, "event_closed", None)
+        if closed is None:
+            return muxed  # not yamux: py-libp2p's own behaviour
+        await closed.wait()
+        raise _InboundClosed(str(maddr))
+
+    network.upgrade_inbound_raw_conn = upgrade_until_closed
 
 
 def build_pubsub(
