@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import ifaddr
@@ -131,6 +132,11 @@ class _InboundClosed(Exception):
     """An inbound connection closed: ends py-libp2p's handler for it (see below)."""
 
 
+# Set in the task of py-libp2p's listener handler, for one accepted connection: the other
+# callers of `upgrade_inbound_raw_conn` (hole punching, relays) want it to return.
+_ACCEPTED: ContextVar[bool] = ContextVar("p2pr_accepted_connection", default=False)
+
+
 def free_inbound_slots_on_close(network: Any) -> None:
     """Give an inbound connection's slot back when the connection closes.
 
@@ -139,20 +145,28 @@ def free_inbound_slots_on_close(network: Any) -> None:
     (trio closes a listener's stream when its handler returns). A closed connection thus
     keeps its slot, its task and its socket objects: after 250 inbound connections in a
     node's life, counting peers that came back and attackers that redialed, it closed
-    every new one before the handshake. Here the upgrade waits for the connection's close
-    and then fails, so the handler returns and frees the slot (its clean-up closes what is
-    already closed).
+    every new one before the handshake. Here, in that handler only, the upgrade waits for
+    the connection's close and then fails, so the handler returns and frees the slot (its
+    clean-up closes what is already closed). A swarm without that handler is left alone.
     """
+    handle = getattr(network, "_do_handle_inbound_connection", None)
+    if handle is None:
+        return
     upgrade = network.upgrade_inbound_raw_conn
+
+    async def handle_accepted(*args: Any, **kwargs: Any) -> Any:
+        _ACCEPTED.set(True)  # this handler's task only
+        return await handle(*args, **kwargs)
 
     async def upgrade_until_closed(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
         muxed = await upgrade(raw_conn, maddr)
         closed: trio.Event | None = getattr(muxed, "event_closed", None)
-        if closed is None:
-            return muxed  # not yamux: py-libp2p's own behaviour
+        if closed is None or not _ACCEPTED.get():
+            return muxed  # py-libp2p's own behaviour
         await closed.wait()
         raise _InboundClosed(str(maddr))
 
+    network._do_handle_inbound_connection = handle_accepted
     network.upgrade_inbound_raw_conn = upgrade_until_closed
 
 
