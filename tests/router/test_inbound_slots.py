@@ -13,7 +13,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from router.host import build_host, free_inbound_slots_on_close
+from router.host import _InboundClosed, build_host, free_inbound_slots_on_close
 
 LISTEN = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
@@ -84,7 +84,7 @@ async def test_only_the_listener_handler_waits_for_the_close() -> None:
         handler_done = trio.Event()
 
         async def handler() -> None:
-            with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+            with pytest.raises(_InboundClosed, match=r"127\.0\.0\.1"):
                 await swarm._do_handle_inbound_connection(None, LISTEN[0])
             handler_done.set()
 
