@@ -7,7 +7,7 @@
   10 msg/s per topic and wants peers on 3 distinct IPs, which loopback clusters never have.
 - A 1 s gossipsub heartbeat instead of 120 s, so meshes form and heal within a second.
 - Yamux credit in batches (go-yamux's rule: a WINDOW_UPDATE once half the window is read)
-  instead of py-libp2p's default of one WINDOW_UPDATE per read; see `YAMUX_ENV`.
+  instead of py-libp2p's one WINDOW_UPDATE for about every other read; see `yamux_credit`.
 - A host listening on every interface (0.0.0.0) advertises each interface's address
   instead (`advertised_addrs`): 0.0.0.0 in an identify record, a health view or an mDNS
   announcement would send the peers that dial it to themselves.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -40,15 +39,10 @@ from libp2p.pubsub.score import ScoreParams
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from .yamux_credit import batch_window_updates
+
 MESHSUB_V11 = TProtocol("/meshsub/1.1.0")
 
-# py-libp2p 0.8 reads its yamux tuning from PY_YAMUX_* environment variables, at call time.
-# RELEASE_ON_READ (default on) sends a WINDOW_UPDATE for every read of a stream: with 256 KiB
-# messages that is one small frame back per 64 KiB, each a Noise message to encrypt, send,
-# receive, decrypt and parse. Off, credit goes back once half the window has been read, as
-# in go-yamux. Measured: 10% less CPU per 256 KiB message over the three processes of
-# `p2pr bench router`. A value already set in the environment wins.
-YAMUX_ENV = {"PY_YAMUX_RELEASE_ON_READ": "0"}
 log = logging.getLogger("p2pr.engine")
 # py-libp2p logs per message when gossipsub queues for peers not on a topic, and its
 # auto-connector reports every second at INFO: both drown what our own logs say.
@@ -102,8 +96,7 @@ def build_host(
     enable_mdns: bool = False,
 ) -> IHost:
     """A TCP host that speaks Noise only (and a private network when `psk` is given)."""
-    for name, value in YAMUX_ENV.items():
-        os.environ.setdefault(name, value)
+    batch_window_updates()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     host = new_host(
         key_pair=key_pair,
