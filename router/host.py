@@ -6,8 +6,8 @@
 - Spam, adaptive-gossip and eclipse protection off: with them gossipsub forwards only
   10 msg/s per topic and wants peers on 3 distinct IPs, which loopback clusters never have.
 - A 1 s gossipsub heartbeat instead of 120 s, so meshes form and heal within a second.
-- Yamux credit in batches (go-yamux's rule: a WINDOW_UPDATE once half the window is read)
-  instead of py-libp2p's one WINDOW_UPDATE for about every other read; see `yamux_credit`.
+- Yamux credit in batches (a WINDOW_UPDATE once 64 KiB is read) instead of py-libp2p's one
+  WINDOW_UPDATE for about every other read, however small; see `yamux_credit`.
 - A host listening on every interface (0.0.0.0) advertises each interface's address
   instead (`advertised_addrs`): 0.0.0.0 in an identify record, a health view or an mDNS
   announcement would send the peers that dial it to themselves.

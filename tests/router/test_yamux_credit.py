@@ -1,6 +1,6 @@
 """Yamux credit goes back in batches (router.yamux_credit): small messages on a stream cost
-no WINDOW_UPDATE frames until half the window is read, and bulk transfers still get their
-credit back and finish. Two real py-libp2p hosts (build_host) over loopback TCP."""
+no WINDOW_UPDATE frames until a frame's worth (64 KiB) is read, and bulk transfers still get
+their credit back and finish. Two real py-libp2p hosts (build_host) over loopback TCP."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE
 from multiaddr import Multiaddr
 
 from router.host import build_host
+from router.yamux_credit import CREDIT_BATCH
 
 LISTEN = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
 PROTOCOL = TProtocol("/p2pr-test/credit/1")
@@ -57,8 +58,8 @@ async def _stream_to(reader: _Reader) -> AsyncIterator[Any]:
         yield stream
 
 
-async def test_small_messages_send_no_window_update_below_half_the_window() -> None:
-    size, count = 64, 600  # 38,400 bytes: well under half of the 256 KiB window
+async def test_small_messages_send_no_window_update_below_a_frames_worth() -> None:
+    size, count = 64, 600  # 38,400 bytes: under the 64 KiB that a credit waits for
     reader = _Reader(size * count)
     async with _stream_to(reader) as stream:
         with trio.fail_after(30):
@@ -72,7 +73,7 @@ async def test_small_messages_send_no_window_update_below_half_the_window() -> N
         assert stream.muxed_stream.send_window <= DEFAULT_WINDOW_SIZE - size * count
 
 
-async def test_bulk_data_gets_its_credit_back_in_half_window_batches() -> None:
+async def test_bulk_data_gets_its_credit_back_a_frame_at_a_time() -> None:
     chunk, total = 16 * 1024, 4 * 1024 * 1024  # 16 times the initial window
     reader = _Reader(total)
     async with _stream_to(reader) as stream:
@@ -80,9 +81,9 @@ async def test_bulk_data_gets_its_credit_back_in_half_window_batches() -> None:
             for _ in range(total // chunk):
                 await stream.write(b"y" * chunk)  # blocks whenever credit runs out
             await reader.done.wait()
-    # Every update returns at least half the initial window; together they cover what was
-    # read beyond the window the sender started with.
+    # Every update returns at least a full frame's worth; together they cover what was read
+    # beyond the window the sender started with.
     assert reader.updates
-    assert min(reader.updates) >= DEFAULT_WINDOW_SIZE // 2
+    assert min(reader.updates) >= CREDIT_BATCH
     assert sum(reader.updates) >= total - DEFAULT_WINDOW_SIZE
-    assert len(reader.updates) <= 2 * total // DEFAULT_WINDOW_SIZE
+    assert len(reader.updates) <= total // CREDIT_BATCH
