@@ -31,10 +31,11 @@ log = logging.getLogger("p2pr.engine")
 
 DIRECT_PROTOCOL = TProtocol("/p2pr/direct/1.0.0")
 
-# py-libp2p's cost on a stream is per call, not per byte: every read sends a yamux
-# WINDOW_UPDATE, every yamux frame is at least one Noise message. A yamux frame carries up to
-# 65524 bytes, a Noise message 65519 of plaintext, so a full frame becomes two Noise messages
-# (the second one 17 bytes). Writes of at most WRITE_CHUNK bytes make one frame, one message.
+# py-libp2p's cost on a stream is per call, not per byte: every yamux frame is at least one
+# Noise message (credit goes back per 64 KiB read: router/yamux_credit.py). A yamux frame
+# carries up to 65524 bytes, a Noise message 65519 of plaintext, so a full frame becomes two
+# Noise messages (the second one 17 bytes). Writes of at most WRITE_CHUNK bytes make one
+# frame, one message.
 try:
     from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_PLAINTEXT
     from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as _YAMUX_HEADER
