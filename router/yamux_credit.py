@@ -48,11 +48,14 @@ def _deferring(
 
 def batch_window_updates() -> None:
     """Set `YAMUX_ENV` and defer small credits on every py-libp2p yamux stream of this
-    process. Idempotent; a py-libp2p without the hook (another version) keeps its own rule."""
+    process. Idempotent; a py-libp2p without the two methods used here (another version)
+    keeps its own rule."""
     for name, value in YAMUX_ENV.items():
         os.environ.setdefault(name, value)
     original = getattr(YamuxStream, "_auto_tune_and_send_window_update", None)
-    if original is None or hasattr(YamuxStream, _ORIGINAL):
+    if original is None or not hasattr(YamuxStream, "_grow_threshold"):
+        return
+    if hasattr(YamuxStream, _ORIGINAL):  # installed already
         return
     setattr(YamuxStream, _ORIGINAL, original)
     YamuxStream._auto_tune_and_send_window_update = _deferring(original)  # type: ignore[method-assign,assignment]
