@@ -64,7 +64,11 @@ class FaultStats:
 
 class FaultShim:
     """Decides, per inbound frame, what the protocol gets: nothing, the frame, or two copies,
-    each after a delay and perhaps damaged. Peers in `partitioned` are cut both ways."""
+    each after a delay and perhaps damaged. Peers in `partitioned` are cut both ways.
+
+    Damage is done in `damage`, as a copy is handed to the protocol, not when it is held
+    back: a frame still waiting out its delay is counted neither here nor by the protocol,
+    so the shim's `corrupted` and the protocol's rejections, read together, agree."""
 
     def __init__(self, config: FaultConfig | None = None) -> None:
         self.config = config or FaultConfig()
@@ -77,7 +81,8 @@ class FaultShim:
         return peer in self.partitioned
 
     def inbound(self, data: bytes, peer: str) -> list[tuple[float, bytes]]:
-        """(delay, frame) pairs to hand to the protocol for one frame from `peer`."""
+        """(delay, frame) pairs for one frame from `peer`; each goes through `damage` when
+        its delay is over."""
         cfg, rng = self.config, self.rng
         self.stats.frames += 1
         if peer in self.partitioned:
@@ -94,16 +99,21 @@ class FaultShim:
             self.stats.duplicated += 1
         out = []
         for _ in range(copies):
-            frame = data
-            if data and rng.random() < cfg.corrupt:
-                damaged = bytearray(data)
-                for _ in range(rng.randint(1, 3)):
-                    damaged[rng.randrange(len(damaged))] ^= rng.randint(1, 255)
-                frame = bytes(damaged)
-                self.stats.corrupted += 1
             delay = cfg.delay
             if rng.random() < cfg.reorder:
                 delay += rng.uniform(0.0, cfg.reorder_delay)
                 self.stats.reordered += 1
-            out.append((delay, frame))
+            out.append((delay, data))
         return out
+
+    def damage(self, frame: bytes) -> bytes:
+        """`frame` as the protocol gets it: with probability `corrupt`, 1-3 bytes overwritten."""
+        rng = self.rng
+        if not (frame and self.config.corrupt) or rng.random() >= self.config.corrupt:
+            return frame
+        damaged = bytearray(frame)
+        # Distinct positions, so that two flips never cancel out: a counted frame is damaged.
+        for at in rng.sample(range(len(damaged)), min(len(damaged), rng.randint(1, 3))):
+            damaged[at] ^= rng.randint(1, 255)
+        self.stats.corrupted += 1
+        return bytes(damaged)
