@@ -3,7 +3,8 @@ the client's own, and one row per link node -> peer.
 
 A link row's counters are what `node` recorded about `peer`: `checksum_failures` are frames
 from the peer that failed their checksum there, `retransmits` are messages the node sent the
-peer again, `nacks_sent` holes it asked the peer to fill.
+peer again, `nacks_sent` holes it asked the peer to fill, `shim_corrupted` frames from the
+peer that the node's own fault shim damaged (tests and chaos runs).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LINK_COUNTERS = (
     "nacks_received",
     "losses",
     "unrecoverable",
+    "shim_corrupted",
 )
 
 

@@ -364,12 +364,12 @@ class Engine:
             if delay > 0:  # a delay the shim adds stands for the network's: no arrival stamp
                 self._spawn(self._receive_later, delay, frame, peer)
             else:
-                self.endpoint.receive(self.shim.damage(frame), peer, self.now(), arrived)
+                self.endpoint.receive(self.shim.damage(frame, peer), peer, self.now(), arrived)
         self._flush()
 
     async def _receive_later(self, delay: float, frame: bytes, peer: str) -> None:
         await trio.sleep(delay)
-        self.endpoint.receive(self.shim.damage(frame), peer, self.now())
+        self.endpoint.receive(self.shim.damage(frame, peer), peer, self.now())
         self._flush()
 
     def _rearm_timer(self) -> None:

@@ -60,6 +60,8 @@ class FaultStats:
     reordered: int = 0
     corrupted: int = 0
     partitioned: int = 0
+    # Per sending peer, so a test can check that rejections are counted against the right link.
+    corrupted_from: dict[str, int] = attrs.Factory(dict)
 
 
 class FaultShim:
@@ -106,8 +108,9 @@ class FaultShim:
             out.append((delay, data))
         return out
 
-    def damage(self, frame: bytes) -> bytes:
-        """`frame` as the protocol gets it: with probability `corrupt`, 1-3 bytes overwritten."""
+    def damage(self, frame: bytes, peer: str) -> bytes:
+        """`frame` from `peer` as the protocol gets it: with probability `corrupt`, 1-3 bytes
+        overwritten."""
         rng = self.rng
         if not (frame and self.config.corrupt) or rng.random() >= self.config.corrupt:
             return frame
@@ -116,4 +119,5 @@ class FaultShim:
         for at in rng.sample(range(len(damaged)), min(len(damaged), rng.randint(1, 3))):
             damaged[at] ^= rng.randint(1, 255)
         self.stats.corrupted += 1
+        self.stats.corrupted_from[peer] = self.stats.corrupted_from.get(peer, 0) + 1
         return bytes(damaged)

@@ -79,13 +79,18 @@ class PeerReport:
         return out
 
     def counters(self) -> dict[str, Any]:
-        """The protocol's counters, the fault shim's, and every peer's health row, JSON-ready
-        (call on the engine's loop)."""
-        return {
-            "protocol": self.endpoint.stats.as_dict(),
-            "shim": attrs.asdict(self.shim.stats),
-            "peers": {s.peer: s.to_dict() for s in self.endpoint.healths.snapshots(self._now())},
-        }
+        """The protocol's counters, the fault shim's, and every peer's health row (with
+        `shim_corrupted`: frames from that peer the shim damaged), JSON-ready (call on the
+        engine's loop)."""
+        shim = attrs.asdict(self.shim.stats)
+        # Kept flat (name -> count); what the shim damaged per sender goes in that peer's row.
+        corrupted_from = shim.pop("corrupted_from")
+        peers = {}
+        for snapshot in self.endpoint.healths.snapshots(self._now()):
+            row = snapshot.to_dict()
+            row["shim_corrupted"] = corrupted_from.get(snapshot.peer, 0)
+            peers[snapshot.peer] = row
+        return {"protocol": self.endpoint.stats.as_dict(), "shim": shim, "peers": peers}
 
     def health_states(self) -> dict[str, str]:
         """Every known peer's state name, as in `health_view` (call on the engine's loop)."""

@@ -312,6 +312,7 @@ _SHORT = {
     "nacks_received": "nack in",
     "losses": "lost",
     "unrecoverable": "gave up",
+    "shim_corrupted": "shim dmg",
 }
 
 

@@ -109,9 +109,10 @@ def test_fault_shim_statistics_match_its_config() -> None:
     stats = shim.stats
     assert stats.frames == 20_000
     assert 0.18 < stats.dropped / stats.frames < 0.22
-    delivered = [shim.damage(f) for out in outputs for _, f in out]
+    delivered = [shim.damage(f, "peer") for out in outputs for _, f in out]
     assert len(delivered) == stats.frames - stats.dropped + stats.duplicated
     assert 0 < sum(f != frame for f in delivered) == stats.corrupted
+    assert stats.corrupted_from == {"peer": stats.corrupted}
     clean = FaultShim()
     clean.partitioned = {"peer"}
     assert clean.inbound(frame, "peer") == [] and clean.blocks("peer")
