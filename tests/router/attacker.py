@@ -185,13 +185,18 @@ async def addresses(target: str, count: int, victim: str) -> dict[str, Any]:
 
 
 async def over_credit(target: str, count: int, victim: str) -> dict[str, Any]:
-    """Row 3: a publisher that ignores the receiver's credit, to a stream nobody reads."""
+    """Row 3: a publisher that ignores the receiver's credit, to a stream nobody reads.
+
+    Credit counts sequence numbers (`receive_window`), so small messages break it with the
+    least data. With 64 KiB ones (384 MiB in all) this attacker, its own send bounds removed,
+    queued its heartbeats behind its flood on a loaded machine: the target rightly cut it as
+    hung, again after each redial, before any envelope passed the credit."""
     StreamSender.blocking_receivers = lambda self, size: []  # type: ignore[method-assign]
 
     async def body(router: Router, peer: str) -> dict[str, Any]:
         assert router.engine is not None
         router.engine.outbox._backlog = lambda peer: 0
-        payload = secrets.token_bytes(64 * 1024)
+        payload = secrets.token_bytes(256)
         for _ in range(count):
             await router.send_to(peer, "nobody-reads", payload)
         return {"sent": count, "bytes": count * len(payload)}
