@@ -281,12 +281,10 @@ def test_faults_are_detected_repaired_and_attributed(tiny_dir: Path, chunks: str
     # Hidden states 0 -> 1 and 1 -> 2 among them, and their senders sent them again. (One
     # link alone may by chance see none of its ~80 frames damaged: at 5% that failed CI once.
     # Both links together at 10%: about 0.9^160, e^-17.)
-    hidden = [
-        links[(receiver, sender)]
-        for sender, receiver in (("stage 0", "stage 1"), ("stage 1", "stage 2"))
-    ]
+    hops = (("stage 0", "stage 1"), ("stage 1", "stage 2"))
+    hidden = [links[(receiver, sender)] for sender, receiver in hops]
     assert sum(row["shim_corrupted"] for row in hidden) > 0, hidden
-    for sender, receiver in (("stage 0", "stage 1"), ("stage 1", "stage 2")):
+    for sender, receiver in hops:
         assert links[(sender, receiver)]["retransmits"] > 0, links[(sender, receiver)]
     assert sum(row["checksum_failures"] for row in stats["links"]) > 0
     # Token chunks dropped at the client were repaired by the last stage.
